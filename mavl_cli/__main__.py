@@ -1,0 +1,3 @@
+from mavl_cli.cli import main
+
+main()

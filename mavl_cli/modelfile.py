@@ -1,0 +1,179 @@
+"""The fused model file: everything `predict`, `evaluate` and `tune-threshold` need.
+
+One ``model`` safetensors file holds the LRF head (``lrf.*``), the fusion
+projectors (``fusion.*``), the label text embeddings (``text.*``), the
+thresholds, and in its metadata the label names, the backbone id, weights
+and preprocessing, the text model and pooling, and how thresholds were set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mavl_cli.contract import MavlFile
+from mavl_cli.errors import MavlError
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def default_model_path() -> Path:
+    """Where `mavl predict` looks when no --model is given (after $MAVL_MODEL)."""
+    home = os.environ.get("MAVL_HOME") or str(Path.home() / ".mavl")
+    return Path(home) / "model.safetensors"
+
+
+def find_model(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    env = os.environ.get("MAVL_MODEL")
+    if env:
+        return env
+    p = default_model_path()
+    if p.exists():
+        return str(p)
+    raise MavlError(
+        f"no model given and none found (no --model, $MAVL_MODEL unset, nothing at {p}); "
+        "run `mavl demo` or `mavl fuse ... --set-default` to make one"
+    )
+
+
+def tensor_fingerprint(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(tensors[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_model(
+    fusion_state: dict[str, Any],
+    fusion_config: dict[str, Any],
+    text: MavlFile,
+    image_meta: dict[str, Any],
+    lrf: MavlFile | None,
+    extra_meta: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Assemble the tensors and metadata of a ``model`` file."""
+    tensors: dict[str, Any] = {f"fusion.{k}": v for k, v in fusion_state.items()}
+    if lrf is not None:
+        tensors.update({f"lrf.{k}": v for k, v in lrf.tensors.items()})
+    tensors["text.embeddings"] = text.tensors["embeddings"]
+    tensors["text.mask"] = text.tensors["mask"]
+    labels = text.labels()
+    tensors["thresholds"] = np.full(len(labels), DEFAULT_THRESHOLD, np.float32)
+    meta = {
+        "labels": labels,
+        "aspects": text.meta.get("aspects", []),
+        "aspect_texts": text.meta.get("texts", []),
+        "text_model": text.meta.get("text_model"),
+        "pooling": text.meta.get("pooling"),
+        "fusion": fusion_config,
+        "backbone": image_meta.get("backbone"),
+        "backbone_weights": image_meta.get("backbone_weights"),
+        "backbone_args": image_meta.get("backbone_args", {}),
+        "preprocessing": image_meta.get("preprocessing"),
+        "feature_dim": image_meta.get("feature_dim") if image_meta.get("space") != "lrf" else (lrf.tensors["proj.weight"].shape[1] if lrf else None),
+        "lrf": ({"rank": lrf.meta.get("rank"), "keep": lrf.meta.get("keep"), "eta": lrf.meta.get("eta"),
+                 "fingerprint": lrf.meta.get("fingerprint")} if lrf is not None else None),
+        "threshold": {"method": "default", "value": DEFAULT_THRESHOLD, "tuned_on": None},
+        **extra_meta,
+    }
+    return tensors, meta
+
+
+@dataclass
+class LoadedModel:
+    file: MavlFile
+
+    @property
+    def labels(self) -> list[str]:
+        return self.file.labels()
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return self.file.tensors["thresholds"].astype(np.float32)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.file.meta
+
+    def _lrf_tensors(self) -> dict[str, np.ndarray] | None:
+        t = {k[4:]: v for k, v in self.file.tensors.items() if k.startswith("lrf.")}
+        return t or None
+
+    def fusion(self) -> Any:
+        import torch
+
+        from mavl_cli.models.fusion import FusionModel
+
+        cfg = self.meta["fusion"]
+        model = FusionModel(cfg["img_dim"], cfg["txt_dim"], len(self.labels), cfg["n_aspects"], dim=cfg["dim"], aggregate=cfg["aggregate"])
+        state = {k[7:]: torch.from_numpy(np.array(v)) for k, v in self.file.tensors.items() if k.startswith("fusion.")}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise MavlError(f"{self.file.path}: fusion weights do not match its config ({str(exc).splitlines()[0]})") from None
+        return model.eval()
+
+    def to_fusion_input(self, emb: MavlFile) -> np.ndarray:
+        """Image embeddings (backbone or LRF space) -> the fusion's input features."""
+        x = emb.tensors["features"].astype(np.float32)
+        space = emb.meta.get("space", "backbone")
+        lrf = self._lrf_tensors()
+        cfg = self.meta["fusion"]
+        if space == "lrf":
+            if lrf is not None and emb.meta.get("lrf_fingerprint") not in (None, (self.meta.get("lrf") or {}).get("fingerprint")):
+                raise MavlError(f"{emb.path}: embeddings were projected with a different LRF head than this model's")
+        elif lrf is not None:
+            want = lrf["proj.weight"].shape[1]
+            if x.shape[1] != want:
+                raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the model's LRF head takes {want}-d ({self.meta.get('backbone')})")
+            from mavl_cli.train import lrf_embed
+
+            x = lrf_embed(lrf, x)
+        if x.shape[1] != cfg["img_dim"]:
+            raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the model expects {cfg['img_dim']}-d ({self.meta.get('backbone')})")
+        return x
+
+    def text_inputs(self, text: np.ndarray | None = None, mask: np.ndarray | None = None) -> tuple[Any, Any]:
+        import torch
+
+        t = self.file.tensors["text.embeddings"] if text is None else text
+        m = self.file.tensors["text.mask"] if mask is None else mask
+        return torch.from_numpy(np.array(t, np.float32)), torch.from_numpy(np.array(m).astype(bool))
+
+    def score(self, x: np.ndarray, text: np.ndarray | None = None, mask: np.ndarray | None = None,
+              bias: np.ndarray | None = None, batch: int = 4096) -> np.ndarray:
+        """Probabilities ``[N, L]`` for fusion-input features ``x``."""
+        import torch
+
+        model = self.fusion()
+        t, m = self.text_inputs(text, mask)
+        out = []
+        with torch.no_grad():
+            if bias is not None:
+                model.bias = torch.nn.Parameter(torch.from_numpy(bias.astype(np.float32)))
+            for i in range(0, len(x), batch):
+                out.append(torch.sigmoid(model(torch.from_numpy(x[i : i + batch]), t, m)).numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.labels)), np.float32)
+
+    def aspect_cosines(self, x: np.ndarray, text: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+        """Per-aspect cosine ``[N, L, A]`` (for --explain)."""
+        import torch
+
+        model = self.fusion()
+        t, _ = self.text_inputs(text, mask)
+        with torch.no_grad():
+            return model.aspect_cosines(torch.from_numpy(x), t).numpy()
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    from mavl_cli import contract
+
+    return LoadedModel(contract.read_file(path, expect="model"))

@@ -1,0 +1,1 @@
+"""Model components: backbones, text encoders, the LRF head and the fusion model."""

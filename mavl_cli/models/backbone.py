@@ -1,0 +1,210 @@
+"""Image backbones: any timm model, weights from the hub or from local files.
+
+One factory, :func:`create_backbone`, serves the hub default, a local weights
+file (``.safetensors``, or ``.pth``/``.bin`` read with ``weights_only=True``)
+and a local model folder in the hub's layout (``config.json`` naming the
+architecture, plus ``model.safetensors``). Tests build tiny models and load
+them through this same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mavl_cli.errors import MavlError
+
+DEFAULT_BACKBONE = "vit_base_patch16_224"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
+
+
+@dataclass
+class BackboneInfo:
+    """What downstream stages need to reproduce the image preprocessing."""
+
+    name: str
+    weights: str  # "hub" or the local path as given
+    dim: int
+    data_config: dict[str, Any] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "backbone": self.name,
+            "backbone_weights": self.weights,
+            "backbone_args": self.model_args,
+            "preprocessing": self.data_config,
+            "feature_dim": self.dim,
+        }
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """Read a weights file without unpickling arbitrary objects."""
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise MavlError(f"{p}: weights file not found", path=p)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except MavlError:
+        raise
+    except Exception as exc:
+        raise MavlError(f"{p}: cannot read weights ({str(exc).splitlines()[0][:160]})", path=p) from None
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not sd:
+        raise MavlError(f"{p}: holds no tensors (not a state dict)", path=p)
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def _read_folder(folder: Path) -> tuple[str | None, dict[str, Any], Path]:
+    """A hub-layout folder: (architecture from config.json, model args, weights file)."""
+    arch, args = None, {}
+    cfg_path = folder / "config.json"
+    if cfg_path.exists():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except ValueError:
+            raise MavlError(f"{cfg_path}: not valid JSON", path=cfg_path) from None
+        arch = cfg.get("architecture")
+        args = dict(cfg.get("model_args") or {})
+    for name in WEIGHT_FILES:
+        if (folder / name).exists():
+            return arch, args, folder / name
+    raise MavlError(f"{folder}: no weights file in this folder (looked for {', '.join(WEIGHT_FILES)})", path=folder)
+
+
+def _check_name(name: str) -> None:
+    import timm
+
+    if name.startswith("hf-hub:"):
+        return
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (`timm.list_models()` lists them)"
+        raise MavlError(f"unknown timm model {name!r}{hint}")
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    model_args: dict[str, Any] | None = None,
+) -> tuple[Any, BackboneInfo]:
+    """Build a timm model with its classifier removed (pooled features out).
+
+    ``weights``: None = the hub's pretrained weights for ``name``; a file or
+    a hub-layout folder = local weights. ``pretrained=False`` gives random
+    weights (for tests and ablations only).
+    """
+    import timm
+
+    args = dict(model_args or {})
+    weights_src = "hub" if (weights is None and pretrained) else ("random" if weights is None else str(weights))
+    state = None
+    if weights is not None:
+        wp = Path(weights)
+        if wp.is_dir():
+            arch, folder_args, wfile = _read_folder(wp)
+            if arch and name == DEFAULT_BACKBONE and arch != name:
+                name = arch
+            elif arch and arch.split(".")[0] != name.split(".")[0]:
+                raise MavlError(f"{wp}: folder holds a {arch!r} model, but --backbone is {name!r}", path=wp)
+            args = {**folder_args, **args}
+            state = load_state_dict(wfile)
+        else:
+            state = load_state_dict(wp)
+    _check_name(name)
+    try:
+        if state is None and pretrained:
+            model = _create_pretrained(name, args)
+        else:
+            model = timm.create_model(name, pretrained=False, num_classes=0, **args)
+    except MavlError:
+        raise
+    except TypeError as exc:
+        raise MavlError(f"cannot build {name!r} with arguments {args}: {exc}") from None
+    if state is not None:
+        _load_into(model, state, str(weights), name)
+    model.eval()
+    from timm.data import resolve_model_data_config
+
+    cfg = dict(resolve_model_data_config(model))
+    if args.get("img_size"):  # the pretrained cfg still names the architecture's default size
+        size = args["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        cfg["input_size"] = (3, int(h), int(w))
+    data_config = {
+        "input_size": list(cfg["input_size"]),
+        "mean": [float(x) for x in cfg["mean"]],
+        "std": [float(x) for x in cfg["std"]],
+        "interpolation": str(cfg.get("interpolation", "bicubic")),
+        "crop_pct": float(cfg.get("crop_pct", 1.0)),
+    }
+    info = BackboneInfo(name=name, weights=weights_src, dim=int(model.num_features), data_config=data_config, model_args=args)
+    return model, info
+
+
+def _create_pretrained(name: str, args: dict[str, Any]) -> Any:
+    import timm
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, **args)
+    except Exception as exc:
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        raise MavlError(
+            f"cannot get pretrained weights for {name!r} from the model hub ({why}); "
+            "pass --weights FILE_OR_FOLDER with local weights, or --random-init for an untrained backbone"
+        ) from None
+
+
+def _load_into(model: Any, state: dict[str, Any], source: str, name: str) -> None:
+    """Load a state dict, ignoring only the classifier head, and explain any mismatch."""
+    own = model.state_dict()
+    head_prefixes = ("head.", "fc.", "classifier.", "head.fc.", "last_linear.")
+    state = {k: v for k, v in state.items() if not (k.startswith(head_prefixes) and k not in own)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise MavlError(f"{source}: weights do not fit timm model {name!r}: " + ", ".join(parts) + " tensors", path=source)
+    model.load_state_dict(state, strict=True)
+
+
+def save_local_backbone(model: Any, name: str, folder: Path, model_args: dict[str, Any] | None = None) -> Path:
+    """Save a timm model in the hub's folder layout (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"architecture": name, "model_args": model_args or {}}, indent=2))
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(folder / "model.safetensors"))
+    return folder
+
+
+def quantize_int8(model: Any) -> Any:
+    """Dynamic int8 quantisation of Linear layers (CPU): ~1.5x faster ViTs, cosine ~0.997 to fp32."""
+    import torch
+
+    q = getattr(torch, "ao", None)
+    return q.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

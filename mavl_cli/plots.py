@@ -1,0 +1,102 @@
+"""Report figure: ROC and precision-recall curves with the operating points.
+
+matplotlib is imported inside the function so the CLI starts fast; pyplot is
+not used at all, so no GUI backend or global figure state is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mavl_cli.errors import MavlError
+from mavl_cli.metrics import _auroc_auprc, _curve_counts, prepare
+
+__all__ = ["plot_report"]
+
+
+def plot_report(
+    path: Path,
+    y_true: Any,
+    scores: Any,
+    thresholds: Any,
+    label_names: list[str],
+    mask: Any = None,
+) -> Path:
+    """Write a PNG with one ROC and one PR panel, a curve per label.
+
+    The dot on each curve is where that label's threshold operates, so the
+    reader sees the sensitivity/precision trade-off actually in use. Labels
+    with a single class cannot have curves and are listed as n/a. The file is
+    written to a temporary name first and moved into place, so a crash never
+    leaves a truncated image behind.
+    """
+    # Figure without pyplot: Agg rendering, no global state, no GUI backend.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    y, s, m, t = prepare(y_true, scores, mask, label_names, thresholds)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    fig = Figure(figsize=(13, 6.2))
+    ax_roc, ax_pr = fig.subplots(1, 2)
+    cmap = colormaps["tab20"]
+    skipped: list[str] = []
+    for j, name in enumerate(label_names):
+        rows = m[:, j]
+        yj, sj = y[rows, j], s[rows, j]
+        n_pos = int(yj.sum())
+        n_neg = int(yj.size - n_pos)
+        if n_pos == 0 or n_neg == 0:
+            skipped.append(name)
+            continue
+        _, tps, fps = _curve_counts(yj, sj)
+        auroc, ap = _auroc_auprc(tps, fps)
+        color = cmap(j % 20)
+        fpr = np.concatenate(([0.0], fps / n_neg))
+        tpr = np.concatenate(([0.0], tps / n_pos))
+        recall = np.concatenate(([0.0], tps / n_pos))
+        precision = np.concatenate(([1.0], tps / (tps + fps)))
+        ax_roc.plot(fpr, tpr, color=color, lw=1.3, label=f"{name} (AUROC {auroc:.3f})")
+        ax_pr.step(recall, precision, where="pre", color=color, lw=1.3, label=f"{name} (AP {ap:.3f})")
+
+        pred = sj >= t[j]
+        tp = int(np.count_nonzero(pred & (yj == 1)))
+        fp = int(np.count_nonzero(pred & (yj == 0)))
+        op_tpr = tp / n_pos
+        ax_roc.plot(fp / n_neg, op_tpr, "o", color=color, ms=6, mec="black", mew=0.7)
+        if tp + fp > 0:
+            ax_pr.plot(op_tpr, tp / (tp + fp), "o", color=color, ms=6, mec="black", mew=0.7)
+
+    ax_roc.plot([0, 1], [0, 1], ls="--", color="0.6", lw=0.8)
+    ax_roc.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
+               ylabel="True positive rate (sensitivity)", title="ROC curves")
+    ax_pr.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall (sensitivity)", ylabel="Precision",
+              title="Precision-recall curves")
+    for ax in (ax_roc, ax_pr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "upper right",
+                      framealpha=0.85)
+    caption = "Dots: operating point at each label's threshold (score >= t is positive)."
+    if skipped:
+        caption += f"  n/a (one class only): {', '.join(skipped)}."
+    fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise MavlError(f"Cannot write the plot: {exc.strerror or exc}.", path=path) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,139 @@
+"""Terminal rendering: consoles, progress bars and tables.
+
+Data may go to stdout (``-o -``), so progress always goes to stderr and
+tables go to stdout unless a command has claimed stdout for data.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+_err = Console(stderr=True, soft_wrap=True)
+_out = Console(soft_wrap=True)
+_stdout_is_data = False
+
+
+def claim_stdout() -> None:
+    """Called when a command writes binary data to stdout: tables move to stderr."""
+    global _stdout_is_data
+    _stdout_is_data = True
+
+
+def release_stdout() -> None:
+    global _stdout_is_data
+    _stdout_is_data = False
+
+
+def out() -> Console:
+    """Console for human-readable results (tables)."""
+    return _err if _stdout_is_data else _out
+
+
+def err() -> Console:
+    """Console for progress, warnings and errors."""
+    return _err
+
+
+def refresh_consoles() -> None:
+    """Re-create consoles (tests swap sys.stdout/sys.stderr between invocations)."""
+    global _err, _out
+    _err = Console(stderr=True, soft_wrap=True)
+    _out = Console(soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    _err.print(Text.assemble(("error: ", "bold red"), (message, "red")), soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    _err.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True)
+
+
+def alarm(message: str) -> None:
+    """A warning that must not be missed (e.g. thresholds tuned on the evaluated data)."""
+    _err.print(Text.assemble(("WARNING: ", "bold white on red"), (" " + message, "bold red")), soft_wrap=True)
+
+
+def info(message: str) -> None:
+    _err.print(Text(message, style="dim"), soft_wrap=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, in the unit of the task (images/s, epochs/s)."""
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        if speed is None:
+            return Text(f"- {unit}/s", style="progress.data.speed")
+        return Text(f"{speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress(description: str, total: int | None, unit: str = "it", enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar on stderr; yields ``advance(n=1, **fields)``."""
+    columns = [
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    if not enabled:
+        yield lambda n=1, **kw: None
+        return
+    with Progress(*columns, console=_err, transient=False) as bar:
+        task = bar.add_task(description, total=total, unit=unit, status="")
+
+        def advance(n: int = 1, **fields: Any) -> None:
+            status = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            bar.update(task, advance=n, status=status)
+
+        yield advance
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def fmt_num(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> Table:
+    t = Table(title=title, caption=caption, header_style="bold cyan", show_lines=False)
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[x if isinstance(x, Text) else Text(fmt_num(x)) for x in r])
+    return t
+
+
+def show(renderable: Any) -> None:
+    out().print(renderable)

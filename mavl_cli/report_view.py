@@ -1,0 +1,75 @@
+"""Rich tables and JSON for evaluation reports and predictions."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from mavl_cli.render import fmt_num, table
+
+
+def _ci(report: Any, key: str) -> str:
+    lo, hi = report.ci.get(key, (None, None))
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+        return ""
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def report_tables(report: Any, subtitle: str = "") -> list[Table]:
+    rows = []
+    for m in report.labels:
+        rows.append([m.name, m.support, m.n, m.prevalence, m.precision, m.recall, m.specificity, m.f1, m.auroc, m.auprc, m.threshold])
+    per_label = table(f"Per-label metrics ({subtitle})" if subtitle else "Per-label metrics",
+                      ["label", "support", "n", "prev.", "precision", "recall", "specif.", "F1", "AUROC", "AUPRC", "thresh."], rows)
+    ci_level = "95% CI" if report.ci else ""
+    overall_rows = [
+        ["macro F1", report.macro_f1, _ci(report, "macro_f1")],
+        ["micro F1", report.micro_f1, _ci(report, "micro_f1")],
+        ["weighted F1", report.weighted_f1, ""],
+        ["macro AUROC", report.macro_auroc, _ci(report, "macro_auroc")],
+        ["macro AUPRC", report.macro_auprc, ""],
+        ["Hamming loss", report.hamming_loss, ""],
+        ["exact match", report.exact_match, ""],
+    ]
+    overall = table("Overall", ["metric", "value", ci_level], [[a, b, Text(c)] for a, b, c in overall_rows])
+    return [per_label, overall]
+
+
+def prediction_json(pred: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, image in enumerate(pred.ids):
+        findings = []
+        for j, name in enumerate(pred.names):
+            p = float(pred.scores[i, j])
+            item = {"label": name, "probability": round(p, 6), "threshold": float(pred.thresholds[j]),
+                    "positive": bool(p >= pred.thresholds[j]), "zero_shot": name in pred.new_labels}
+            if pred.aspect_cos is not None:
+                item["aspects"] = {a: round(float(pred.aspect_cos[i, j, k]), 4)
+                                   for k, a in enumerate(pred.aspects) if pred.aspect_mask[j, k]}
+            findings.append(item)
+        out.append({"image": image, "findings": findings,
+                    "positive": [f["label"] for f in findings if f["positive"]]})
+    return out
+
+
+def prediction_tables(pred: Any) -> list[Table]:
+    tables = []
+    for rec in prediction_json(pred):
+        t = Table(title=rec["image"], header_style="bold cyan")
+        for c in ("finding", "probability", "threshold", "call"):
+            t.add_column(c, justify="left" if c == "finding" else "right")
+        if pred.aspect_cos is not None:
+            t.add_column("best-matching aspects", justify="left")
+        for f in sorted(rec["findings"], key=lambda f: -f["probability"]):
+            call = Text("POSITIVE", style="bold red") if f["positive"] else Text("negative", style="dim")
+            name = f["label"] + (" (text only)" if f["zero_shot"] else "")
+            row = [name, fmt_num(f["probability"]), fmt_num(f["threshold"], 2), call]
+            if pred.aspect_cos is not None:
+                top = sorted(f.get("aspects", {}).items(), key=lambda kv: -kv[1])[:3] if f["positive"] else []
+                row.append(", ".join(f"{a} {v:+.2f}" for a, v in top))
+            t.add_row(*row)
+        tables.append(t)
+    return tables

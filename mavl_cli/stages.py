@@ -1,0 +1,542 @@
+"""One function per pipeline stage: files in, files out, a summary back.
+
+The CLI only parses options and renders these summaries; ``mavl demo`` and
+scripts call the same functions. Each stage validates its inputs (kinds,
+shapes, label names) before doing any work and writes atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mavl_cli import contract
+from mavl_cli.errors import MavlError
+
+Advance = Callable[..., None]
+
+
+@dataclass
+class StageResult:
+    output: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    table: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- train-lrf
+
+
+def train_lrf_stage(
+    embeddings: str,
+    labels: str,
+    output: str,
+    only: list[str] | None = None,
+    rank: int = 64,
+    keep: int = 16,
+    eta: float = 1e-3,
+    dropout: float = 0.1,
+    epochs: int = 50,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    patience: int = 10,
+    val: str | None = None,
+    val_labels: str | None = None,
+    val_split: float = 0.1,
+    seed: int = 0,
+    uncertain: str = "zeros",
+    label_map: dict[str, str] | None = None,
+    embed_out: str | None = None,
+    progress: Callable[[str, int, str], Any] | None = None,
+) -> StageResult:
+    from mavl_cli.data import load_labelled
+    from mavl_cli.modelfile import tensor_fingerprint
+    from mavl_cli.train import train_lrf
+
+    contract.check_output_path(output)
+    emb = contract.read_file(embeddings, expect="image-embeddings")
+    if emb.meta.get("space") == "lrf":
+        raise MavlError(f"{embeddings}: these embeddings are already LRF-projected; train-lrf needs backbone features")
+    d = emb.tensors["features"].shape[1]
+    if rank < 1 or rank > d:
+        raise MavlError(f"--rank {rank} must be between 1 and the feature size {d} of {embeddings}")
+    if not 0 <= keep <= rank:
+        raise MavlError(f"--keep {keep} must be between 0 and --rank {rank}")
+    data = load_labelled(emb, labels, names=only, uncertain=uncertain, label_map=label_map)
+    if val is not None:
+        vemb = contract.read_file(val, expect="image-embeddings")
+        _same_backbone(emb, vemb)
+        vdata = load_labelled(vemb, val_labels or labels, names=data.names, uncertain=uncertain, label_map=label_map)
+        tr, va = data, vdata
+        val_desc = str(val)
+    elif val_split > 0:
+        from mavl_cli.train import split_validation
+
+        i_tr, i_va = split_validation(len(data.ids), val_split, seed, data.groups)
+        tr, va = data.subset(i_tr), data.subset(i_va)
+        val_desc = f"{len(i_va)} held-out images ({'by patient' if data.groups else 'random'})"
+    else:
+        tr, va, val_desc = data, None, "none"
+    ctx = progress("train-lrf", epochs, "epoch") if progress else None
+    advance = ctx.__enter__() if ctx else None
+    try:
+        res = train_lrf(tr.split(), va.split() if va else None, rank=rank, keep=keep, eta=eta, dropout=dropout,
+                        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, advance=advance)
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)
+    tensors = {k: v.numpy() for k, v in res.state.items()}
+    fp = tensor_fingerprint(tensors)
+    meta = {
+        "labels": data.names,
+        "rank": rank, "keep": keep, "eta": eta, "dropout": dropout, "seed": seed,
+        "epochs": epochs, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+        "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc, "validation": val_desc,
+        "uncertain": uncertain, "fingerprint": fp, "in_dim": int(d),
+        **{k: emb.meta.get(k) for k in ("backbone", "backbone_weights", "backbone_args", "preprocessing", "precision")},
+        "train_embeddings": str(embeddings), "train_labels": str(labels),
+    }
+    if embed_out is not None:
+        contract.check_output_path(embed_out)
+    contract.write_file(output, "lrf-head", tensors, meta)
+    if embed_out is not None:
+        from mavl_cli.train import lrf_embed
+
+        z = lrf_embed(tensors, emb.tensors["features"].astype(np.float32))
+        zmeta = {k: v for k, v in emb.meta.items() if not k.startswith("mavl_") and k != "command"}
+        zmeta.update(space="lrf", feature_dim=int(z.shape[1]), lrf_fingerprint=fp)
+        contract.write_file(embed_out, "image-embeddings", {"features": z}, zmeta)
+    return StageResult(
+        output=output,
+        summary={"images": len(tr.ids), "validation": val_desc, "labels": len(data.names), "rank": rank, "keep": keep,
+                 "eta": eta, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_macro_auroc": res.val_auroc},
+        table=res.history,
+    )
+
+
+def _same_backbone(a: contract.MavlFile, b: contract.MavlFile) -> None:
+    da, db = a.tensors["features"].shape[1], b.tensors["features"].shape[1]
+    if da != db:
+        raise MavlError(f"{b.path}: {db}-d features, but {a.path} has {da}-d (embed both with the same backbone)")
+    if a.meta.get("backbone") != b.meta.get("backbone") or a.meta.get("space", "backbone") != b.meta.get("space", "backbone"):
+        raise MavlError(
+            f"{b.path}: embedded with {b.meta.get('backbone')} ({b.meta.get('space', 'backbone')} space), "
+            f"but {a.path} with {a.meta.get('backbone')} ({a.meta.get('space', 'backbone')} space)"
+        )
+
+
+# ---------------------------------------------------------------- embed-text
+
+
+def embed_text_stage(
+    descriptions: str, output: str, text_model: str, pooling: str = "mean", device: str = "auto",
+    batch_size: int = 32, progress: Callable[[str, int, str], Any] | None = None,
+) -> StageResult:
+    from mavl_cli.descriptions import read_descriptions
+    from mavl_cli.text_embed import embed_descriptions
+
+    contract.check_output_path(output)
+    desc = read_descriptions(descriptions)
+    n = len(desc.flat())
+    ctx = progress("embed-text", n, "text") if progress else None
+    advance = ctx.__enter__() if ctx else None
+    try:
+        te = embed_descriptions(desc, text_model, pooling=pooling, device=device, batch_size=batch_size, advance=advance)
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)
+    te.meta["descriptions_file"] = str(descriptions)
+    contract.write_file(output, "text-embeddings", {"embeddings": te.embeddings, "mask": te.mask}, te.meta)
+    notes = [
+        f"truncated: {t['label']} / {t['aspect']}: {t['tokens']} tokens, {t['lost']} lost beyond {t['kept']}"
+        for t in te.truncated
+    ]
+    table = [{"label": lab, "aspects": int(te.mask[i].sum())} for i, lab in enumerate(desc.labels)]
+    return StageResult(output, {"labels": len(desc.labels), "aspects": len(desc.aspects), "texts": n,
+                                "dim": int(te.embeddings.shape[2]), "form": desc.form}, table, notes)
+
+
+# ---------------------------------------------------------------- fuse
+
+
+def fuse_stage(
+    embeddings: str,
+    text: str,
+    labels: str,
+    output: str,
+    lrf: str | None = None,
+    val: str | None = None,
+    val_labels: str | None = None,
+    aggregate: str = "mean",
+    dim: int = 256,
+    epochs: int = 100,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    uncertain: str = "zeros",
+    label_map: dict[str, str] | None = None,
+    set_default: bool = False,
+    progress: Callable[[str, int, str], Any] | None = None,
+) -> StageResult:
+    from mavl_cli.data import load_labelled
+    from mavl_cli.modelfile import build_model, default_model_path
+    from mavl_cli.models.fusion import AGGREGATES
+    from mavl_cli.train import lrf_embed, train_fusion
+
+    if aggregate not in AGGREGATES:
+        raise MavlError(f"unknown --aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
+    contract.check_output_path(output)
+    emb = contract.read_file(embeddings, expect="image-embeddings")
+    txt = contract.read_file(text, expect="text-embeddings")
+    head = contract.read_file(lrf, expect="lrf-head") if lrf else None
+    x = _fusion_features(emb, head, lrf_embed)
+    names = txt.labels()
+    data = load_labelled(emb, labels, names=names, uncertain=uncertain, label_map=label_map, x=x)
+    vdata = None
+    if val is not None:
+        vemb = contract.read_file(val, expect="image-embeddings")
+        _same_backbone(emb, vemb)
+        vdata = load_labelled(vemb, val_labels or labels, names=names, uncertain=uncertain, label_map=label_map,
+                              x=_fusion_features(vemb, head, lrf_embed))
+    t_emb = txt.tensors["embeddings"].astype(np.float32)
+    t_mask = txt.tensors["mask"].astype(bool)
+    ctx = progress("fuse", epochs, "epoch") if progress else None
+    advance = ctx.__enter__() if ctx else None
+    try:
+        res = train_fusion(data.split(), t_emb, t_mask, vdata.split() if vdata else None, aggregate=aggregate, dim=dim,
+                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, advance=advance)
+    finally:
+        if ctx:
+            ctx.__exit__(None, None, None)
+    cfg = {"img_dim": int(x.shape[1]), "txt_dim": int(t_emb.shape[2]), "dim": dim, "aggregate": aggregate,
+           "n_aspects": int(t_emb.shape[1])}
+    image_meta = dict(emb.meta)
+    if head is not None and image_meta.get("space") != "lrf":
+        image_meta["feature_dim"] = int(emb.tensors["features"].shape[1])
+    extra = {"seed": seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
+             "images": len(data.ids), "epochs": epochs, "best_epoch": res.best_epoch, "batch_size": batch_size, "lr": lr,
+             "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
+    tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
+    contract.write_file(output, "model", tensors, meta)
+    notes = []
+    if set_default:
+        dest = default_model_path()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        contract.atomic_write_bytes(dest, Path(output).read_bytes() if output != "-" else contract.to_bytes("model", tensors, meta))
+        notes.append(f"installed as the default model: {dest}")
+    last = res.history[-1] if res.history else {}
+    return StageResult(output, {"images": len(data.ids), "labels": len(names), "aspects": int(t_emb.shape[1]),
+                                "aggregate": aggregate, "best_epoch": res.best_epoch, "final_bce": last.get("bce"),
+                                "scale": last.get("scale"), "val_macro_auroc": res.val_auroc}, res.history, notes)
+
+
+def _fusion_features(emb: contract.MavlFile, head: contract.MavlFile | None, lrf_embed: Callable) -> np.ndarray:
+    x = emb.tensors["features"].astype(np.float32)
+    if head is None:
+        return x
+    if emb.meta.get("space") == "lrf":
+        if emb.meta.get("lrf_fingerprint") != head.meta.get("fingerprint"):
+            raise MavlError(f"{emb.path}: projected with a different LRF head than {head.path}")
+        return x
+    want = head.tensors["proj.weight"].shape[1]
+    if x.shape[1] != want:
+        raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the LRF head {head.path} takes {want}-d")
+    if head.meta.get("backbone") and emb.meta.get("backbone") and head.meta["backbone"] != emb.meta["backbone"]:
+        raise MavlError(f"{emb.path}: embedded with {emb.meta['backbone']}, but the LRF head {head.path} was trained on {head.meta['backbone']}")
+    return lrf_embed(head.tensors, x)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scored:
+    ids: list[str]
+    names: list[str]
+    scores: np.ndarray
+    y: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    groups: list[str] | None = None
+
+
+def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> tuple[Any, Scored]:
+    from mavl_cli.data import load_labelled
+    from mavl_cli.modelfile import load_model
+
+    model = load_model(model_path)
+    emb = contract.read_file(embeddings, expect="image-embeddings")
+    _check_model_backbone(model, emb)
+    x = model.to_fusion_input(emb)
+    data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map, x=x)
+    return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups)
+
+
+def _check_model_backbone(model: Any, emb: contract.MavlFile) -> None:
+    mb, eb = model.meta.get("backbone"), emb.meta.get("backbone")
+    if mb and eb and mb != eb:
+        raise MavlError(f"{emb.path}: embedded with {eb}, but the model {model.file.path} uses {mb}")
+
+
+def data_fingerprint(ids: list[str]) -> str:
+    """Identity of an evaluation set: its sorted image ids (order and label policy do not matter)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in sorted(ids):
+        h.update(i.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- tune-threshold
+
+
+def tune_stage(
+    model_path: str, embeddings: str, labels: str, output: str, method: str = "sweep",
+    min_sensitivity: float | None = None, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
+) -> StageResult:
+    from mavl_cli.metrics import confusion_counts, f1_from_counts
+    from mavl_cli.thresholds import tune
+
+    contract.check_output_path(output)
+    if min_sensitivity is not None and not 0 < min_sensitivity <= 1:
+        raise MavlError(f"--min-sensitivity must be in (0, 1], got {min_sensitivity}")
+    model, sc = score_labelled(model_path, embeddings, labels, uncertain, label_map)
+    kw: dict[str, Any] = {"label_names": sc.names}
+    if method == "sensitivity":
+        kw["min_sensitivity"] = min_sensitivity
+    res = tune(sc.y, sc.scores, method, mask=sc.mask, **kw)
+    th = np.asarray(res.thresholds, np.float32)
+    tp, fp, fn, tn = confusion_counts(sc.y, sc.scores, sc.mask, th)
+    f1 = f1_from_counts(tp, fp, fn)
+    tensors = dict(model.file.tensors)
+    tensors["thresholds"] = th
+    meta = {k: v for k, v in model.meta.items() if not k.startswith("mavl_") and k != "command"}
+    meta["threshold"] = {
+        "method": method, "min_sensitivity": min_sensitivity, "objective_macro_f1": float(res.objective),
+        "tuned_on": {"embeddings": str(embeddings), "labels": str(labels), "images": len(sc.ids),
+                     "fingerprint": data_fingerprint(sc.ids)},
+        "notes": list(res.notes),
+    }
+    contract.write_file(output, "model", tensors, meta)
+    table = [{"label": n, "threshold": float(th[j]), "f1": float(f1[j]), "support": int(tp[j] + fn[j]),
+              "recall": float(tp[j] / (tp[j] + fn[j])) if tp[j] + fn[j] else float("nan")} for j, n in enumerate(sc.names)]
+    return StageResult(output, {"method": method, "images": len(sc.ids), "macro_f1": float(res.objective)}, table, list(res.notes))
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def evaluate_stage(
+    model_path: str | None, embeddings: str | None, labels: str, scores_file: str | None = None,
+    bootstrap: int = 0, seed: int = 0, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
+    threshold: float | None = None, plot: str | None = None,
+) -> tuple[Any, list[str], Scored]:
+    """Returns (Report, warnings, scored data)."""
+    from mavl_cli.labels import read_labels
+    from mavl_cli.metrics import evaluate
+
+    warnings: list[str] = []
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
+    if scores_file is not None:
+        sf = contract.read_file(scores_file, expect="scores")
+        names = sf.labels()
+        table = read_labels(labels, uncertain=uncertain, label_map=label_map)
+        missing = [n for n in names if n not in table.names]
+        if missing:
+            raise MavlError(f"{labels}: label(s) {', '.join(map(repr, missing))} of {scores_file} are not in this label file")
+        table = table.select(names).align(sf.ids())
+        sc = Scored(table.ids, names, sf.tensors["scores"].astype(np.float32), table.y, table.mask, table.groups)
+        th = np.asarray(sf.tensors.get("thresholds", np.full(len(names), 0.5, np.float32)), np.float32)
+        tuned = (sf.meta.get("threshold") or {}).get("tuned_on")
+    else:
+        if model_path is None or embeddings is None:
+            raise MavlError("evaluate needs MODEL and EMBEDDINGS, or --scores FILE")
+        model, sc = score_labelled(model_path, embeddings, labels, uncertain, label_map)
+        th = model.thresholds
+        tuned = (model.meta.get("threshold") or {}).get("tuned_on")
+        if (model.meta.get("threshold") or {}).get("method", "default") == "default" and threshold is None:
+            warnings.append("thresholds are the untuned default 0.5; run `mavl tune-threshold` on validation data first")
+    if threshold is not None:
+        th = np.full(len(sc.names), threshold, np.float32)
+    elif tuned:
+        if tuned.get("fingerprint") == data_fingerprint(sc.ids):
+            warnings.append(
+                f"ALARM: thresholds were tuned on this very data ({tuned.get('embeddings')}, {tuned.get('images')} images): "
+                "these figures are optimistic; tune on validation data and report on a separate test set"
+            )
+    groups = np.asarray(sc.groups) if sc.groups is not None else None
+    report = evaluate(sc.y, sc.scores, th, sc.names, mask=sc.mask, bootstrap=bootstrap, seed=seed, groups=groups)
+    if plot:
+        from mavl_cli.plots import plot_report
+
+        plot_report(Path(plot), sc.y, sc.scores, th, sc.names, mask=sc.mask)
+    return report, warnings, sc
+
+
+# ---------------------------------------------------------------- embed-images
+
+
+def embed_images_stage(
+    inputs: list[str],
+    output: str,
+    labels: str | None = None,
+    root: str | None = None,
+    path_column: str | None = None,
+    backbone: str = "vit_base_patch16_224",
+    weights: str | None = None,
+    pretrained: bool = True,
+    model_args: dict[str, Any] | None = None,
+    lrf: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    precision: str = "fp32",
+    skip_bad: bool = False,
+    resume: bool = False,
+    progress: Callable[[str, int, str], Any] | None = None,
+) -> StageResult:
+    from contextlib import nullcontext
+
+    from mavl_cli.embed import collect_inputs, embed_images
+
+    contract.check_output_path(output)
+    head = contract.read_file(lrf, expect="lrf-head") if lrf else None
+    items, missing = collect_inputs(inputs, labels, root, path_column)
+    if missing and not skip_bad:
+        shown = ", ".join(m["id"] for m in missing[:3])
+        raise MavlError(f"{labels}: {len(missing)} image(s) listed in the label file were not found under the image root (e.g. {shown}); use --skip-bad to skip them")
+    checkpoint = Path(str(output) + ".partial") if output != "-" else None
+    if checkpoint is not None and checkpoint.exists() and not resume:
+        raise MavlError(f"{checkpoint}: a checkpoint of an interrupted run exists; add --resume to continue it, or delete it")
+    state = {"start": 0}
+    with (progress("embed-images", len(items), "img") if progress else nullcontext(None)) as advance:
+        def on_start(start: int, total: int) -> None:
+            state["start"] = start
+            if advance and start:
+                advance(start)
+
+        res = embed_images(items, backbone, weights=weights, pretrained=pretrained, model_args=model_args, device=device,
+                           batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, lrf=head,
+                           checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start)
+    res.skipped = [*({"id": m["id"], "path": "", "reason": m["reason"]} for m in missing), *res.skipped]
+    res.meta["skipped"] = res.skipped
+    res.meta["labels_file"] = str(labels) if labels else None
+    contract.write_file(output, "image-embeddings", {"features": res.features}, res.meta)
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    done = len(res.ids) - 0
+    return StageResult(
+        output,
+        {"images": done, "skipped": len(res.skipped), "dim": int(res.features.shape[1]), "backbone": res.meta["backbone"],
+         "precision": precision, "seconds": round(res.seconds, 2),
+         "images_per_s": round((len(items) - state["start"]) / res.seconds, 2) if res.seconds else None,
+         "resumed_from": state["start"]},
+        [{"id": s["id"], "reason": s["reason"]} for s in res.skipped],
+    )
+
+
+# ---------------------------------------------------------------- predict
+
+
+@dataclass
+class Prediction:
+    ids: list[str]
+    names: list[str]
+    scores: np.ndarray
+    thresholds: np.ndarray
+    aspects: list[str] = field(default_factory=list)
+    aspect_cos: np.ndarray | None = None  # [N, L, A]
+    aspect_mask: np.ndarray | None = None
+    new_labels: list[str] = field(default_factory=list)
+
+
+def predict_stage(
+    images: list[str], model_path: str | None = None, weights: str | None = None, device: str = "auto",
+    threshold: float | None = None, descriptions: str | None = None, explain: bool = False,
+    batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
+    progress: Callable[[str, int, str], Any] | None = None,
+) -> tuple[Prediction, list[dict[str, str]]]:
+    from contextlib import nullcontext
+
+    from mavl_cli.embed import collect_inputs, embed_images
+    from mavl_cli.modelfile import find_model, load_model
+
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
+    if scores_out:
+        contract.check_output_path(scores_out)
+    model = load_model(find_model(model_path))
+    meta = model.meta
+    w = weights or meta.get("backbone_weights")
+    pretrained = True
+    if w in ("hub", None):
+        w = None
+    elif w == "random":
+        w, pretrained = None, False
+    elif not Path(w).exists():
+        raise MavlError(f"{model.file.path}: its backbone weights {w} are not on this machine; pass --weights FILE_OR_FOLDER")
+    items, _ = collect_inputs(images)
+    with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
+        res = embed_images(items, meta["backbone"], weights=w, pretrained=pretrained, model_args=meta.get("backbone_args") or {},
+                           device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)
+    emb = contract.MavlFile("image-embeddings", {"features": res.features}, {"ids": res.ids, "space": "backbone"}, "images")
+    x = model.to_fusion_input(emb)
+    names = list(model.labels)
+    text, mask = model.file.tensors["text.embeddings"], model.file.tensors["text.mask"]
+    th = model.thresholds if threshold is None else np.full(len(names), threshold, np.float32)
+    bias = None
+    new: list[str] = []
+    aspects = list(meta.get("aspects") or [])
+    if descriptions:
+        text, mask, bias, names, new, aspects = _extend_labels(model, descriptions, device)
+        th = np.concatenate([th, np.full(len(new), 0.5 if threshold is None else threshold, np.float32)])
+    scores = model.score(x, text, mask, bias)
+    cos = model.aspect_cosines(x, text, mask) if explain else None
+    pred = Prediction(res.ids, names, scores, th, aspects, cos, np.asarray(mask).astype(bool), new)
+    if scores_out:
+        contract.write_file(scores_out, "scores", {"scores": scores, "thresholds": th},
+                            {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold")})
+    return pred, res.skipped
+
+
+def _extend_labels(model: Any, descriptions: str, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str], list[str]]:
+    """Add labels described only in text: embed them with the model's own text encoder.
+
+    The new labels get the mean bias of the trained ones (no data says more).
+    Aspects are aligned by name; aspects the model has never seen are dropped.
+    """
+    from mavl_cli.descriptions import read_descriptions
+    from mavl_cli.text_embed import embed_descriptions
+
+    meta = model.meta
+    desc = read_descriptions(descriptions)
+    names = list(model.labels)
+    new = [lab for lab in desc.labels if lab not in names]
+    if not new:
+        raise MavlError(f"{descriptions}: every label in it is already one of the model's labels")
+    te = embed_descriptions(desc.subset(new), meta["text_model"], pooling=meta.get("pooling") or "mean", device=device)
+    aspects = list(meta.get("aspects") or [])
+    old_t, old_m = model.file.tensors["text.embeddings"], model.file.tensors["text.mask"]
+    if old_t.shape[2] != te.embeddings.shape[2]:
+        raise MavlError(f"{descriptions}: encoded to {te.embeddings.shape[2]}-d, but the model's text is {old_t.shape[2]}-d")
+    add_t = np.zeros((len(new), len(aspects), old_t.shape[2]), np.float32)
+    add_m = np.zeros((len(new), len(aspects)), np.uint8)
+    idx = {a: i for i, a in enumerate(aspects)}
+    for j, a in enumerate(te.meta["aspects"]):
+        if a in idx:
+            add_t[:, idx[a]] = te.embeddings[:, j]
+            add_m[:, idx[a]] = te.mask[:, j]
+    if len(aspects) == 1:  # single-slot models: average whatever the description has
+        m = te.mask.astype(np.float32)[..., None]
+        add_t[:, 0] = (te.embeddings * m).sum(1) / np.clip(m.sum(1), 1, None)
+        add_m[:, 0] = 1
+    empty = [new[i] for i in range(len(new)) if add_m[i].sum() == 0]
+    if empty:
+        raise MavlError(f"{descriptions}: {', '.join(empty)} share no aspect with the model's aspects ({', '.join(aspects)})")
+    fusion_bias = model.file.tensors["fusion.bias"].astype(np.float32)
+    bias = np.concatenate([fusion_bias, np.full(len(new), fusion_bias.mean(), np.float32)])
+    return (np.concatenate([old_t, add_t]), np.concatenate([old_m, add_m]), bias, names + new, new, aspects)

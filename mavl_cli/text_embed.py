@@ -1,0 +1,60 @@
+"""`embed-text`: label descriptions -> ``[L, A, D]`` embeddings plus an aspect mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from mavl_cli.descriptions import Descriptions
+
+
+@dataclass
+class TextEmbeddings:
+    embeddings: np.ndarray  # [L, A, D]
+    mask: np.ndarray  # [L, A] uint8
+    meta: dict[str, Any] = field(default_factory=dict)
+    truncated: list[dict[str, Any]] = field(default_factory=list)
+
+
+def embed_descriptions(
+    desc: Descriptions,
+    text_model: str,
+    pooling: str = "mean",
+    device: str = "auto",
+    batch_size: int = 32,
+    advance: Callable[..., None] | None = None,
+    encoder: tuple[Any, Any] | None = None,
+) -> TextEmbeddings:
+    """Encode every (label, aspect) text once; missing aspects stay zero and masked."""
+    from mavl_cli.models.text import encode_texts, load_text_encoder
+    from mavl_cli.pooling import get_pooling
+    from mavl_cli.runtime import resolve_device
+
+    pool = get_pooling(pooling)
+    tokenizer, model = encoder or load_text_encoder(text_model)
+    flat = desc.flat()
+    enc = encode_texts([t for _, _, t in flat], tokenizer, model, pool, batch_size, resolve_device(device), advance)
+    dim = enc.vectors.shape[1]
+    emb = np.zeros((len(desc.labels), len(desc.aspects), dim), np.float32)
+    mask = np.zeros((len(desc.labels), len(desc.aspects)), np.uint8)
+    for (li, ai, _), v in zip(flat, enc.vectors):
+        emb[li, ai] = v
+        mask[li, ai] = 1
+    truncated = [
+        {"label": desc.labels[flat[t["index"]][0]], "aspect": desc.aspects[flat[t["index"]][1]],
+         "tokens": t["tokens"], "kept": t["kept"], "lost": t["tokens"] - t["kept"]}
+        for t in enc.truncated
+    ]
+    meta = {
+        "labels": desc.labels,
+        "aspects": desc.aspects,
+        "texts": desc.texts,
+        "form": desc.form,
+        "text_model": text_model,
+        "pooling": pooling,
+        "text_dim": int(dim),
+        "truncated": truncated,
+    }
+    return TextEmbeddings(emb, mask, meta, truncated)

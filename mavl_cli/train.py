@@ -1,0 +1,250 @@
+"""Training loops for the LRF head (phase 1) and the fusion model (phase 3).
+
+Both train on cached features, so an epoch over CheXpert's 224k images takes
+seconds on a GPU and minutes on a laptop CPU. Runs are seeded; on CPU the
+same seed gives byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from mavl_cli.errors import MavlError
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # [N, D]
+    y: np.ndarray  # [N, L] float 0/1
+    mask: np.ndarray  # [N, L] bool
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, Any]
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_auroc: float = float("nan")
+
+
+def masked_macro_auroc(y: np.ndarray, s: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean AUROC over labels where both classes are present (masked entries dropped)."""
+    from mavl_cli.metrics import binary_auroc
+
+    vals = []
+    for j in range(y.shape[1]):
+        keep = mask[:, j] if mask is not None else slice(None)
+        yj, sj = y[keep, j], s[keep, j]
+        if yj.size and 0 < yj.sum() < yj.size:
+            vals.append(binary_auroc(yj, sj))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def split_validation(
+    n: int, fraction: float, seed: int, groups: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation row indices; whole patients go to one side when groups are known."""
+    if not 0 < fraction < 1:
+        raise MavlError(f"--val-split must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        uniq = np.array(sorted(set(groups)))
+        rng.shuffle(uniq)
+        n_val = max(1, int(round(len(uniq) * fraction)))
+        val_groups = set(uniq[:n_val].tolist())
+        is_val = np.array([g in val_groups for g in groups])
+    else:
+        perm = rng.permutation(n)
+        is_val = np.zeros(n, bool)
+        is_val[perm[: max(1, int(round(n * fraction)))]] = True
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(tr) == 0 or len(va) == 0:
+        raise MavlError("too few images (or patients) to hold out a validation split; pass --val FILE or more data")
+    return tr, va
+
+
+def _batches(n: int, batch: int, gen: Any) -> list[Any]:
+    import torch
+
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i : i + batch] for i in range(0, n, batch)]
+
+
+def _predict(fn: Callable[[Any], Any], x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(torch.sigmoid(fn(torch.from_numpy(x[i : i + batch]))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def train_lrf(
+    train: Split,
+    val: Split | None,
+    rank: int = 64,
+    keep: int = 16,
+    eta: float = 1e-3,
+    dropout: float = 0.1,
+    epochs: int = 50,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 10,
+    seed: int = 0,
+    advance: Callable[..., None] | None = None,
+) -> TrainResult:
+    """Fit LayerNorm -> Linear(D, r) -> ReLU -> Dropout -> Linear(r, L).
+
+    Loss = masked BCE + ``eta`` * truncated nuclear norm of the batch's
+    low-rank feature matrix Z = ReLU(W LN(x)), ``[batch, r]``: the sum of
+    Z's singular values beyond the top ``keep``. Z is the matrix the fusion
+    stage consumes, so that is where low rank is asked for: the batch's
+    embeddings should span about ``keep`` directions (one per finding pattern),
+    not ``r`` noisy ones. Early stopping on validation macro AUROC.
+    """
+    import torch
+
+    from mavl_cli.losses import masked_bce_with_logits, truncated_nuclear_norm
+    from mavl_cli.models.lrf import LRFHead
+    from mavl_cli.runtime import set_seed
+
+    n, d = train.x.shape
+    if rank < 1 or rank > d:
+        raise MavlError(f"--rank {rank} must be between 1 and the feature size {d}")
+    if keep < 0 or keep > rank:
+        raise MavlError(f"--keep {keep} must be between 0 and --rank {rank}")
+    gen = set_seed(seed)
+    model = LRFHead(d, rank, train.y.shape[1], dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    x = torch.from_numpy(train.x)
+    y = torch.from_numpy(train.y)
+    m = torch.from_numpy(train.mask)
+    best = (-math.inf, math.inf)
+    best_state, best_epoch, history, bad_epochs = None, 0, [], 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        tot_bce = tot_reg = 0.0
+        for idx in _batches(n, batch_size, gen):
+            logits, z = model(x[idx])
+            bce = masked_bce_with_logits(logits, y[idx], m[idx])
+            reg = truncated_nuclear_norm(z, keep) if eta > 0 else torch.zeros(())
+            loss = bce + eta * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_bce += float(bce) * len(idx)
+            tot_reg += float(reg) * len(idx)
+        model.eval()
+        rec = {"epoch": epoch, "bce": tot_bce / n, "tnn": tot_reg / n}
+        if val is not None:
+            s = _predict(lambda t: model(t)[0], val.x)
+            rec["val_auroc"] = masked_macro_auroc(val.y, s, val.mask)
+            key = (rec["val_auroc"] if not math.isnan(rec["val_auroc"]) else -1.0, -rec["bce"])
+        else:
+            key = (-rec["bce"], 0.0)
+        history.append(rec)
+        if key > best:
+            best, best_epoch, bad_epochs = key, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        if advance:
+            advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
+        if val is not None and patience and bad_epochs >= patience:
+            break
+    state = {k: v.detach().clone() for k, v in (best_state or model.state_dict()).items()}
+    va = history[best_epoch - 1].get("val_auroc", float("nan")) if best_epoch else float("nan")
+    return TrainResult(state=state, best_epoch=best_epoch, epochs_run=len(history), history=history, val_auroc=va)
+
+
+def lrf_embed(tensors: dict[str, np.ndarray], x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """Apply a trained LRF head (eval mode) to backbone features -> ``[N, r]``."""
+    import torch
+
+    from mavl_cli.models.lrf import head_from_tensors
+
+    head = head_from_tensors(tensors)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(head.embed(torch.from_numpy(x[i : i + batch])).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def train_fusion(
+    train: Split,
+    text: np.ndarray,
+    text_mask: np.ndarray,
+    val: Split | None = None,
+    aggregate: str = "mean",
+    dim: int = 256,
+    epochs: int = 100,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    init_scale: float = 10.0,
+    seed: int = 0,
+    advance: Callable[..., None] | None = None,
+) -> TrainResult:
+    """Fit the image/text projectors, log-scale and per-label bias with masked BCE.
+
+    The bias starts at each label's log-odds prevalence so early epochs learn
+    similarity rather than base rates. With ``val``, the epoch with the best
+    validation macro AUROC is kept.
+    """
+    import torch
+
+    from mavl_cli.losses import masked_bce_with_logits
+    from mavl_cli.models.fusion import FusionModel
+    from mavl_cli.runtime import set_seed
+
+    gen = set_seed(seed)
+    n = train.x.shape[0]
+    n_labels, n_aspects, txt_dim = text.shape
+    model = FusionModel(train.x.shape[1], txt_dim, n_labels, n_aspects, dim=dim, aggregate=aggregate, init_scale=init_scale)
+    with torch.no_grad():
+        pos = (train.y * train.mask).sum(0)
+        cnt = train.mask.sum(0).clip(min=1)
+        prev = np.clip(pos / cnt, 1e-3, 1 - 1e-3)
+        model.bias.copy_(torch.from_numpy(np.log(prev / (1 - prev)).astype(np.float32)))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x = torch.from_numpy(train.x)
+    y = torch.from_numpy(train.y)
+    m = torch.from_numpy(train.mask)
+    t = torch.from_numpy(text)
+    tm = torch.from_numpy(text_mask.astype(bool))
+    best = (-math.inf, 0.0)
+    best_state, best_epoch, history = None, 0, []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total = 0.0
+        for idx in _batches(n, batch_size, gen):
+            loss = masked_bce_with_logits(model(x[idx], t, tm), y[idx], m[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+        model.eval()
+        rec = {"epoch": epoch, "bce": total / n, "scale": float(model.scale())}
+        if val is not None:
+            s = _predict(lambda b: model(b, t, tm), val.x)
+            rec["val_auroc"] = masked_macro_auroc(val.y, s, val.mask)
+            key = (rec["val_auroc"] if not math.isnan(rec["val_auroc"]) else -1.0, -rec["bce"])
+            if key > best:
+                best, best_epoch = key, epoch
+                best_state = copy.deepcopy(model.state_dict())
+        history.append(rec)
+        if advance:
+            advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
+    if best_state is None:
+        best_state, best_epoch = model.state_dict(), epochs
+    state = {k: v.detach().clone() for k, v in best_state.items()}
+    va = history[best_epoch - 1].get("val_auroc", float("nan")) if history else float("nan")
+    return TrainResult(state=state, best_epoch=best_epoch, epochs_run=len(history), history=history, val_auroc=va)
