@@ -113,8 +113,8 @@ def sample_anatomy(rng: np.random.Generator) -> dict:
         "w": w,
         "apex": rng.uniform(-0.74, -0.64),
         "cp": rng.uniform(0.42, 0.56),  # costophrenic angle level
-        "dome_r": rng.uniform(0.20, 0.27),  # dome heights above the costophrenic angles
-        "dome_l": rng.uniform(0.14, 0.20),
+        "dome_r": rng.uniform(0.15, 0.21),  # dome heights above the costophrenic angles
+        "dome_l": rng.uniform(0.10, 0.15),
         "med": med,
         "knob": rng.uniform(0.035, 0.06),
         "ctr": rng.uniform(0.38, 0.48),  # normal cardiothoracic ratio
@@ -337,7 +337,7 @@ def render_phantom(
     tilt = anat["heart_tilt"]
     ct, st = float(np.cos(tilt)), float(np.sin(tilt))
     ha = float(np.sqrt(max((0.5 * heart_w) ** 2 - (hb * st) ** 2, 1e-4)) / ct)
-    hcy = cp - 0.08 - 0.55 * hb
+    hcy = cp - 0.13 - 0.5 * hb
     hu = (x - hcx) * ct + (y - hcy) * st
     hv = (y - hcy) * ct - (x - hcx) * st
     heart_e = (hu * (1.0 / ha)) ** 2 + (hv * (1.0 / hb)) ** 2
@@ -477,6 +477,7 @@ def render_phantom(
         markings *= 1.0 - 0.7 * opac
 
     # ---- compose density, expose, upsample, add quantum noise, blur
+    extra = np.minimum(extra, air + 0.12)  # overlapping opacities cannot exceed solid tissue
     dens = (
         anat["soft"] * body
         - air * lung
@@ -509,6 +510,7 @@ def render_phantom(
         "heart_left": out.to_px(h_left, hcy)[0],
         "heart_right": out.to_px(h_right, hcy)[0],
         "heart_row": out.to_px(hcx, hcy)[1],
+        "heart_height": 2.0 * hb * pxu,
         "midline_x": out.to_px(xc, hcy)[0],
         "lungs": [],
         "pneumothorax": geo_ptx,
