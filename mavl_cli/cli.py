@@ -31,6 +31,9 @@ class MavlGroup(TyperGroup):
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True, **extra: Any) -> Any:
         render.refresh_consoles()
         render.release_stdout()
+        from mavl_cli.contract import set_command
+
+        set_command(list(sys.argv[1:] if args is None else args))
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:

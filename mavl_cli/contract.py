@@ -68,8 +68,20 @@ def describe_kind(kind: str) -> str:
     return f"{name} (from `{maker}`)"
 
 
+_COMMAND: dict[str, str | None] = {"line": None}
+
+
+def set_command(args: list[str]) -> None:
+    """Record the mavl invocation being run (the CLI calls this; in-process runs too)."""
+    import shlex
+
+    _COMMAND["line"] = "mavl " + " ".join(shlex.quote(str(a)) for a in args)
+
+
 def command_line() -> str:
     """The invoking command, recorded as provenance."""
+    if _COMMAND["line"]:
+        return _COMMAND["line"]
     argv = list(sys.argv)
     if argv:
         argv[0] = Path(argv[0]).name
@@ -115,14 +127,36 @@ def _to_numpy(value: Any) -> np.ndarray:
     return arr
 
 
-def to_bytes(kind: str, tensors: dict[str, Any], meta: dict[str, Any] | None = None) -> bytes:
-    """Serialise tensors and metadata to safetensors bytes (deterministic)."""
-    from safetensors.numpy import save
+_DTYPES = {
+    "float32": "F32", "float16": "F16", "float64": "F64", "int64": "I64", "int32": "I32", "int16": "I16",
+    "int8": "I8", "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
+}
 
+
+def to_bytes(kind: str, tensors: dict[str, Any], meta: dict[str, Any] | None = None) -> bytes:
+    """Serialise tensors and metadata to safetensors bytes, byte-for-byte deterministic.
+
+    The safetensors library orders metadata keys by hash, so identical runs
+    would give different bytes; this writer sorts keys and tensors instead
+    (the format allows any order) and pads the header to 8 bytes as the
+    format requires.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
-    arrays = {name: _to_numpy(t) for name, t in tensors.items()}
-    return save(arrays, metadata=encode_metadata(kind, dict(meta or {})))
+    arrays = {name: _to_numpy(t) for name, t in sorted(tensors.items())}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(encode_metadata(kind, dict(meta or {})).items()))}
+    offset = 0
+    for name, arr in arrays.items():
+        code = _DTYPES.get(arr.dtype.name)
+        if code is None:
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored")
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    parts = [struct.pack("<Q", len(head)), head]
+    parts += [np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in arrays.values()]
+    return b"".join(parts)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -133,6 +167,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         return
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise MavlError(f"cannot write {target}: {folder} is a file, not a folder", path=target)
     if not folder.is_dir():
         raise MavlError(f"cannot write {target}: folder {folder} does not exist", path=target)
     if target.is_dir():
@@ -300,6 +336,8 @@ def check_output_path(path: str | Path, inputs: list[str | Path] = ()) -> None:
         return
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise MavlError(f"{target}: {folder} is a file, not a folder", path=target)
     if not folder.is_dir():
         raise MavlError(f"{target}: output folder {folder} does not exist", path=target)
     if target.is_dir():

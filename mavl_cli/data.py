@@ -50,6 +50,8 @@ def load_labelled(
     """Rows of ``labels_csv`` aligned to ``emb``'s image ids; columns selected by ``names``."""
     from mavl_cli.labels import read_labels
 
+    if names is not None and not names:
+        raise MavlError(f"{labels_csv}: no label names were selected (the label list is empty)", path=labels_csv)
     table = read_labels(labels_csv, uncertain=uncertain, label_map=label_map, path_column=path_column)
     if names is not None:
         missing = [n for n in names if n not in table.names]

@@ -56,7 +56,7 @@ def train_lrf_stage(
     from mavl_cli.modelfile import tensor_fingerprint
     from mavl_cli.train import train_lrf
 
-    contract.check_output_path(output)
+    contract.check_output_path(output, [embeddings, labels, *([val] if val else []), *([val_labels] if val_labels else [])])
     emb = contract.read_file(embeddings, expect="image-embeddings")
     if emb.meta.get("space") == "lrf":
         raise MavlError(f"{embeddings}: these embeddings are already LRF-projected; train-lrf needs backbone features")
@@ -100,7 +100,7 @@ def train_lrf_stage(
         "train_embeddings": str(embeddings), "train_labels": str(labels),
     }
     if embed_out is not None:
-        contract.check_output_path(embed_out)
+        contract.check_output_path(embed_out, [embeddings, labels, output])
     contract.write_file(output, "lrf-head", tensors, meta)
     if embed_out is not None:
         from mavl_cli.train import lrf_embed
@@ -138,7 +138,7 @@ def embed_text_stage(
     from mavl_cli.descriptions import read_descriptions
     from mavl_cli.text_embed import embed_descriptions
 
-    contract.check_output_path(output)
+    contract.check_output_path(output, [descriptions])
     desc = read_descriptions(descriptions)
     n = len(desc.flat())
     ctx = progress("embed-text", n, "text") if progress else None
@@ -188,7 +188,7 @@ def fuse_stage(
 
     if aggregate not in AGGREGATES:
         raise MavlError(f"unknown --aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
-    contract.check_output_path(output)
+    contract.check_output_path(output, [p for p in (embeddings, text, labels, lrf, val, val_labels) if p])
     emb = contract.read_file(embeddings, expect="image-embeddings")
     txt = contract.read_file(text, expect="text-embeddings")
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
@@ -300,7 +300,7 @@ def tune_stage(
     from mavl_cli.metrics import confusion_counts, f1_from_counts
     from mavl_cli.thresholds import tune
 
-    contract.check_output_path(output)
+    contract.check_output_path(output, [embeddings, labels])  # MODEL itself may be the output
     if min_sensitivity is not None and not 0 < min_sensitivity <= 1:
         raise MavlError(f"--min-sensitivity must be in (0, 1], got {min_sensitivity}")
     model, sc = score_labelled(model_path, embeddings, labels, uncertain, label_map)
@@ -341,6 +341,8 @@ def evaluate_stage(
     warnings: list[str] = []
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
+    if plot:
+        _check_plot_path(Path(plot))
     if scores_file is not None:
         sf = contract.read_file(scores_file, expect="scores")
         names = sf.labels()
@@ -377,6 +379,17 @@ def evaluate_stage(
     return report, warnings, sc
 
 
+def _check_plot_path(path: Path) -> None:
+    """Fail before any work if the plot cannot be written (its folder is created if missing)."""
+    if path.is_dir():
+        raise MavlError(f"{path}: --plot path is a directory", path=path)
+    folder = path.parent if str(path.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise MavlError(f"{path}: cannot create the plot's folder ({folder} is a file)", path=path)
+
+
 # ---------------------------------------------------------------- embed-images
 
 
@@ -403,7 +416,7 @@ def embed_images_stage(
 
     from mavl_cli.embed import collect_inputs, embed_images
 
-    contract.check_output_path(output)
+    contract.check_output_path(output, [p for p in (lrf, labels) if p])
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
     items, missing = collect_inputs(inputs, labels, root, path_column)
     if missing and not skip_bad:
@@ -468,7 +481,7 @@ def predict_stage(
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
     if scores_out:
-        contract.check_output_path(scores_out)
+        contract.check_output_path(scores_out, [p for p in (model_path, weights, descriptions) if p])
     model = load_model(find_model(model_path))
     meta = model.meta
     w = weights or meta.get("backbone_weights")

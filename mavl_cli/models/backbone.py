@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,12 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except MavlError:
         raise
+    except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickle it
+        raise MavlError(
+            f"{p}: refusing to load: the file holds pickled Python objects, not just tensors "
+            "(convert it to .safetensors, or save only the state dict)", path=p) from None
     except Exception as exc:
-        raise MavlError(f"{p}: cannot read weights ({str(exc).splitlines()[0][:160]})", path=p) from None
+        raise MavlError(f"{p}: cannot read weights ({_plain(str(exc))})", path=p) from None
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -66,6 +71,14 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     if not isinstance(sd, dict) or not sd:
         raise MavlError(f"{p}: holds no tensors (not a state dict)", path=p)
     return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def _plain(text: str) -> str:
+    """First line of an exception message without terminal escape codes."""
+    import re
+
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()
+    return lines[0][:160] if lines else "unknown reason"
 
 
 def _read_folder(folder: Path) -> tuple[str | None, dict[str, Any], Path]:

