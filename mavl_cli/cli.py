@@ -254,7 +254,7 @@ def tune_threshold_cmd(
     method: str = typer.Option("sweep", "--method", help="sweep (0.10..0.90 step 0.05, macro F1), per-label (F1-optimal), youden, sensitivity."),
     per_label: bool = typer.Option(False, "--per-label", help="Shortcut for --method per-label."),
     min_sensitivity: Optional[float] = typer.Option(None, "--min-sensitivity", help="Clinical operating point: highest threshold with sensitivity >= this (implies --method sensitivity)."),
-    uncertain: str = _uncertain(),
+    uncertain: str = _uncertain("ignore"),
     label_map: Optional[str] = _label_map_opt(),
 ) -> None:
     """Choose decision thresholds on validation data and store them in the model."""

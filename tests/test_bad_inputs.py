@@ -188,6 +188,11 @@ def bad(chain, tiny_vit: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     f["evil_pth"] = d / "evil.pth"
     torch.save({"cls_token": Payload(f["marker"])}, f["evil_pth"])
 
+    # A scores file, so every kind of mavl file is at hand for the wrong-kind matrix.
+    f["scores"] = d / "scores.st"
+    r = run_cli(["predict", ps.root / "images", "--model", f["tuned"], "--weights", tiny_vit, "--out", f["scores"], "--json"])
+    assert r.exit_code == 0, r.stderr
+
     # An existing output that a failed run must leave alone, and a regular file to put paths under.
     f["existing"] = d / "existing.st"
     f["existing"].write_bytes(f["tuned"].read_bytes())
@@ -226,8 +231,8 @@ CASES = [
     Case("embed-unknown-timm-model", lambda f, o: ["embed-images", f["root"], "--backbone", "no_such_model_xyz", "--random-init", "-o", o], "unknown timm model", None),
     Case("embed-lrf-is-text-file", lambda f, o: ["embed-images", f["root"], *E, "--weights", f["vit"], "--lrf", f["text"], "-o", o], "text embeddings", "text"),
     Case("embed-lrf-dim-mismatch", lambda f, o: ["embed-images", f["root"], *E, "--weights", f["vit32"], "--lrf", f["lrf"], "-o", o], "48-d", "lrf"),
-    Case("embed-pickle-weights", lambda f, o: ["embed-images", f["root"], *E, "--weights", f["evil_pth"], "-o", o], "cannot read weights", "evil_pth"),
-    Case("embed-output-under-regular-file", lambda f, o: ["embed-images", f["root"], *E, "--weights", f["vit"], "-o", f["regular"] / "out.st"], "does not exist", "regular"),
+    Case("embed-pickle-weights", lambda f, o: ["embed-images", f["root"], *E, "--weights", f["evil_pth"], "-o", o], "refusing to load", "evil_pth"),
+    Case("embed-output-under-regular-file", lambda f, o: ["embed-images", f["root"], *E, "--weights", f["vit"], "-o", f["regular"] / "out.st"], "is a file", "regular"),
     Case("embed-output-folder-missing", lambda f, o: ["embed-images", f["root"], *E, "--weights", f["vit"], "-o", o.parent / "no" / "such" / "out.st"], "does not exist", None),
     # ---- train-lrf
     Case("lrf-text-as-image-embeddings", lambda f, o: ["train-lrf", f["text"], "--labels", f["train_csv"], *R, "-o", o], "text embeddings", "text"),
@@ -281,7 +286,7 @@ CASES = [
     Case("predict-zero-byte-image", lambda f, o: ["predict", f["zero.png"], "--model", f["tuned"], "--weights", f["vit"], "--out", o], "empty", "zero.png"),
     Case("predict-threshold-negative", lambda f, o: ["predict", f["root"] / "images", "--model", f["tuned"], "--threshold", "-0.1", "--out", o], "[0, 1]", None),
     Case("predict-wrong-backbone-weights", lambda f, o: ["predict", f["root"] / "images", "--model", f["tuned"], "--weights", f["vit32"], "--out", o], "", "vit32"),
-    Case("predict-out-under-regular-file", lambda f, o: ["predict", f["root"] / "images", "--model", f["tuned"], "--weights", f["vit"], "--out", f["regular"] / "s.st"], "does not exist", "regular"),
+    Case("predict-out-under-regular-file", lambda f, o: ["predict", f["root"] / "images", "--model", f["tuned"], "--weights", f["vit"], "--out", f["regular"] / "s.st"], "is a file", "regular"),
     # ---- info
     Case("info-missing-file", lambda f, o: ["info", o.parent / "absent.st"], "not found", None),
     Case("info-directory", lambda f, o: ["info", f["empty_dir"]], "directory", "empty_dir"),
@@ -325,3 +330,68 @@ def test_bad_input(case: Case, bad: dict[str, Path], tmp_path: Path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
     # Inputs (and the pre-existing output) are byte-identical.
     assert [_digest(w) for w in watched] == before
+
+
+# ------------------------------------------------------------------ every wrong-kind pairing
+
+KIND_FILES = {"image-embeddings": "train", "text-embeddings": "text", "lrf-head": "lrf", "model": "tuned", "scores": "scores"}
+# (slot id, expected kind, argv builder given the file to put in that slot)
+SLOTS = [
+    ("train-lrf.EMBEDDINGS", "image-embeddings", lambda f, x, o: ["train-lrf", x, "--labels", f["train_csv"], *R, "-o", o]),
+    ("fuse.EMBEDDINGS", "image-embeddings", lambda f, x, o: ["fuse", x, f["text"], "--labels", f["train_csv"], "--epochs", "1", "-o", o]),
+    ("fuse.TEXT", "text-embeddings", lambda f, x, o: ["fuse", f["train"], x, "--labels", f["train_csv"], "--epochs", "1", "-o", o]),
+    ("fuse.--lrf", "lrf-head", lambda f, x, o: ["fuse", f["train"], f["text"], "--lrf", x, "--labels", f["train_csv"], "--epochs", "1", "-o", o]),
+    ("fuse.--val", "image-embeddings", lambda f, x, o: ["fuse", f["train"], f["text"], "--val", x, "--val-labels", f["val_csv"], "--labels", f["train_csv"], "--epochs", "1", "-o", o]),
+    ("tune.MODEL", "model", lambda f, x, o: ["tune-threshold", x, f["val"], "--labels", f["val_csv"], "-o", o]),
+    ("tune.EMBEDDINGS", "image-embeddings", lambda f, x, o: ["tune-threshold", f["tuned"], x, "--labels", f["val_csv"], "-o", o]),
+    ("evaluate.MODEL", "model", lambda f, x, o: ["evaluate", x, f["test"], "--labels", f["test_csv"], "--csv", o]),
+    ("evaluate.EMBEDDINGS", "image-embeddings", lambda f, x, o: ["evaluate", f["tuned"], x, "--labels", f["test_csv"], "--csv", o]),
+    ("evaluate.--scores", "scores", lambda f, x, o: ["evaluate", "--scores", x, "--labels", f["test_csv"], "--csv", o]),
+    ("predict.--model", "model", lambda f, x, o: ["predict", f["root"] / "images", "--model", x, "--out", o]),
+    ("embed-images.--lrf", "lrf-head", lambda f, x, o: ["embed-images", f["root"], *E, "--weights", f["vit"], "--lrf", x, "-o", o]),
+]
+PAIRS = [(slot, want, build, kind) for slot, want, build in SLOTS for kind in KIND_FILES if kind != want]
+
+
+@pytest.mark.parametrize("slot,want,build,kind", PAIRS, ids=[f"{p[0]}<-{p[3]}" for p in PAIRS])
+def test_wrong_kind(slot, want, build, kind, bad, tmp_path, monkeypatch) -> None:
+    """Any mavl file in a slot meant for another kind: one line naming the file, its kind and the wanted kind."""
+    from mavl_cli import cli
+    from mavl_cli.contract import KINDS
+
+    monkeypatch.setitem(cli._DEBUG, "on", False)
+    x = bad[KIND_FILES[kind]]
+    r = run_cli([str(a) for a in build(bad, x, tmp_path / "out.st")])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.search(ln)]
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert x.name in lines[0] and KINDS[kind][0] in lines[0] and KINDS[want][0] in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ no unpickling of untrusted weights
+
+
+def test_pickled_weights_are_refused_and_never_run(bad, tmp_path, monkeypatch) -> None:
+    """`.pth` files go through torch.load(weights_only=True): a __reduce__ payload is refused, not run."""
+    import torch
+
+    from mavl_cli.errors import MavlError
+    from mavl_cli.models.backbone import load_state_dict
+
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(MavlError, match="refusing to load"):
+        load_state_dict(bad["evil_pth"])
+    assert calls == [True]
+    assert not bad["marker"].exists()
+    # Plain tensors in a .pth still load (weights_only allows them).
+    good = tmp_path / "ok.pth"
+    torch.save({"w": torch.ones(2)}, good)
+    assert load_state_dict(good)["w"].tolist() == [1.0, 1.0]
+    assert calls == [True, True]
