@@ -362,7 +362,7 @@ def info_cmd(file: str = typer.Argument(..., help="Any mavl .safetensors file ('
             v = f"{len(v)} entries" if isinstance(v, list) else v
         s = v if isinstance(v, str) else json.dumps(v)
         rows.append([k, s if len(s) < 160 else s[:157] + "..."])
-    render.show(render.table(str(file), ["field", "value"], rows))
+    render.show(render.table(str(file), ["field", "value"], rows, numeric=False))
 
 
 @app.command("phantoms")

@@ -1,28 +1,46 @@
 """`embed-images`: radiographs -> pooled backbone features, fast and resumable.
 
-Decoding runs in a thread pool a few batches ahead of the forward pass (PIL
-releases the GIL while decoding and resizing), so the CPU or GPU is never
-waiting for JPEG decode. Finished batches are checkpointed to
-``OUT.partial`` so ``--resume`` continues after a crash with an identical
-result.
+Speed: decoding runs in a thread pool a few batches ahead of the forward pass
+(PIL releases the GIL while decoding and resizing; huge JPEGs are decoded at
+reduced scale), the per-batch work is one vectorised normalisation, and the
+forward runs under ``torch.inference_mode``. On a small CPU the forward pass is
+the ceiling; ``benchmarks/embed_images.py`` measures how close we get.
+
+Resumability: every finished batch is appended to ``OUT.partial``, a small
+append-only log (one record per batch with its ids, skipped images and raw
+float32 rows, each record checksummed). Appending costs O(batch), so a 224k
+image run never rewrites a growing file. A process killed mid-write leaves at
+most one torn record, which ``--resume`` detects by its checksum and drops.
+Resuming replays exactly the same batches (same composition, same batch size),
+so the result is identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 import sys
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
 from mavl_cli.errors import MavlError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+_GLOB_CHARS = "*?["
+
+
+class Interrupted(MavlError):
+    """Ctrl-C during a run: the checkpoint is kept, and the message says how to resume."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -38,10 +56,14 @@ class EmbedResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    resumed_from: int = 0
 
     @property
     def throughput(self) -> float:
         return len(self.ids) / self.seconds if self.seconds > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- inputs
 
 
 def _rel_id(path: Path, base: Path | None) -> str:
@@ -70,11 +92,12 @@ def collect_inputs(
     With ``labels_csv`` the CSV's rows define the list (in file order) and a
     single folder argument (or ``root``) is where their paths are resolved;
     otherwise folders are walked recursively and ids are paths relative to
-    the folder given. Returns (items, missing) where missing lists CSV rows
-    whose file does not exist.
+    the folder given. With ``root`` and no CSV, relative paths and ids (e.g.
+    read from stdin) are looked up under ``root``, and entries not found there
+    are returned as missing rather than stopping the run. Returns (items,
+    missing) where missing lists entries whose file does not exist.
     """
-    from mavl_cli.imageio import list_images
-    from mavl_cli.labels import normalize_id, read_labels
+    from mavl_cli.labels import read_labels
 
     if "-" in inputs:
         lines = [ln.strip() for ln in (stdin_lines if stdin_lines is not None else sys.stdin) if ln.strip()]
@@ -99,35 +122,72 @@ def collect_inputs(
             else:
                 items.append(ImageItem(nid, found))
         return items, missing
+    if root is not None:
+        return _collect_under_root(inputs, Path(root))
     if not inputs:
         raise MavlError("no images given: pass folders, files or globs, or --labels CSV with a path column")
+    from mavl_cli.imageio import list_images
+
     items = []
     for inp in inputs:
         p = Path(inp)
         base = p if p.is_dir() else None
         for f in list_images([inp]):
             items.append(ImageItem(_rel_id(f, base), f))
+    return _unique(items), []
+
+
+def _collect_under_root(inputs: list[str], base: Path) -> tuple[list[ImageItem], list[dict[str, str]]]:
+    """Inputs relative to an image root (``--root`` without ``--labels``); ids are relative to it."""
+    from mavl_cli.imageio import list_images
+    from mavl_cli.labels import normalize_id
+
+    if not base.is_dir():
+        raise MavlError(f"{base}: image root folder not found", path=base)
+    items, missing = [], []
+    for inp in inputs or [str(base)]:
+        p = Path(inp)
+        if any(ch in inp for ch in _GLOB_CHARS) and not p.exists():
+            pattern = inp if p.is_absolute() else str(base / inp)
+            items.extend(ImageItem(_rel_id(f, base), f) for f in list_images([pattern]))
+            continue
+        found = p if (p.is_absolute() and p.exists()) else _resolve_any(base, inp, normalize_id(inp))
+        if found is None and p.exists():
+            found = p
+        if found is None:
+            missing.append({"id": normalize_id(inp), "reason": "file not found"})
+        elif found.is_dir():
+            items.extend(ImageItem(_rel_id(f, base), f) for f in list_images([str(found)]))
+        else:
+            items.append(ImageItem(_rel_id(found, base), found))
+    return _unique(items), missing
+
+
+def _unique(items: list[ImageItem]) -> list[ImageItem]:
     seen: dict[str, Path] = {}
     for it in items:
         if it.id in seen and seen[it.id] != it.path:
             raise MavlError(f"two images share the id {it.id!r} ({seen[it.id]} and {it.path}); embed them separately")
         seen[it.id] = it.path
-    unique = list({it.id: it for it in items}.values())
-    return unique, []
+    return list({it.id: it for it in items}.values())
 
 
-def _resolve(base: Path, raw: str, nid: str) -> Path | None:
+def _candidates(base: Path, raw: str, nid: str) -> list[Path]:
     cands = [base / raw, base / nid]
     parts = Path(nid).parts
     for k in range(1, min(3, len(parts))):
         cands.append(base / Path(*parts[k:]))
-    p = Path(raw)
-    if p.is_absolute():
-        cands.insert(0, p)
-    for c in cands:
-        if c.is_file():
-            return c
-    return None
+    if Path(raw).is_absolute():
+        cands.insert(0, Path(raw))
+    return cands
+
+
+def _resolve(base: Path, raw: str, nid: str) -> Path | None:
+    return next((c for c in _candidates(base, raw, nid) if c.is_file()), None)
+
+
+def _resolve_any(base: Path, raw: str, nid: str) -> Path | None:
+    return next((c for c in _candidates(base, raw, nid) if c.exists()), None)
 
 
 def inputs_fingerprint(items: list[ImageItem], settings: dict[str, Any]) -> str:
@@ -137,8 +197,11 @@ def inputs_fingerprint(items: list[ImageItem], settings: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- decoding pipeline
+
+
 def _decode_batch(items: list[ImageItem], data_config: dict[str, Any]) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
-    from mavl_cli.preprocess import load_and_prepare
+    from mavl_cli.preprocess import load_and_prepare, stack_batch
 
     arrays, ok, bad = [], [], []
     for i, it in enumerate(items):
@@ -146,23 +209,30 @@ def _decode_batch(items: list[ImageItem], data_config: dict[str, Any]) -> tuple[
             arrays.append(load_and_prepare(it.path, data_config))
             ok.append(i)
         except MavlError as exc:
-            bad.append({"id": it.id, "path": str(it.path), "reason": str(exc)})
+            bad.append({"id": it.id, "path": str(it.path), "reason": _strip_path(str(exc), it.path)})
         except Exception as exc:  # decoder bugs on exotic files must not kill a long run silently
             bad.append({"id": it.id, "path": str(it.path), "reason": f"{type(exc).__name__}: {exc}"})
-    batch = np.stack(arrays) if arrays else np.zeros((0,), dtype=np.uint8)
-    return batch, ok, bad
+    return stack_batch(arrays), ok, bad
+
+
+def _strip_path(message: str, path: Path) -> str:
+    prefix = f"{path}: "
+    while message.startswith(prefix):
+        message = message[len(prefix):]
+    return message.rstrip(".")
 
 
 def prefetch_batches(
-    items: list[ImageItem], data_config: dict[str, Any], batch_size: int, workers: int, ahead: int = 3
+    items: list[ImageItem], data_config: dict[str, Any], batch_size: int, workers: int, ahead: int = 2
 ) -> Iterator[tuple[list[ImageItem], np.ndarray, list[int], list[dict[str, str]]]]:
-    """Decode batches in ``workers`` threads, ``ahead`` batches in flight, yielded in order."""
+    """Decode batches in ``workers`` threads, ``workers + ahead`` batches in flight, yielded in order."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     if workers <= 0:
         for ch in chunks:
             yield (ch, *_decode_batch(ch, data_config))
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mavl-decode")
+    try:
         pending: list[tuple[list[ImageItem], Future]] = []
         it = iter(chunks)
         for ch in it:
@@ -175,13 +245,143 @@ def prefetch_batches(
             if nxt is not None:
                 pending.append((nxt, pool.submit(_decode_batch, nxt, data_config)))
             yield (ch, *fut.result())
+    finally:
+        # on an error or Ctrl-C, drop queued batches instead of decoding them first
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _threads_split(workers: int | None) -> int:
-    import os
-
+def default_workers(device_type: str = "cpu") -> int:
+    """Decoder threads: half the cores (at most 4), leaving the rest to the forward pass."""
     n = os.cpu_count() or 1
-    return max(1, min(4, n // 2)) if workers is None else workers
+    return max(1, min(4, n // 2)) if device_type == "cpu" else max(1, min(8, n - 1))
+
+
+def default_batch_size(device_type: str, dim_hint: int | None = None) -> int:
+    """16 on CPU (larger batches do not raise CPU throughput); 128 on GPUs."""
+    return 16 if device_type == "cpu" else 128
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """Refuse precisions that do not make sense on the device instead of silently running fp32."""
+    if precision not in PRECISIONS:
+        raise MavlError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and device_type != "cpu":
+        raise MavlError("--precision int8 is for CPU inference (dynamic quantisation); on a GPU use fp16 or bf16")
+    if precision in ("fp16", "bf16") and device_type == "cpu":
+        raise MavlError(
+            f"--precision {precision} needs a GPU: on CPUs without native half-precision units it is far slower "
+            "than fp32 (bf16 about 250x here); use fp32, or int8 for faster CPU inference"
+        )
+
+
+# ----------------------------------------------------------------------------- checkpoint log
+
+_MAGIC = b"MAVLPART1\n"
+_REC = b"REC1"
+_REC_HEAD = struct.Struct("<4sIQ")  # tag, meta length, data length
+
+
+@dataclass
+class CheckpointState:
+    features: list[np.ndarray] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    position: int = 0
+    header: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointLog:
+    """Append-only log of finished batches (see the module docstring).
+
+    ``append`` writes one record and flushes it to the OS (survives a killed
+    process); ``fsync`` runs at most every ``sync_seconds`` (survives a power
+    cut up to that many seconds back).
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any], resume: bool, sync_seconds: float = 30.0) -> None:
+        self.path = Path(path)
+        self.sync_seconds = sync_seconds
+        self.state = CheckpointState(header=header)
+        if resume and self.path.exists():
+            self.state, good_end = read_checkpoint(self.path)
+            if self.state.header.get("fingerprint") != header.get("fingerprint"):
+                raise MavlError(
+                    f"{self.path}: this checkpoint is from a different image list, model or precision; "
+                    "delete it or drop --resume", path=self.path)
+            self._fh: BinaryIO = open(self.path, "r+b")
+            self._fh.truncate(good_end)  # drop a torn last record
+            self._fh.seek(good_end)
+        else:
+            blob = json.dumps(header, sort_keys=True).encode()
+            self._fh = open(self.path, "wb")
+            self._fh.write(_MAGIC + struct.pack("<I", len(blob)) + blob)
+            self._fh.flush()
+        self._last_sync = time.monotonic()
+
+    def append(self, features: np.ndarray, ids: list[str], skipped: list[dict[str, str]], position: int) -> None:
+        feats = np.ascontiguousarray(features, dtype="<f4")
+        meta = json.dumps({"ids": ids, "skipped": skipped, "position": position, "shape": list(feats.shape)}).encode()
+        data = feats.tobytes()
+        crc = zlib.crc32(data, zlib.crc32(meta))
+        self._fh.write(_REC_HEAD.pack(_REC, len(meta), len(data)) + meta + data + struct.pack("<I", crc))
+        self._fh.flush()
+        if time.monotonic() - self._last_sync >= self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self._fh.fileno())
+        except OSError:
+            pass
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.sync()
+            self._fh.close()
+
+
+def read_checkpoint(path: Path) -> tuple[CheckpointState, int]:
+    """Parse a checkpoint log: (state of all complete records, byte offset after the last good one)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MavlError(f"{path}: cannot read checkpoint ({exc.strerror or exc})", path=path) from None
+    bad = MavlError(f"{path}: not a mavl embed-images checkpoint (or damaged at the start); delete it and start again", path=path)
+    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 4:
+        raise bad
+    off = len(_MAGIC)
+    (hlen,) = struct.unpack_from("<I", data, off)
+    off += 4
+    try:
+        header = json.loads(data[off : off + hlen])
+    except ValueError:
+        raise bad from None
+    off += hlen
+    st = CheckpointState(header=header)
+    good_end = off
+    while off + _REC_HEAD.size <= len(data):
+        tag, mlen, dlen = _REC_HEAD.unpack_from(data, off)
+        body = off + _REC_HEAD.size
+        end = body + mlen + dlen + 4
+        if tag != _REC or end > len(data):
+            break
+        meta_b, blob = data[body : body + mlen], data[body + mlen : body + mlen + dlen]
+        (crc,) = struct.unpack_from("<I", data, body + mlen + dlen)
+        if zlib.crc32(blob, zlib.crc32(meta_b)) != crc:
+            break
+        meta = json.loads(meta_b)
+        if dlen:
+            st.features.append(np.frombuffer(blob, dtype="<f4").reshape(meta["shape"]).astype(np.float32))
+        st.ids.extend(meta["ids"])
+        st.skipped.extend(meta["skipped"])
+        st.position = int(meta["position"])
+        off = good_end = end
+    return st, good_end
+
+
+# ----------------------------------------------------------------------------- the run
 
 
 def embed_images(
@@ -198,7 +398,7 @@ def embed_images(
     lrf: Any = None,
     checkpoint: Path | None = None,
     resume: bool = False,
-    checkpoint_every: int = 20,
+    checkpoint_every: int | None = None,
     advance: Callable[..., None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
 ) -> EmbedResult:
@@ -206,21 +406,23 @@ def embed_images(
 
     ``lrf``: an ``lrf-head`` MavlFile; when given, features are projected to
     its r-dim low-rank space (what the fusion uses) instead of raw pooled features.
+    ``checkpoint_every``: batches between checkpoint appends (default 1, or the
+    ``MAVL_CHECKPOINT_EVERY`` environment variable); appends are O(batch).
+    On resume the batch size of the interrupted run is kept, so results match.
     """
     import torch
 
-    from mavl_cli import contract
     from mavl_cli.models.backbone import create_backbone, quantize_int8
     from mavl_cli.preprocess import normalize_batch
     from mavl_cli.runtime import resolve_device
 
     if precision not in PRECISIONS:
-        raise MavlError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        check_precision(precision, "cpu")
     if not items:
         raise MavlError("no images to embed")
     dev = resolve_device(device)
-    if precision == "int8" and dev.type != "cpu":
-        raise MavlError("--precision int8 is for CPU inference; on GPU use fp16 or bf16")
+    check_precision(precision, dev.type)
+    every = max(1, int(checkpoint_every or os.environ.get("MAVL_CHECKPOINT_EVERY") or 1))
     model, info = create_backbone(backbone, weights=weights, pretrained=pretrained, model_args=model_args)
     head = None
     if lrf is not None:
@@ -229,92 +431,120 @@ def embed_images(
         in_dim = int(lrf.tensors["proj.weight"].shape[1])
         if in_dim != info.dim:
             raise MavlError(f"{lrf.path}: LRF head expects {in_dim}-d features, but {info.name} gives {info.dim}-d")
-        head = head_from_tensors(lrf.tensors).to(dev)
+        head = head_from_tensors(lrf.tensors).to(dev).eval()
     if precision == "int8":
         model = quantize_int8(model)
     model = model.to(dev)
-    if dev.type == "cpu" and precision == "fp32":
-        model = model.to(memory_format=torch.channels_last)
-    bs = batch_size or (64 if dev.type == "cuda" else 16)
     dc = info.data_config
-    settings = {"backbone": info.name, "weights": info.weights, "precision": precision, "lrf": lrf.meta.get("fingerprint") if lrf else None}
+    settings = {"backbone": info.name, "weights": info.weights, "args": info.model_args, "precision": precision,
+                "lrf": lrf.meta.get("fingerprint") if lrf else None}
     fp = inputs_fingerprint(items, settings)
+    bs = batch_size or default_batch_size(dev.type)
 
-    done_feats: list[np.ndarray] = []
-    done_ids: list[str] = []
-    skipped: list[dict[str, str]] = []
-    start = 0
-    if checkpoint is not None and resume and checkpoint.exists():
-        ck = contract.read_file(checkpoint, expect="image-embeddings")
-        if ck.meta.get("inputs_fingerprint") != fp:
-            raise MavlError(f"{checkpoint}: checkpoint is from a different image list or settings; delete it or drop --resume")
-        done_feats = [ck.tensors["features"]]
-        done_ids = ck.ids()
-        skipped = list(ck.meta.get("skipped") or [])
-        start = int(ck.meta.get("position", 0))
+    log: CheckpointLog | None = None
+    done = CheckpointState()
+    if checkpoint is not None:
+        if resume and checkpoint.exists():
+            bs = int(read_checkpoint(checkpoint)[0].header.get("batch_size") or bs)
+        log = CheckpointLog(checkpoint, {"fingerprint": fp, "batch_size": bs, "total": len(items)}, resume)
+        done = log.state
+    start = done.position
+    feats_parts, ids, skipped = list(done.features), list(done.ids), list(done.skipped)
     if on_start:
         on_start(start, len(items))
 
     autocast = None
-    if precision in ("fp16", "bf16") and dev.type != "cpu":
+    if precision in ("fp16", "bf16"):
         autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
     t0 = time.perf_counter()
     position = start
-    since_ck = 0
-    with torch.inference_mode():
-        for chunk, batch, ok, bad in prefetch_batches(items[start:], dc, bs, _threads_split(workers)):
-            if bad and not skip_bad:
-                first = bad[0]
-                raise MavlError(f"{first['path']}: {first['reason'].split(': ', 1)[-1]} (use --skip-bad to skip unreadable images)", path=first["path"])
-            skipped.extend(bad)
-            if len(ok):
-                x = normalize_batch(batch, dc, dev)
-                if autocast is not None:
-                    with autocast:
+    buf: tuple[list[np.ndarray], list[str], list[dict[str, str]]] = ([], [], [])
+    since = 0
+    try:
+        with torch.inference_mode():
+            for chunk, batch, ok, bad in prefetch_batches(items[start:], dc, bs, _workers(workers, dev.type)):
+                if bad and not skip_bad:
+                    first = bad[0]
+                    kept = f"; add --resume to keep the {position} images already embedded" if log and position else ""
+                    raise MavlError(f"{first['path']}: {first['reason']} (use --skip-bad to skip unreadable images{kept})",
+                                    path=first["path"])
+                f_np = np.zeros((0, 0), np.float32)
+                if ok:
+                    x = normalize_batch(batch, dc, dev)
+                    if autocast is not None:
+                        with autocast:
+                            f = model(x)
+                    else:
                         f = model(x)
-                else:
-                    f = model(x.contiguous(memory_format=torch.channels_last) if dev.type == "cpu" else x)
-                f = f.float()
-                if head is not None:
-                    f = head.embed(f)
-                done_feats.append(f.cpu().numpy())
-                done_ids.extend(chunk[i].id for i in ok)
-            position += len(chunk)
-            since_ck += 1
-            if advance:
-                advance(len(chunk), skipped=len(skipped))
-            if checkpoint is not None and since_ck >= checkpoint_every and position < len(items):
-                _write_checkpoint(checkpoint, done_feats, done_ids, skipped, position, fp)
-                since_ck = 0
+                    f = f.float()
+                    if head is not None:
+                        f = head.embed(f)
+                    f_np = f.cpu().numpy()
+                    feats_parts.append(f_np)
+                new_ids = [chunk[i].id for i in ok]
+                ids.extend(new_ids)
+                skipped.extend(bad)
+                position += len(chunk)
+                if advance:
+                    advance(len(chunk), skipped=len(skipped))
+                if log is not None:
+                    if len(f_np):
+                        buf[0].append(f_np)
+                    buf[1].extend(new_ids)
+                    buf[2].extend(bad)
+                    since += 1
+                    if since >= every:
+                        _flush(log, buf, position)
+                        since = 0
+    except KeyboardInterrupt:
+        if log is not None:
+            _flush(log, buf, position)
+            log.close()
+            raise Interrupted(f"interrupted after {position} of {len(items)} images; run the same command with --resume "
+                              f"to continue from {checkpoint}") from None
+        raise
+    except BaseException:
+        if log is not None:
+            _flush(log, buf, position)
+            log.close()
+        raise
+    if log is not None:
+        log.close()
     seconds = time.perf_counter() - t0
-    dim = (head.proj.out_features if head is not None else info.dim)
-    feats = np.concatenate(done_feats, axis=0) if done_feats else np.zeros((0, dim), np.float32)
+    dim = head.proj.out_features if head is not None else info.dim
+    feats_parts = [p for p in feats_parts if len(p)]
+    feats = np.concatenate(feats_parts, axis=0) if feats_parts else np.zeros((0, dim), np.float32)
     if feats.shape[0] == 0:
         raise MavlError("no image could be embedded (all skipped as unreadable)")
     meta = {
         **info.to_meta(),
-        "ids": done_ids,
+        "ids": ids,
         "skipped": skipped,
         "precision": precision,
         "space": "lrf" if head is not None else "backbone",
         "feature_dim": int(feats.shape[1]),
         "inputs_fingerprint": fp,
+        "batch_size": bs,
     }
     if lrf is not None:
         meta["lrf_fingerprint"] = lrf.meta.get("fingerprint")
         meta["labels"] = lrf.labels()
-    return EmbedResult(features=feats.astype(np.float32), ids=done_ids, skipped=skipped, meta=meta, seconds=seconds)
+    return EmbedResult(features=feats.astype(np.float32, copy=False), ids=ids, skipped=skipped, meta=meta,
+                       seconds=seconds, resumed_from=start)
 
 
-def _write_checkpoint(path: Path, feats: list[np.ndarray], ids: list[str], skipped: list[dict[str, str]], position: int, fp: str) -> None:
-    from mavl_cli import contract
+def _workers(workers: int | None, device_type: str) -> int:
+    return default_workers(device_type) if workers is None else workers
 
-    arr = np.concatenate(feats, axis=0) if feats else np.zeros((0, 1), np.float32)
-    feats[:] = [arr]
-    contract.write_file(
-        path,
-        "image-embeddings",
-        {"features": arr},
-        {"ids": list(ids), "skipped": skipped, "position": position, "inputs_fingerprint": fp, "partial": True},
-    )
+
+def _flush(log: CheckpointLog, buf: tuple[list[np.ndarray], list[str], list[dict[str, str]]], position: int) -> None:
+    feats, ids, bad = buf
+    if not (feats or ids or bad) and position == log.state.position:
+        return
+    arr = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0), np.float32)
+    log.append(arr, list(ids), list(bad), position)
+    log.state.position = position
+    feats.clear()
+    ids.clear()
+    bad.clear()

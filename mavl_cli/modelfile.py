@@ -159,6 +159,10 @@ class LoadedModel:
         with torch.no_grad():
             if bias is not None:
                 model.bias = torch.nn.Parameter(torch.from_numpy(bias.astype(np.float32)))
+            extra = t.shape[0] - model.aspect_logits.shape[0]
+            if extra > 0:  # labels added from text (predict --descriptions): no learned aspect weights, so uniform = mean
+                pad = torch.zeros(extra, model.aspect_logits.shape[1])
+                model.aspect_logits = torch.nn.Parameter(torch.cat([model.aspect_logits, pad]))
             for i in range(0, len(x), batch):
                 out.append(torch.sigmoid(model(torch.from_numpy(x[i : i + batch]), t, m)).numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.labels)), np.float32)

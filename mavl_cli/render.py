@@ -24,8 +24,18 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-_err = Console(stderr=True, soft_wrap=True)
-_out = Console(soft_wrap=True)
+def _console(stderr: bool) -> Console:
+    """A console; when output is a file or pipe (logs, CI) use a wide fixed width, not 80 columns."""
+    import os
+
+    c = Console(stderr=stderr, soft_wrap=True)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(stderr=stderr, soft_wrap=True, width=160)
+    return c
+
+
+_err = _console(stderr=True)
+_out = _console(stderr=False)
 _stdout_is_data = False
 
 
@@ -53,8 +63,8 @@ def err() -> Console:
 def refresh_consoles() -> None:
     """Re-create consoles (tests swap sys.stdout/sys.stderr between invocations)."""
     global _err, _out
-    _err = Console(stderr=True, soft_wrap=True)
-    _out = Console(soft_wrap=True)
+    _err = _console(stderr=True)
+    _out = _console(stderr=False)
 
 
 def error_line(message: str) -> None:
@@ -126,10 +136,12 @@ def fmt_num(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> Table:
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None,
+          numeric: bool = True) -> Table:
+    """A results table; ``numeric`` right-aligns every column but the first."""
     t = Table(title=title, caption=caption, header_style="bold cyan", show_lines=False)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, justify="right" if (numeric and i > 0) else "left")
     for r in rows:
         t.add_row(*[x if isinstance(x, Text) else Text(fmt_num(x)) for x in r])
     return t

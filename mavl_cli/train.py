@@ -140,8 +140,8 @@ def train_lrf(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot_bce += float(bce) * len(idx)
-            tot_reg += float(reg) * len(idx)
+            tot_bce += float(bce.detach()) * len(idx)
+            tot_reg += float(reg.detach()) * len(idx)
         model.eval()
         rec = {"epoch": epoch, "bce": tot_bce / n, "tnn": tot_reg / n}
         if val is not None:
@@ -230,9 +230,9 @@ def train_fusion(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         model.eval()
-        rec = {"epoch": epoch, "bce": total / n, "scale": float(model.scale())}
+        rec = {"epoch": epoch, "bce": total / n, "scale": float(model.scale().detach())}
         if val is not None:
             s = _predict(lambda b: model(b, t, tm), val.x)
             rec["val_auroc"] = masked_macro_auroc(val.y, s, val.mask)

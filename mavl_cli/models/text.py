@@ -29,6 +29,7 @@ def load_text_encoder(name_or_path: str) -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # mavl draws its own progress; no second bar per model load
     local = Path(name_or_path)
     if local.exists():
         if not local.is_dir():
