@@ -119,7 +119,12 @@ def progress(description: str, total: int | None, unit: str = "it", enabled: boo
             status = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
             bar.update(task, advance=n, status=status)
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            # on failure the error line is all the user should see: drop the bar
+            bar.live.transient = True
+            raise
 
 
 def _fmt(v: Any) -> str:

@@ -7,6 +7,7 @@ shapes, label names) before doing any work and writes atomically.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -80,14 +81,9 @@ def train_lrf_stage(
         val_desc = f"{len(i_va)} held-out images ({'by patient' if data.groups else 'random'})"
     else:
         tr, va, val_desc = data, None, "none"
-    ctx = progress("train-lrf", epochs, "epoch") if progress else None
-    advance = ctx.__enter__() if ctx else None
-    try:
+    with (progress("train-lrf", epochs, "epoch") if progress else nullcontext(None)) as advance:
         res = train_lrf(tr.split(), va.split() if va else None, rank=rank, keep=keep, eta=eta, dropout=dropout,
                         epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, advance=advance)
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
     tensors = {k: v.numpy() for k, v in res.state.items()}
     fp = tensor_fingerprint(tensors)
     meta = {
@@ -141,13 +137,8 @@ def embed_text_stage(
     contract.check_output_path(output, [descriptions])
     desc = read_descriptions(descriptions)
     n = len(desc.flat())
-    ctx = progress("embed-text", n, "text") if progress else None
-    advance = ctx.__enter__() if ctx else None
-    try:
+    with (progress("embed-text", n, "text") if progress else nullcontext(None)) as advance:
         te = embed_descriptions(desc, text_model, pooling=pooling, device=device, batch_size=batch_size, advance=advance)
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
     te.meta["descriptions_file"] = str(descriptions)
     contract.write_file(output, "text-embeddings", {"embeddings": te.embeddings, "mask": te.mask}, te.meta)
     notes = [
@@ -203,14 +194,9 @@ def fuse_stage(
                               x=_fusion_features(vemb, head, lrf_embed))
     t_emb = txt.tensors["embeddings"].astype(np.float32)
     t_mask = txt.tensors["mask"].astype(bool)
-    ctx = progress("fuse", epochs, "epoch") if progress else None
-    advance = ctx.__enter__() if ctx else None
-    try:
+    with (progress("fuse", epochs, "epoch") if progress else nullcontext(None)) as advance:
         res = train_fusion(data.split(), t_emb, t_mask, vdata.split() if vdata else None, aggregate=aggregate, dim=dim,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, advance=advance)
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
     cfg = {"img_dim": int(x.shape[1]), "txt_dim": int(t_emb.shape[2]), "dim": dim, "aggregate": aggregate,
            "n_aspects": int(t_emb.shape[1])}
     image_meta = dict(emb.meta)
@@ -412,8 +398,6 @@ def embed_images_stage(
     resume: bool = False,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
-    from contextlib import nullcontext
-
     from mavl_cli.embed import collect_inputs, embed_images
 
     contract.check_output_path(output, [p for p in (lrf, labels) if p])
@@ -473,8 +457,6 @@ def predict_stage(
     batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
-    from contextlib import nullcontext
-
     from mavl_cli.embed import collect_inputs, embed_images
     from mavl_cli.modelfile import find_model, load_model
 
