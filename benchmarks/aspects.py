@@ -224,7 +224,17 @@ def run_dataset(ds: Dataset, work: Path, text_model: Path, seeds: list[int], boo
     results: dict[str, dict[int, Any]] = {}
     extras: dict[str, Any] = {}
     te_raw = labelled(ds, "test")
+    cache_file = work / f"cache_{ds.name}.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     for seed in seeds:
+        key = f"{seed}|boot{boot if seed == seeds[0] else 0}|{','.join(ds.labels)}"
+        if key in cache:  # a finished seed: reuse its figures
+            for method, m in cache[key]["methods"].items():
+                results.setdefault(method, {})[seed] = m
+            extras.update(cache[key]["extras"])
+            log(f"{ds.name} seed {seed}: cached in {cache_file}")
+            continue
+        before = {m: set(v) for m, v in results.items()}
         t0 = time.perf_counter()
         lrf = train_lrf(ds, work, seed)
         variants = [("names", "names", "mean"), ("joined", "joined", "mean")] + [(f"aspects/{a}", "aspects", a) for a in AGGS]
@@ -237,7 +247,8 @@ def run_dataset(ds: Dataset, work: Path, text_model: Path, seeds: list[int], boo
                 import torch
 
                 m = load_model(model)
-                w = m.fusion().aspect_weights(torch.from_numpy(m.file.tensors["text.mask"].astype(bool)))
+                with torch.no_grad():
+                    w = m.fusion().aspect_weights(torch.from_numpy(m.file.tensors["text.mask"].astype(bool)))
                 extras["learned_aspect_weights"] = {
                     lab: {a: round(float(w[i, k]), 3) for k, a in enumerate(m.meta["aspects"]) if m.file.tensors["text.mask"][i, k]}
                     for i, lab in enumerate(m.labels)}
@@ -253,6 +264,9 @@ def run_dataset(ds: Dataset, work: Path, text_model: Path, seeds: list[int], boo
             logits = head_from_tensors(head)(torch.from_numpy(te_raw.x))[0].numpy()
         results.setdefault("LRF head classifier", {})[seed] = metrics(ds, logits, ds.labels, boot if seed == seeds[0] else 0, te_raw)
         log(f"{ds.name} seed {seed}: all methods in {time.perf_counter() - t0:.0f} s")
+        cache[key] = {"methods": {m: v[seed] for m, v in results.items() if seed in v and seed not in before.get(m, ())},
+                      "extras": extras if seed == seeds[0] else {}}
+        cache_file.write_text(json.dumps(clean(cache)))
     s_raw, info = probe_scores(labelled(ds, "train"), labelled(ds, "val"), te_raw)
     results["probe: logistic regression (backbone features)"] = {
         seeds[0]: {**metrics(ds, s_raw, ds.labels, boot, te_raw), **info}}
@@ -353,10 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-positives", type=int, default=5, help="drop labels with fewer positives in train or test")
     ap.add_argument("--zero-shot", action="store_true", help="also run leave-one-label-out zero-shot on the phantoms")
     ap.add_argument("--zs-aggregates", default="mean,none")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (embedding is cached; heads are tiny)")
     ap.add_argument("--json", type=Path, default=None, help="results file (default WORK/aspects_results.json)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)  # tiny heads: extra threads only spin on a shared CPU
 
     from nih_split import default_data
 
