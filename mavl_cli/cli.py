@@ -15,9 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.2x raises exceptions of its own vendored click
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    import click  # type: ignore[no-redef]
 
 from mavl_cli import __version__, render
 from mavl_cli.errors import MavlError
@@ -35,13 +39,22 @@ class MavlGroup(TyperGroup):
 
         set_command(list(sys.argv[1:] if args is None else args))
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Exit as exc:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            if rv == 130:  # typer turns Ctrl-C into Exit(130), which non-standalone mode returns
+                raise KeyboardInterrupt
+            if isinstance(rv, int) and rv:
+                sys.exit(rv)
+            return rv
+        except typer.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            exc.show()
+        except click.exceptions.NoArgsIsHelpError:  # bare `mavl`: the help was already shown
+            sys.exit(2)
+        except click.ClickException as exc:  # usage errors: one line too, exit 2
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `mavl {ctx.info_name} --help`)" if ctx is not None and ctx.parent is not None else ""
+            render.error_line(" ".join(exc.format_message().split()) + hint)
             sys.exit(exc.exit_code)
-        except (click.Abort, KeyboardInterrupt):
+        except (typer.Abort, KeyboardInterrupt):
             render.error_line("interrupted; outputs already written are complete, nothing half-written was kept")
             sys.exit(130)
         except MavlError as exc:

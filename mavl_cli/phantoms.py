@@ -592,7 +592,12 @@ def generate_phantoms(
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        img_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from mavl_cli.errors import MavlError
+
+        raise MavlError(f"{out_dir}: cannot create folder ({exc.strerror or exc})", path=out_dir) from None
     master = np.random.default_rng(seed)
     rows: list[list[str]] = []
     row_patient: list[str] = []
