@@ -167,12 +167,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         return
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
-    if folder.exists() and not folder.is_dir():
-        raise MavlError(f"cannot write {target}: {folder} is a file, not a folder", path=target)
-    if not folder.is_dir():
-        raise MavlError(f"cannot write {target}: folder {folder} does not exist", path=target)
-    if target.is_dir():
-        raise MavlError(f"cannot write {target}: it is a directory", path=target)
+    check_output_path(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
