@@ -152,20 +152,22 @@ def text_files(ds: Dataset, work: Path, text_model: Path, labels: list[str] | No
 
 def train_lrf(ds: Dataset, work: Path, seed: int, labels: list[str] | None = None, tag: str = "") -> Path:
     from mavl_cli.stages import train_lrf_stage
+    from mavl_cli.train import LRFConfig
 
     out = work / "runs" / f"{ds.name}{tag}_lrf_s{seed}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    train_lrf_stage(str(ds.emb["train"]), str(ds.splits["train"]), str(out), only=labels or ds.labels,
-                    val=str(ds.emb["val"]), val_labels=str(ds.splits["val"]), seed=seed)
+    train_lrf_stage(str(ds.emb["train"]), str(ds.splits["train"]), str(out), LRFConfig(seed=seed), only=labels or ds.labels,
+                    val=str(ds.emb["val"]), val_labels=str(ds.splits["val"]))
     return out
 
 
 def fuse(ds: Dataset, work: Path, text: Path, lrf: Path, aggregate: str, seed: int, name: str) -> Path:
     from mavl_cli.stages import fuse_stage
+    from mavl_cli.train import FusionConfig
 
     out = work / "runs" / f"{name}.safetensors"
-    fuse_stage(str(ds.emb["train"]), str(text), str(ds.splits["train"]), str(out), lrf=str(lrf), val=str(ds.emb["val"]),
-               val_labels=str(ds.splits["val"]), aggregate=aggregate, seed=seed)
+    fuse_stage(str(ds.emb["train"]), str(text), str(ds.splits["train"]), str(out), FusionConfig(aggregate=aggregate, seed=seed),
+               lrf=str(lrf), val=str(ds.emb["val"]), val_labels=str(ds.splits["val"]))
     return out
 
 

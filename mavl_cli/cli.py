@@ -203,11 +203,13 @@ def train_lrf_cmd(
 ) -> None:
     """Phase 1: low-rank projection + classifier, BCE + eta * truncated nuclear norm."""
     from mavl_cli.stages import train_lrf_stage
+    from mavl_cli.train import LRFConfig
 
     names = [s.strip() for s in only.split(",") if s.strip()] if only else None
-    res = train_lrf_stage(embeddings, labels, _out(output), names, rank, keep, eta, dropout, epochs, batch_size, lr, patience,
-                          val, val_labels, val_split, seed, _check_uncertain(uncertain), _read_map(label_map), embed_out,
-                          progress=render.progress)
+    config = LRFConfig(rank=rank, keep=keep, eta=eta, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                       patience=patience, seed=seed)
+    res = train_lrf_stage(embeddings, labels, _out(output), config, names, val, val_labels, val_split,
+                          _check_uncertain(uncertain), _read_map(label_map), embed_out, progress=render.progress)
     _summary(f"train-lrf -> {res.output}", res.summary)
 
 
@@ -250,8 +252,10 @@ def fuse_cmd(
 ) -> None:
     """Phase 3: project images and label texts into one space; logit = exp(s) * cosine + bias."""
     from mavl_cli.stages import fuse_stage
+    from mavl_cli.train import FusionConfig
 
-    res = fuse_stage(embeddings, text, labels, _out(output), lrf, val, val_labels, aggregate, dim, epochs, batch_size, lr, seed,
+    config = FusionConfig(aggregate=aggregate, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    res = fuse_stage(embeddings, text, labels, _out(output), config, lrf, val, val_labels,
                      _check_uncertain(uncertain), _read_map(label_map), set_default, progress=render.progress)
     _summary(f"fuse -> {res.output}", res.summary)
     for n in res.notes:

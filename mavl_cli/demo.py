@@ -62,7 +62,6 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     import time
 
     from mavl_cli.contact import contact_sheet
-    from mavl_cli.phantoms import generate_phantoms
     from mavl_cli.weights import ensure_demo_backbone, minilm_folder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,7 +8,7 @@ shapes, label names) before doing any work and writes atomically.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,19 +35,11 @@ def train_lrf_stage(
     embeddings: str,
     labels: str,
     output: str,
+    config: Any = None,
     only: list[str] | None = None,
-    rank: int = 64,
-    keep: int = 16,
-    eta: float = 1e-3,
-    dropout: float = 0.1,
-    epochs: int = 50,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    patience: int = 10,
     val: str | None = None,
     val_labels: str | None = None,
     val_split: float = 0.1,
-    seed: int = 0,
     uncertain: str = "zeros",
     label_map: dict[str, str] | None = None,
     embed_out: str | None = None,
@@ -55,8 +47,10 @@ def train_lrf_stage(
 ) -> StageResult:
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import tensor_fingerprint
-    from mavl_cli.train import train_lrf
+    from mavl_cli.train import LRFConfig, train_lrf
 
+    config = config or LRFConfig()
+    rank, keep, seed = config.rank, config.keep, config.seed
     contract.check_output_path(output, [embeddings, labels, *([val] if val else []), *([val_labels] if val_labels else [])])
     emb = contract.read_file(embeddings, expect="image-embeddings")
     if emb.meta.get("space") == "lrf":
@@ -81,15 +75,14 @@ def train_lrf_stage(
         val_desc = f"{len(i_va)} held-out images ({'by patient' if data.groups else 'random'})"
     else:
         tr, va, val_desc = data, None, "none"
-    with (progress("train-lrf", epochs, "epoch") if progress else nullcontext(None)) as advance:
-        res = train_lrf(tr.split(), va.split() if va else None, rank=rank, keep=keep, eta=eta, dropout=dropout,
-                        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, advance=advance)
+    with (progress("train-lrf", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
+        res = train_lrf(tr.split(), va.split() if va else None, config, advance=advance)
     tensors = {k: v.numpy() for k, v in res.state.items()}
     fp = tensor_fingerprint(tensors)
     meta = {
         "labels": data.names,
-        "rank": rank, "keep": keep, "eta": eta, "dropout": dropout, "seed": seed,
-        "epochs": epochs, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+        **asdict(config),
+        "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
         "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc, "validation": val_desc,
         "uncertain": uncertain, "fingerprint": fp, "in_dim": int(d),
         **{k: emb.meta.get(k) for k in ("backbone", "backbone_weights", "backbone_args", "preprocessing", "precision")},
@@ -108,7 +101,7 @@ def train_lrf_stage(
     return StageResult(
         output=output,
         summary={"images": len(tr.ids), "validation": val_desc, "labels": len(data.names), "rank": rank, "keep": keep,
-                 "eta": eta, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_macro_auroc": res.val_auroc},
+                 "eta": config.eta, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_macro_auroc": res.val_auroc},
         table=res.history,
     )
 
@@ -158,15 +151,10 @@ def fuse_stage(
     text: str,
     labels: str,
     output: str,
+    config: Any = None,
     lrf: str | None = None,
     val: str | None = None,
     val_labels: str | None = None,
-    aggregate: str = "mean",
-    dim: int = 256,
-    epochs: int = 100,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    seed: int = 0,
     uncertain: str = "zeros",
     label_map: dict[str, str] | None = None,
     set_default: bool = False,
@@ -175,8 +163,10 @@ def fuse_stage(
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import build_model, default_model_path
     from mavl_cli.models.fusion import AGGREGATES
-    from mavl_cli.train import lrf_embed, train_fusion
+    from mavl_cli.train import FusionConfig, lrf_embed, train_fusion
 
+    config = config or FusionConfig()
+    aggregate = config.aggregate
     if aggregate not in AGGREGATES:
         raise MavlError(f"unknown --aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
     contract.check_output_path(output, [p for p in (embeddings, text, labels, lrf, val, val_labels) if p])
@@ -194,16 +184,15 @@ def fuse_stage(
                               x=_fusion_features(vemb, head, lrf_embed))
     t_emb = txt.tensors["embeddings"].astype(np.float32)
     t_mask = txt.tensors["mask"].astype(bool)
-    with (progress("fuse", epochs, "epoch") if progress else nullcontext(None)) as advance:
-        res = train_fusion(data.split(), t_emb, t_mask, vdata.split() if vdata else None, aggregate=aggregate, dim=dim,
-                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, advance=advance)
-    cfg = {"img_dim": int(x.shape[1]), "txt_dim": int(t_emb.shape[2]), "dim": dim, "aggregate": aggregate,
+    with (progress("fuse", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
+        res = train_fusion(data.split(), t_emb, t_mask, vdata.split() if vdata else None, config, advance=advance)
+    cfg = {"img_dim": int(x.shape[1]), "txt_dim": int(t_emb.shape[2]), "dim": config.dim, "aggregate": aggregate,
            "n_aspects": int(t_emb.shape[1])}
     image_meta = dict(emb.meta)
     if head is not None and image_meta.get("space") != "lrf":
         image_meta["feature_dim"] = int(emb.tensors["features"].shape[1])
-    extra = {"seed": seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
-             "images": len(data.ids), "epochs": epochs, "best_epoch": res.best_epoch, "batch_size": batch_size, "lr": lr,
+    extra = {"seed": config.seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
+             "images": len(data.ids), **asdict(config), "best_epoch": res.best_epoch,
              "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
     tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
     contract.write_file(output, "model", tensors, meta)

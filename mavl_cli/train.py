@@ -24,6 +24,35 @@ class Split:
     mask: np.ndarray  # [N, L] bool
 
 
+@dataclass(frozen=True)
+class LRFConfig:
+    """Phase 1 hyper-parameters; stored verbatim in the ``lrf-head`` file."""
+
+    rank: int = 64
+    keep: int = 16
+    eta: float = 1e-3
+    dropout: float = 0.1
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Phase 3 hyper-parameters (defaults: Adam, lr 1e-3, batch 64, 100 epochs); stored in the model file."""
+
+    aggregate: str = "mean"
+    dim: int = 256
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    init_scale: float = 10.0
+    seed: int = 0
+
+
 @dataclass
 class TrainResult:
     state: dict[str, Any]
@@ -89,16 +118,7 @@ def _predict(fn: Callable[[Any], Any], x: np.ndarray, batch: int = 4096) -> np.n
 def train_lrf(
     train: Split,
     val: Split | None,
-    rank: int = 64,
-    keep: int = 16,
-    eta: float = 1e-3,
-    dropout: float = 0.1,
-    epochs: int = 50,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    patience: int = 10,
-    seed: int = 0,
+    config: LRFConfig = LRFConfig(),
     advance: Callable[..., None] | None = None,
 ) -> TrainResult:
     """Fit LayerNorm -> Linear(D, r) -> ReLU -> Dropout -> Linear(r, L).
@@ -116,23 +136,25 @@ def train_lrf(
     from mavl_cli.models.lrf import LRFHead
     from mavl_cli.runtime import set_seed
 
+    c = config
+    rank, keep, eta, seed, patience = c.rank, c.keep, c.eta, c.seed, c.patience
     n, d = train.x.shape
     if rank < 1 or rank > d:
         raise MavlError(f"--rank {rank} must be between 1 and the feature size {d}")
     if keep < 0 or keep > rank:
         raise MavlError(f"--keep {keep} must be between 0 and --rank {rank}")
     gen = set_seed(seed)
-    model = LRFHead(d, rank, train.y.shape[1], dropout)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model = LRFHead(d, rank, train.y.shape[1], c.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     x = torch.from_numpy(train.x)
     y = torch.from_numpy(train.y)
     m = torch.from_numpy(train.mask)
     best = (-math.inf, math.inf)
     best_state, best_epoch, history, bad_epochs = None, 0, [], 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, c.epochs + 1):
         model.train()
         tot_bce = tot_reg = 0.0
-        for idx in _batches(n, batch_size, gen):
+        for idx in _batches(n, c.batch_size, gen):
             logits, z = model(x[idx])
             bce = masked_bce_with_logits(logits, y[idx], m[idx])
             reg = truncated_nuclear_norm(z, keep) if eta > 0 else torch.zeros(())
@@ -184,13 +206,7 @@ def train_fusion(
     text: np.ndarray,
     text_mask: np.ndarray,
     val: Split | None = None,
-    aggregate: str = "mean",
-    dim: int = 256,
-    epochs: int = 100,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    init_scale: float = 10.0,
-    seed: int = 0,
+    config: FusionConfig = FusionConfig(),
     advance: Callable[..., None] | None = None,
 ) -> TrainResult:
     """Fit the image/text projectors, log-scale and per-label bias with masked BCE.
@@ -205,16 +221,17 @@ def train_fusion(
     from mavl_cli.models.fusion import FusionModel
     from mavl_cli.runtime import set_seed
 
-    gen = set_seed(seed)
+    c = config
+    gen = set_seed(c.seed)
     n = train.x.shape[0]
     n_labels, n_aspects, txt_dim = text.shape
-    model = FusionModel(train.x.shape[1], txt_dim, n_labels, n_aspects, dim=dim, aggregate=aggregate, init_scale=init_scale)
+    model = FusionModel(train.x.shape[1], txt_dim, n_labels, n_aspects, dim=c.dim, aggregate=c.aggregate, init_scale=c.init_scale)
     with torch.no_grad():
         pos = (train.y * train.mask).sum(0)
         cnt = train.mask.sum(0).clip(min=1)
         prev = np.clip(pos / cnt, 1e-3, 1 - 1e-3)
         model.bias.copy_(torch.from_numpy(np.log(prev / (1 - prev)).astype(np.float32)))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=c.lr)
     x = torch.from_numpy(train.x)
     y = torch.from_numpy(train.y)
     m = torch.from_numpy(train.mask)
@@ -222,10 +239,10 @@ def train_fusion(
     tm = torch.from_numpy(text_mask.astype(bool))
     best = (-math.inf, 0.0)
     best_state, best_epoch, history = None, 0, []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, c.epochs + 1):
         model.train()
         total = 0.0
-        for idx in _batches(n, batch_size, gen):
+        for idx in _batches(n, c.batch_size, gen):
             loss = masked_bce_with_logits(model(x[idx], t, tm), y[idx], m[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,7 +261,7 @@ def train_fusion(
         if advance:
             advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
     if best_state is None:
-        best_state, best_epoch = model.state_dict(), epochs
+        best_state, best_epoch = model.state_dict(), c.epochs
     state = {k: v.detach().clone() for k, v in best_state.items()}
     va = history[best_epoch - 1].get("val_auroc", float("nan")) if history else float("nan")
     return TrainResult(state=state, best_epoch=best_epoch, epochs_run=len(history), history=history, val_auroc=va)
