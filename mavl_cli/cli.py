@@ -314,7 +314,9 @@ def evaluate_cmd(
         (render.alarm if w.startswith("ALARM") else render.warn)(w.replace("ALARM: ", ""))
     if as_json:
         render.claim_stdout()
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+        doc = report.to_dict()
+        doc["warnings"] = [w.replace("ALARM: ", "") for w in warnings]
+        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     if csv_out:
         rows = report.to_rows()
         buf = io.StringIO()
