@@ -57,6 +57,7 @@ class EmbedResult:
     meta: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     resumed_from: int = 0
+    threads: int | None = None  # CPU forward threads finally preferred (None on GPU)
 
     @property
     def throughput(self) -> float:
@@ -256,7 +257,7 @@ def default_workers(device_type: str = "cpu") -> int:
     return max(1, min(4, n // 2)) if device_type == "cpu" else max(1, min(8, n - 1))
 
 
-def default_batch_size(device_type: str, dim_hint: int | None = None) -> int:
+def default_batch_size(device_type: str) -> int:
     """16 on CPU (larger batches do not raise CPU throughput); 128 on GPUs."""
     return 16 if device_type == "cpu" else 128
 
@@ -272,6 +273,66 @@ def check_precision(precision: str, device_type: str) -> None:
             f"--precision {precision} needs a GPU: on CPUs without native half-precision units it is far slower "
             "than fp32 (bf16 about 250x here); use fp32, or int8 for faster CPU inference"
         )
+
+
+class ThreadTuner:
+    """Pick the faster of two CPU thread counts for the forward pass, and keep checking.
+
+    On a shared machine the default (one thread per core) can be several
+    times slower than fewer threads: every op ends in a barrier that waits for
+    the thread the OS has descheduled (measured here under load: ViT-S 7.5
+    img/s with 1 thread vs 4.4 with 2; a tiny ViT 100x). On an idle machine
+    all cores win. So each batch is timed (after a one-image warm-up forward,
+    so first-call costs do not bias the first probe), the faster setting is
+    used, and every ``probe_every`` batches the other setting gets one batch
+    to refresh its figure (costs a few percent at worst). fp32 GEMMs here give
+    bit-identical results for both settings (checked), so resumed runs still
+    match. A fixed ``threads`` disables tuning.
+    """
+
+    def __init__(self, threads: int | None, probe_every: int = 24) -> None:
+        import torch
+
+        self._torch = torch
+        self.original = torch.get_num_threads()
+        top = threads or self.original
+        self.candidates = [top] if threads or top <= 1 else [top, max(1, top // 2)]
+        self.rate: dict[int, float] = {}
+        self.probe_every = probe_every
+        self.count = 0
+        self.current = self.candidates[0]
+        self._t = 0.0
+        if threads:
+            torch.set_num_threads(threads)
+
+    def start(self) -> None:
+        self.count += 1
+        if len(self.candidates) > 1:
+            untried = [c for c in self.candidates if c not in self.rate]
+            if untried:
+                pick = untried[0]
+            else:
+                best = max(self.rate, key=self.rate.__getitem__)
+                others = [c for c in self.candidates if c != best]
+                pick = others[(self.count // self.probe_every) % len(others)] if self.count % self.probe_every == 0 else best
+            if pick != self._torch.get_num_threads():
+                self._torch.set_num_threads(pick)
+            self.current = pick
+        self._t = time.perf_counter()
+
+    def stop(self, n_images: int) -> None:
+        dt = time.perf_counter() - self._t
+        if n_images <= 0 or dt <= 0 or len(self.candidates) == 1:
+            return
+        r = n_images / dt
+        old = self.rate.get(self.current)
+        self.rate[self.current] = r if old is None else 0.5 * old + 0.5 * r
+
+    def best(self) -> int:
+        return max(self.rate, key=self.rate.__getitem__) if self.rate else self.current
+
+    def restore(self) -> None:
+        self._torch.set_num_threads(self.original)
 
 
 # ----------------------------------------------------------------------------- checkpoint log
@@ -341,43 +402,58 @@ class CheckpointLog:
             self._fh.close()
 
 
-def read_checkpoint(path: Path) -> tuple[CheckpointState, int]:
-    """Parse a checkpoint log: (state of all complete records, byte offset after the last good one)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise MavlError(f"{path}: cannot read checkpoint ({exc.strerror or exc})", path=path) from None
+def _read_header(fh: BinaryIO, path: Path) -> dict[str, Any]:
     bad = MavlError(f"{path}: not a mavl embed-images checkpoint (or damaged at the start); delete it and start again", path=path)
-    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 4:
+    head = fh.read(len(_MAGIC) + 4)
+    if len(head) < len(_MAGIC) + 4 or not head.startswith(_MAGIC):
         raise bad
-    off = len(_MAGIC)
-    (hlen,) = struct.unpack_from("<I", data, off)
-    off += 4
+    (hlen,) = struct.unpack_from("<I", head, len(_MAGIC))
     try:
-        header = json.loads(data[off : off + hlen])
+        return json.loads(fh.read(hlen))
     except ValueError:
         raise bad from None
-    off += hlen
-    st = CheckpointState(header=header)
-    good_end = off
-    while off + _REC_HEAD.size <= len(data):
-        tag, mlen, dlen = _REC_HEAD.unpack_from(data, off)
-        body = off + _REC_HEAD.size
-        end = body + mlen + dlen + 4
-        if tag != _REC or end > len(data):
-            break
-        meta_b, blob = data[body : body + mlen], data[body + mlen : body + mlen + dlen]
-        (crc,) = struct.unpack_from("<I", data, body + mlen + dlen)
-        if zlib.crc32(blob, zlib.crc32(meta_b)) != crc:
-            break
-        meta = json.loads(meta_b)
-        if dlen:
-            st.features.append(np.frombuffer(blob, dtype="<f4").reshape(meta["shape"]).astype(np.float32))
-        st.ids.extend(meta["ids"])
-        st.skipped.extend(meta["skipped"])
-        st.position = int(meta["position"])
-        off = good_end = end
+
+
+def read_checkpoint_header(path: Path) -> dict[str, Any]:
+    """The run settings a checkpoint was written with (fingerprint, batch size), without its records."""
+    with open(path, "rb") as fh:
+        return _read_header(fh, Path(path))
+
+
+def read_checkpoint(path: Path) -> tuple[CheckpointState, int]:
+    """Parse a checkpoint log: (state of all complete records, byte offset after the last good one).
+
+    Reads record by record, so memory stays at one copy of the features.
+    """
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise MavlError(f"{path}: cannot read checkpoint ({exc.strerror or exc})", path=path) from None
+    with fh:
+        st = CheckpointState(header=_read_header(fh, path))
+        good_end = fh.tell()
+        while True:
+            head = fh.read(_REC_HEAD.size)
+            if len(head) < _REC_HEAD.size:
+                break
+            tag, mlen, dlen = _REC_HEAD.unpack(head)
+            if tag != _REC:
+                break
+            body = fh.read(mlen + dlen + 4)
+            if len(body) < mlen + dlen + 4:
+                break
+            meta_b, blob = body[:mlen], memoryview(body)[mlen : mlen + dlen]
+            (crc,) = struct.unpack_from("<I", body, mlen + dlen)
+            if zlib.crc32(blob, zlib.crc32(meta_b)) != crc:
+                break
+            meta = json.loads(meta_b)
+            if dlen:
+                st.features.append(np.frombuffer(blob, dtype="<f4").reshape(meta["shape"]))
+            st.ids.extend(meta["ids"])
+            st.skipped.extend(meta["skipped"])
+            st.position = int(meta["position"])
+            good_end = fh.tell()
     return st, good_end
 
 
@@ -401,6 +477,7 @@ def embed_images(
     checkpoint_every: int | None = None,
     advance: Callable[..., None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    threads: int | None = None,
 ) -> EmbedResult:
     """Embed ``items`` with a timm backbone; see the module docstring.
 
@@ -409,6 +486,8 @@ def embed_images(
     ``checkpoint_every``: batches between checkpoint appends (default 1, or the
     ``MAVL_CHECKPOINT_EVERY`` environment variable); appends are O(batch).
     On resume the batch size of the interrupted run is kept, so results match.
+    ``threads``: CPU threads for the forward pass (default: tuned while running,
+    see :class:`ThreadTuner`; or the ``MAVL_THREADS`` environment variable).
     """
     import torch
 
@@ -417,7 +496,7 @@ def embed_images(
     from mavl_cli.runtime import resolve_device
 
     if precision not in PRECISIONS:
-        check_precision(precision, "cpu")
+        check_precision(precision, "cpu")  # fail on a typo before touching the device
     if not items:
         raise MavlError("no images to embed")
     dev = resolve_device(device)
@@ -445,7 +524,7 @@ def embed_images(
     done = CheckpointState()
     if checkpoint is not None:
         if resume and checkpoint.exists():
-            bs = int(read_checkpoint(checkpoint)[0].header.get("batch_size") or bs)
+            bs = int(read_checkpoint_header(checkpoint).get("batch_size") or bs)
         log = CheckpointLog(checkpoint, {"fingerprint": fp, "batch_size": bs, "total": len(items)}, resume)
         done = log.state
     start = done.position
@@ -457,6 +536,11 @@ def embed_images(
     if precision in ("fp16", "bf16"):
         autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
+    tuner = None
+    if dev.type == "cpu":
+        tuner = ThreadTuner(threads or int(os.environ.get("MAVL_THREADS") or 0) or None)
+        with torch.inference_mode():
+            model(torch.zeros(1, *dc["input_size"]))  # warm-up: allocator, thread pool, kernel selection
     t0 = time.perf_counter()
     position = start
     buf: tuple[list[np.ndarray], list[str], list[dict[str, str]]] = ([], [], [])
@@ -471,6 +555,8 @@ def embed_images(
                                     path=first["path"])
                 f_np = np.zeros((0, 0), np.float32)
                 if ok:
+                    if tuner:
+                        tuner.start()
                     x = normalize_batch(batch, dc, dev)
                     if autocast is not None:
                         with autocast:
@@ -481,6 +567,8 @@ def embed_images(
                     if head is not None:
                         f = head.embed(f)
                     f_np = f.cpu().numpy()
+                    if tuner:
+                        tuner.stop(len(ok))
                     feats_parts.append(f_np)
                 new_ids = [chunk[i].id for i in ok]
                 ids.extend(new_ids)
@@ -501,6 +589,9 @@ def embed_images(
         if log is not None:
             _flush(log, buf, position)
             log.close()
+            if log.state.position == 0:
+                checkpoint.unlink(missing_ok=True)
+                raise
             raise Interrupted(f"interrupted after {position} of {len(items)} images; run the same command with --resume "
                               f"to continue from {checkpoint}") from None
         raise
@@ -508,7 +599,12 @@ def embed_images(
         if log is not None:
             _flush(log, buf, position)
             log.close()
+            if log.state.position == 0:  # nothing finished: no checkpoint to resume from
+                checkpoint.unlink(missing_ok=True)
         raise
+    finally:
+        if tuner:
+            tuner.restore()
     if log is not None:
         log.close()
     seconds = time.perf_counter() - t0
@@ -531,7 +627,7 @@ def embed_images(
         meta["lrf_fingerprint"] = lrf.meta.get("fingerprint")
         meta["labels"] = lrf.labels()
     return EmbedResult(features=feats.astype(np.float32, copy=False), ids=ids, skipped=skipped, meta=meta,
-                       seconds=seconds, resumed_from=start)
+                       seconds=seconds, resumed_from=start, threads=tuner.best() if tuner else None)
 
 
 def _workers(workers: int | None, device_type: str) -> int:

@@ -2,9 +2,11 @@
 
 Per image (in decoder threads): decode near the target size, resize the short
 side to ``input / crop_pct`` and centre-crop, as timm's eval transform does,
-giving a small uint8 array. Per batch (once, vectorised): to float, gray to
-three channels, normalise with the model's mean/std, NCHW view of NHWC memory
-(i.e. channels-last, which convolutional backbones prefer on CPU).
+giving a small uint8 array, ``[H, W]`` for gray (most radiographs: resizing one
+channel instead of three) or ``[H, W, 3]`` for colour. Per batch (once,
+vectorised): stack, move the uint8 batch to the device (4x fewer bytes than
+float), then one fused scale-and-shift that also broadcasts gray to three
+channels, giving an NCHW view of NHWC memory (channels-last).
 """
 
 from __future__ import annotations
@@ -27,9 +29,7 @@ def target_geometry(data_config: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def prepare_image(img: Any, data_config: dict[str, Any]) -> np.ndarray:
-    """PIL image (L or RGB) -> uint8 ``[H, W, 3]`` crop ready for batching."""
-    from PIL import Image
-
+    """PIL image (L or RGB) -> uint8 crop, ``[H, W]`` (gray) or ``[H, W, 3]``, ready for batching."""
     scale, h, w = target_geometry(data_config)
     resample = _RESAMPLE.get(str(data_config.get("interpolation", "bicubic")), 3)
     if img.mode not in ("L", "RGB"):
@@ -41,10 +41,7 @@ def prepare_image(img: Any, data_config: dict[str, Any]) -> np.ndarray:
         img = img.resize((nw, nh), resample=resample, reducing_gap=3.0 if r < 0.5 else None)
     left, top = (nw - w) // 2, (nh - h) // 2
     img = img.crop((left, top, left + w, top + h))
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return arr
+    return np.asarray(img, dtype=np.uint8)
 
 
 def load_and_prepare(path: str | Path, data_config: dict[str, Any]) -> np.ndarray:
@@ -54,12 +51,27 @@ def load_and_prepare(path: str | Path, data_config: dict[str, Any]) -> np.ndarra
     return prepare_image(load_radiograph(path, target_size=scale), data_config)
 
 
+def stack_batch(arrays: list[np.ndarray]) -> np.ndarray:
+    """uint8 ``[B, H, W, 1]`` when every image is gray (expanded on the device), else ``[B, H, W, 3]``."""
+    if not arrays:
+        return np.zeros((0, 0, 0, 1), dtype=np.uint8)
+    if all(a.ndim == 2 for a in arrays):
+        return np.stack(arrays)[..., None]
+    return np.stack([a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays])
+
+
 def normalize_batch(batch: np.ndarray, data_config: dict[str, Any], device: Any = "cpu") -> Any:
-    """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` (channels-last memory), normalised."""
+    """uint8 ``[B, H, W, 1 or 3]`` -> float ``[B, 3, H, W]`` (channels-last memory), normalised.
+
+    ``(x / 255 - mean) / std`` is computed as ``x * a - b`` in one pass.
+    """
     import torch
 
-    x = torch.from_numpy(batch).to(device, non_blocking=True).float().div_(255.0)
-    mean = torch.tensor(data_config["mean"], device=x.device, dtype=x.dtype)
-    std = torch.tensor(data_config["std"], device=x.device, dtype=x.dtype)
-    x = (x - mean).div_(std)
-    return x.permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    std = torch.tensor(data_config["std"], dtype=torch.float64)
+    mean = torch.tensor(data_config["mean"], dtype=torch.float64)
+    a = (1.0 / (255.0 * std)).float().to(x.device)
+    b = (mean / std).float().to(x.device)
+    return torch.addcmul(-b, x.float(), a).permute(0, 3, 1, 2)
