@@ -55,7 +55,29 @@ def prediction_json(pred: Any) -> list[dict[str, Any]]:
     return out
 
 
+def prediction_summary(pred: Any) -> Table:
+    """Many images: one row per image, one column per finding, positives in red."""
+    t = Table(title=f"{len(pred.ids)} images", header_style="bold cyan")
+    t.add_column("image", justify="left")
+    for name in pred.names:
+        t.add_column(name + (" *" if name in pred.new_labels else ""), justify="right")
+    t.add_column("positive findings", justify="left")
+    for i, image in enumerate(pred.ids):
+        cells = []
+        for j in range(len(pred.names)):
+            p = float(pred.scores[i, j])
+            pos = p >= pred.thresholds[j]
+            cells.append(Text(f"{p:.2f}", style="bold red" if pos else "dim"))
+        positive = [n for j, n in enumerate(pred.names) if pred.scores[i, j] >= pred.thresholds[j]]
+        t.add_row(image, *cells, ", ".join(positive) or "-")
+    if pred.new_labels:
+        t.caption = "* scored from its text description alone (zero-shot, experimental)"
+    return t
+
+
 def prediction_tables(pred: Any) -> list[Table]:
+    if len(pred.ids) > 1 and pred.aspect_cos is None:
+        return [prediction_summary(pred)]
     tables = []
     for rec in prediction_json(pred):
         t = Table(title=rec["image"], header_style="bold cyan")
