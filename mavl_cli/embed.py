@@ -20,18 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import sys
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from mavl_cli.checkpoint import CheckpointLog, CheckpointState, flush_batches, read_checkpoint_header
 from mavl_cli.errors import MavlError
+from mavl_cli.threads import ThreadTuner
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 _GLOB_CHARS = "*?["
@@ -275,188 +275,6 @@ def check_precision(precision: str, device_type: str) -> None:
         )
 
 
-class ThreadTuner:
-    """Pick the faster of two CPU thread counts for the forward pass, and keep checking.
-
-    On a shared machine the default (one thread per core) can be several
-    times slower than fewer threads: every op ends in a barrier that waits for
-    the thread the OS has descheduled (measured here under load: ViT-S 7.5
-    img/s with 1 thread vs 4.4 with 2; a tiny ViT 100x). On an idle machine
-    all cores win. So each batch is timed (after a one-image warm-up forward,
-    so first-call costs do not bias the first probe), the faster setting is
-    used, and every ``probe_every`` batches the other setting gets one batch
-    to refresh its figure (costs a few percent at worst). fp32 GEMMs here give
-    bit-identical results for both settings (checked), so resumed runs still
-    match. A fixed ``threads`` disables tuning.
-    """
-
-    def __init__(self, threads: int | None, probe_every: int = 24) -> None:
-        import torch
-
-        self._torch = torch
-        self.original = torch.get_num_threads()
-        top = threads or self.original
-        self.candidates = [top] if threads or top <= 1 else [top, max(1, top // 2)]
-        self.rate: dict[int, float] = {}
-        self.probe_every = probe_every
-        self.count = 0
-        self.current = self.candidates[0]
-        self._t = 0.0
-        if threads:
-            torch.set_num_threads(threads)
-
-    def start(self) -> None:
-        self.count += 1
-        if len(self.candidates) > 1:
-            untried = [c for c in self.candidates if c not in self.rate]
-            if untried:
-                pick = untried[0]
-            else:
-                best = max(self.rate, key=self.rate.__getitem__)
-                others = [c for c in self.candidates if c != best]
-                pick = others[(self.count // self.probe_every) % len(others)] if self.count % self.probe_every == 0 else best
-            if pick != self._torch.get_num_threads():
-                self._torch.set_num_threads(pick)
-            self.current = pick
-        self._t = time.perf_counter()
-
-    def stop(self, n_images: int) -> None:
-        dt = time.perf_counter() - self._t
-        if n_images <= 0 or dt <= 0 or len(self.candidates) == 1:
-            return
-        r = n_images / dt
-        old = self.rate.get(self.current)
-        self.rate[self.current] = r if old is None else 0.5 * old + 0.5 * r
-
-    def best(self) -> int:
-        return max(self.rate, key=self.rate.__getitem__) if self.rate else self.current
-
-    def restore(self) -> None:
-        self._torch.set_num_threads(self.original)
-
-
-# ----------------------------------------------------------------------------- checkpoint log
-
-_MAGIC = b"MAVLPART1\n"
-_REC = b"REC1"
-_REC_HEAD = struct.Struct("<4sIQ")  # tag, meta length, data length
-
-
-@dataclass
-class CheckpointState:
-    features: list[np.ndarray] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    position: int = 0
-    header: dict[str, Any] = field(default_factory=dict)
-
-
-class CheckpointLog:
-    """Append-only log of finished batches (see the module docstring).
-
-    ``append`` writes one record and flushes it to the OS (survives a killed
-    process); ``fsync`` runs at most every ``sync_seconds`` (survives a power
-    cut up to that many seconds back).
-    """
-
-    def __init__(self, path: Path, header: dict[str, Any], resume: bool, sync_seconds: float = 30.0) -> None:
-        self.path = Path(path)
-        self.sync_seconds = sync_seconds
-        self.state = CheckpointState(header=header)
-        if resume and self.path.exists():
-            self.state, good_end = read_checkpoint(self.path)
-            if self.state.header.get("fingerprint") != header.get("fingerprint"):
-                raise MavlError(
-                    f"{self.path}: this checkpoint is from a different image list, model or precision; "
-                    "delete it or drop --resume", path=self.path)
-            self._fh: BinaryIO = open(self.path, "r+b")
-            self._fh.truncate(good_end)  # drop a torn last record
-            self._fh.seek(good_end)
-        else:
-            blob = json.dumps(header, sort_keys=True).encode()
-            self._fh = open(self.path, "wb")
-            self._fh.write(_MAGIC + struct.pack("<I", len(blob)) + blob)
-            self._fh.flush()
-        self._last_sync = time.monotonic()
-
-    def append(self, features: np.ndarray, ids: list[str], skipped: list[dict[str, str]], position: int) -> None:
-        feats = np.ascontiguousarray(features, dtype="<f4")
-        meta = json.dumps({"ids": ids, "skipped": skipped, "position": position, "shape": list(feats.shape)}).encode()
-        data = feats.tobytes()
-        crc = zlib.crc32(data, zlib.crc32(meta))
-        self._fh.write(_REC_HEAD.pack(_REC, len(meta), len(data)) + meta + data + struct.pack("<I", crc))
-        self._fh.flush()
-        if time.monotonic() - self._last_sync >= self.sync_seconds:
-            self.sync()
-
-    def sync(self) -> None:
-        try:
-            os.fsync(self._fh.fileno())
-        except OSError:
-            pass
-        self._last_sync = time.monotonic()
-
-    def close(self) -> None:
-        if not self._fh.closed:
-            self.sync()
-            self._fh.close()
-
-
-def _read_header(fh: BinaryIO, path: Path) -> dict[str, Any]:
-    bad = MavlError(f"{path}: not a mavl embed-images checkpoint (or damaged at the start); delete it and start again", path=path)
-    head = fh.read(len(_MAGIC) + 4)
-    if len(head) < len(_MAGIC) + 4 or not head.startswith(_MAGIC):
-        raise bad
-    (hlen,) = struct.unpack_from("<I", head, len(_MAGIC))
-    try:
-        return json.loads(fh.read(hlen))
-    except ValueError:
-        raise bad from None
-
-
-def read_checkpoint_header(path: Path) -> dict[str, Any]:
-    """The run settings a checkpoint was written with (fingerprint, batch size), without its records."""
-    with open(path, "rb") as fh:
-        return _read_header(fh, Path(path))
-
-
-def read_checkpoint(path: Path) -> tuple[CheckpointState, int]:
-    """Parse a checkpoint log: (state of all complete records, byte offset after the last good one).
-
-    Reads record by record, so memory stays at one copy of the features.
-    """
-    path = Path(path)
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise MavlError(f"{path}: cannot read checkpoint ({exc.strerror or exc})", path=path) from None
-    with fh:
-        st = CheckpointState(header=_read_header(fh, path))
-        good_end = fh.tell()
-        while True:
-            head = fh.read(_REC_HEAD.size)
-            if len(head) < _REC_HEAD.size:
-                break
-            tag, mlen, dlen = _REC_HEAD.unpack(head)
-            if tag != _REC:
-                break
-            body = fh.read(mlen + dlen + 4)
-            if len(body) < mlen + dlen + 4:
-                break
-            meta_b, blob = body[:mlen], memoryview(body)[mlen : mlen + dlen]
-            (crc,) = struct.unpack_from("<I", body, mlen + dlen)
-            if zlib.crc32(blob, zlib.crc32(meta_b)) != crc:
-                break
-            meta = json.loads(meta_b)
-            if dlen:
-                st.features.append(np.frombuffer(blob, dtype="<f4").reshape(meta["shape"]))
-            st.ids.extend(meta["ids"])
-            st.skipped.extend(meta["skipped"])
-            st.position = int(meta["position"])
-            good_end = fh.tell()
-    return st, good_end
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -583,11 +401,11 @@ def embed_images(
                     buf[2].extend(bad)
                     since += 1
                     if since >= every:
-                        _flush(log, buf, position)
+                        flush_batches(log, buf, position)
                         since = 0
     except KeyboardInterrupt:
         if log is not None:
-            _flush(log, buf, position)
+            flush_batches(log, buf, position)
             log.close()
             if log.state.position == 0:
                 checkpoint.unlink(missing_ok=True)
@@ -597,7 +415,7 @@ def embed_images(
         raise
     except BaseException:
         if log is not None:
-            _flush(log, buf, position)
+            flush_batches(log, buf, position)
             log.close()
             if log.state.position == 0:  # nothing finished: no checkpoint to resume from
                 checkpoint.unlink(missing_ok=True)
@@ -632,15 +450,3 @@ def embed_images(
 
 def _workers(workers: int | None, device_type: str) -> int:
     return default_workers(device_type) if workers is None else workers
-
-
-def _flush(log: CheckpointLog, buf: tuple[list[np.ndarray], list[str], list[dict[str, str]]], position: int) -> None:
-    feats, ids, bad = buf
-    if not (feats or ids or bad) and position == log.state.position:
-        return
-    arr = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0), np.float32)
-    log.append(arr, list(ids), list(bad), position)
-    log.state.position = position
-    feats.clear()
-    ids.clear()
-    bad.clear()

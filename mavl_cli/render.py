@@ -95,6 +95,21 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.1f} {unit}/s", style="progress.data.speed")
 
 
+class Advance:
+    """``advance(n, **fields)`` moves a bar on; ``resume_at(n)`` starts it at n (a resumed run)
+    without counting those n in the rate and ETA."""
+
+    def __init__(self, bar: Progress, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def __call__(self, n: int = 1, **fields: Any) -> None:
+        status = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+        self.bar.update(self.task, advance=n, status=status)
+
+    def resume_at(self, n: int) -> None:
+        self.bar.reset(self.task, completed=n)
+
+
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "it", enabled: bool = True) -> Iterator[Any]:
     """A rich progress bar on stderr; yields ``advance(n=1, **fields)``."""
@@ -114,11 +129,7 @@ def progress(description: str, total: int | None, unit: str = "it", enabled: boo
         return
     with Progress(*columns, console=_err, transient=False) as bar:
         task = bar.add_task(description, total=total, unit=unit, status="")
-
-        def advance(n: int = 1, **fields: Any) -> None:
-            status = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-            bar.update(task, advance=n, status=status)
-
+        advance = Advance(bar, task)
         try:
             yield advance
         except BaseException:

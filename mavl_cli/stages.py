@@ -385,11 +385,14 @@ def embed_images_stage(
     precision: str = "fp32",
     skip_bad: bool = False,
     resume: bool = False,
+    threads: int | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
-    from mavl_cli.embed import collect_inputs, embed_images
+    from mavl_cli.embed import check_precision, collect_inputs, embed_images
+    from mavl_cli.runtime import resolve_device
 
     contract.check_output_path(output, [p for p in (lrf, labels) if p])
+    check_precision(precision, resolve_device(device).type)
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
     items, missing = collect_inputs(inputs, labels, root, path_column)
     if missing and not skip_bad:
@@ -403,24 +406,23 @@ def embed_images_stage(
         def on_start(start: int, total: int) -> None:
             state["start"] = start
             if advance and start:
-                advance(start)
+                advance.resume_at(start)
 
         res = embed_images(items, backbone, weights=weights, pretrained=pretrained, model_args=model_args, device=device,
                            batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, lrf=head,
-                           checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start)
+                           checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start, threads=threads)
     res.skipped = [*({"id": m["id"], "path": "", "reason": m["reason"]} for m in missing), *res.skipped]
     res.meta["skipped"] = res.skipped
     res.meta["labels_file"] = str(labels) if labels else None
     contract.write_file(output, "image-embeddings", {"features": res.features}, res.meta)
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
-    done = len(res.ids) - 0
     return StageResult(
         output,
-        {"images": done, "skipped": len(res.skipped), "dim": int(res.features.shape[1]), "backbone": res.meta["backbone"],
+        {"images": len(res.ids), "skipped": len(res.skipped), "dim": int(res.features.shape[1]), "backbone": res.meta["backbone"],
          "precision": precision, "seconds": round(res.seconds, 2),
          "images_per_s": round((len(items) - state["start"]) / res.seconds, 2) if res.seconds else None,
-         "resumed_from": state["start"]},
+         "resumed_from": state["start"], "threads": res.threads},
         [{"id": s["id"], "reason": s["reason"]} for s in res.skipped],
     )
 
