@@ -78,9 +78,12 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     ph = work / "phantoms"
     import csv
 
-    with open(ph / "test.csv") as fh:
-        first = next(csv.DictReader(fh))["Path"]
-    run_cli(["predict", ph / first, "--model", model, "--explain"])
+    from mavl_cli.phantoms import FINDINGS
+
+    with open(ph / "test.csv") as fh:  # an image with findings, so --explain has something to show
+        rows = list(csv.DictReader(fh))
+    pick = next((r for r in rows if sum(r[f] == "1.0" for f in FINDINGS) >= 2), rows[0])
+    run_cli(["predict", ph / pick["Path"], "--model", model, "--explain"])
     sheet = contact_sheet(model, ph / "test.csv", ph, work / "contact_sheet.png", n=8)
     if install:
         from mavl_cli.contract import atomic_write_bytes
