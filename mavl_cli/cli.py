@@ -215,6 +215,58 @@ def train_lrf_cmd(
     _summary(f"train-lrf -> {res.output}", res.summary)
 
 
+@app.command("finetune-lrf")
+def finetune_lrf_cmd(
+    images_root: str = typer.Argument(..., help="Folder the label CSV's image paths are relative to."),
+    labels: str = typer.Option(..., "--labels", help="Training labels CSV (its path column lists the images)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output LRF head .safetensors."),
+    backbone_out: str = typer.Option(..., "--backbone-out", help="Folder for the fine-tuned backbone (config.json + model.safetensors)."),
+    backbone: str = typer.Option("vit_base_patch16_224", "--backbone", "-b", help="Any timm model name."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Starting weights: file or hub-layout folder (default: the hub)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Start from an untrained backbone."),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help="Extra timm.create_model arguments as JSON."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated label names to train on (default: all)."),
+    rank: int = typer.Option(64, "--rank", "-r"),
+    keep: int = typer.Option(16, "--keep", help="Singular values left free by the truncated nuclear norm."),
+    eta: float = typer.Option(1e-3, "--eta", min=0.0),
+    dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=0.95),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=2, help="Images per step."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Head learning rate."),
+    backbone_lr: float = typer.Option(1e-5, "--backbone-lr", min=0.0, help="Backbone learning rate (0 = frozen)."),
+    patience: int = typer.Option(3, "--patience", min=0),
+    val_labels: Optional[str] = typer.Option(None, "--val-labels", help="Validation CSV under the same root (default: hold out --val-split)."),
+    val_split: float = typer.Option(0.1, "--val-split", min=0.0, max=0.9),
+    seed: int = typer.Option(0, "--seed"),
+    uncertain: str = _uncertain(),
+    label_map: Optional[str] = _label_map_opt(),
+    path_column: Optional[str] = typer.Option(None, "--path-column"),
+    device: str = typer.Option("auto", "--device"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16/bf16 autocast on CUDA only."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="No random shift/zoom (there is never a left-right flip)."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Less GPU memory, slower."),
+    skip_bad: bool = typer.Option(False, "--skip-bad"),
+) -> None:
+    """Phase 1 end to end (GPU advised): fine-tune backbone + LRF head from images.
+
+    Writes the head like `train-lrf` and the backbone as a folder for `embed-images --weights`.
+    """
+    from mavl_cli.finetune import finetune_stage
+    from mavl_cli.train import LRFConfig
+
+    names = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    config = LRFConfig(rank=rank, keep=keep, eta=eta, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                       patience=patience, seed=seed)
+    res = finetune_stage(images_root, labels, _out(output), backbone_out, backbone, weights, not random_init,
+                         _json_arg(model_args, "--model-args"), config, names, val_labels, val_split, _check_uncertain(uncertain),
+                         _read_map(label_map), path_column, backbone_lr, device, batch_size, workers, precision,
+                         not no_augment, skip_bad, grad_checkpointing, progress=render.progress)
+    _summary(f"finetune-lrf -> {res.output}", res.summary)
+    for n in res.notes:
+        render.info(n)
+
+
 @app.command("embed-text")
 def embed_text_cmd(
     descriptions: str = typer.Argument(..., help="labels.txt (one per line) or descriptions .json ({label: [sentences]} or {label: {aspect: sentence}})."),

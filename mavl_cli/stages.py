@@ -221,6 +221,11 @@ def _fusion_features(emb: contract.MavlFile, head: contract.MavlFile | None, lrf
         raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the LRF head {head.path} takes {want}-d")
     if head.meta.get("backbone") and emb.meta.get("backbone") and head.meta["backbone"] != emb.meta["backbone"]:
         raise MavlError(f"{emb.path}: embedded with {emb.meta['backbone']}, but the LRF head {head.path} was trained on {head.meta['backbone']}")
+    if head.meta.get("finetuned") and emb.meta.get("backbone_weights"):
+        want, got = Path(str(head.meta["backbone_weights"])), Path(str(emb.meta["backbone_weights"]))
+        if not (got.exists() and want.exists() and got.resolve() == want.resolve()):
+            raise MavlError(f"{emb.path}: the LRF head {head.path} was fine-tuned with its own backbone; "
+                            f"embed the images with --weights {want}")
     return lrf_embed(head.tensors, x)
 
 
