@@ -116,12 +116,27 @@ def collect_inputs(
         if not base.is_dir():
             raise MavlError(f"{base}: image root folder not found", path=base)
         items, missing = [], []
+        unresolved: list[tuple[str, str]] = []
         for raw, nid in zip(table.paths, table.ids):
             found = _resolve(base, raw, nid)
             if found is None:
-                missing.append({"id": nid, "reason": "file not found"})
+                unresolved.append((raw, nid))
             else:
                 items.append(ImageItem(nid, found))
+        if unresolved:
+            # NIH ships its images in images_001/images/ ... images_012/images/ while its CSV names only
+            # files: find such rows by file name anywhere under the root (only when the name is unique).
+            index = _name_index(base)
+            for raw, nid in unresolved:
+                hit = index.get(Path(nid).name)
+                if hit is None:
+                    missing.append({"id": nid, "reason": "file not found"})
+                elif hit == _AMBIGUOUS:
+                    missing.append({"id": nid, "reason": "file name found more than once under the root; give its relative path"})
+                else:
+                    items.append(ImageItem(nid, hit))
+            order = {nid: i for i, nid in enumerate(table.ids)}
+            items.sort(key=lambda it: order[it.id])
         return items, missing
     if root is not None:
         return _collect_under_root(inputs, Path(root))
@@ -162,6 +177,23 @@ def _collect_under_root(inputs: list[str], base: Path) -> tuple[list[ImageItem],
         else:
             items.append(ImageItem(_rel_id(found, base), found))
     return _unique(items), missing
+
+
+_AMBIGUOUS = Path("\0ambiguous")
+
+
+def _name_index(base: Path) -> dict[str, Path]:
+    """File name -> path for every image under ``base`` (names found twice map to a marker)."""
+    import os
+
+    from mavl_cli.imageio import IMAGE_SUFFIXES
+
+    index: dict[str, Path] = {}
+    for folder, _dirs, files in os.walk(base, followlinks=True):
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                index[name] = _AMBIGUOUS if name in index else Path(folder) / name
+    return index
 
 
 def _unique(items: list[ImageItem]) -> list[ImageItem]:

@@ -301,3 +301,25 @@ def test_resume_with_a_different_list_is_refused(cli, tiny_vit, mixed_folder, ma
     CheckpointLog(partial, {"fingerprint": "0" * 16, "batch_size": 2}, resume=False).close()
     r = _run(cli, ["embed-images", mixed_folder, "--resume", *_embed_args(tiny_vit, out)])
     assert r.exit_code == 2 and "different image list" in r.stderr
+
+
+def test_nih_style_nested_folders_are_found_by_file_name(tmp_path):
+    """NIH ships images_001/images/*.png ... while its CSV names bare files: rows are found by unique file name."""
+    from PIL import Image
+
+    from mavl_cli.embed import collect_inputs
+
+    for i, sub in enumerate(("images_001/images", "images_002/images")):
+        (tmp_path / sub).mkdir(parents=True)
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / sub / f"0000000{i}_000.png")
+    (tmp_path / "dup").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "dup" / "00000001_000.png")  # the same name twice: ambiguous
+    Image.new("L", (8, 8)).save(tmp_path / "images_001" / "images" / "00000009_000.png")
+    csv = tmp_path / "Data_Entry.csv"
+    csv.write_text("Image Index,Finding Labels,Patient ID\n00000009_000.png,Effusion,9\n00000000_000.png,No Finding,0\n"
+                   "00000001_000.png,Cardiomegaly,1\n00000005_000.png,Edema,5\n")
+    items, missing = collect_inputs([str(tmp_path)], csv)
+    assert [it.id for it in items] == ["00000009_000.png", "00000000_000.png"]  # CSV order kept
+    assert items[1].path == tmp_path / "images_001" / "images" / "00000000_000.png"
+    reasons = {m["id"]: m["reason"] for m in missing}
+    assert "more than once" in reasons["00000001_000.png"] and reasons["00000005_000.png"] == "file not found"
