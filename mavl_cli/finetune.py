@@ -170,7 +170,7 @@ def finetune_lrf(
     from mavl_cli.models.lrf import LRFHead
     from mavl_cli.preprocess import normalize_batch
     from mavl_cli.runtime import resolve_device, set_seed
-    from mavl_cli.train import LRFConfig, masked_macro_auroc, split_validation
+    from mavl_cli.train import BestEpoch, LRFConfig, masked_macro_auroc, split_validation
 
     c = config or LRFConfig()
     y = np.asarray(y, np.float32)
@@ -234,9 +234,9 @@ def finetune_lrf(
 
     from mavl_cli.embed import prefetch_batches
 
-    best = (-math.inf, math.inf)
+    tracker = BestEpoch(c.patience if v_items is not None else 0)
     best_states: tuple[dict[str, Any], dict[str, Any]] | None = None
-    best_epoch, history, bad_epochs = 0, [], 0
+    history: list[dict[str, float]] = []
     skipped: dict[str, dict[str, str]] = {}
     for epoch in range(1, c.epochs + 1):
         model.train(train_backbone)
@@ -285,19 +285,14 @@ def finetune_lrf(
         if v_items is not None:
             s, ok_rows = _score(model, head, v_items, dc, dev, batch_size, nw, autocast, skip_bad)
             rec["val_auroc"] = masked_macro_auroc(v_y[ok_rows], s, v_mask[ok_rows])
-            key = (rec["val_auroc"] if not math.isnan(rec["val_auroc"]) else -1.0, -rec["bce"])
-        else:
-            key = (-rec["bce"], 0.0)
         history.append(rec)
-        if key > best:
-            best, best_epoch, bad_epochs = key, epoch, 0
+        if tracker.update(epoch, rec):
             best_states = (_cpu_state(head), _cpu_state(model))
-        else:
-            bad_epochs += 1
         if advance:
             advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
-        if v_items is not None and c.patience and bad_epochs >= c.patience:
+        if tracker.stop():
             break
+    best_epoch = tracker.epoch
     head_state, backbone_state = best_states or (_cpu_state(head), _cpu_state(model))
     va = history[best_epoch - 1].get("val_auroc", float("nan")) if best_epoch else float("nan")
     return FinetuneResult(

@@ -62,6 +62,37 @@ class TrainResult:
     val_auroc: float = float("nan")
 
 
+class BestEpoch:
+    """Which epoch to keep, and when to stop.
+
+    With validation: the best macro AUROC (ties broken by lower training BCE;
+    an undefined AUROC ranks below any defined one). Without: the lowest
+    training BCE. ``stop`` says when ``patience`` epochs passed without a new best.
+    """
+
+    def __init__(self, patience: int = 0) -> None:
+        self.patience = patience
+        self.key = (-math.inf, -math.inf)
+        self.epoch = 0
+        self.bad = 0
+
+    def update(self, epoch: int, rec: dict[str, float]) -> bool:
+        """Record an epoch's figures; True when it is the new best."""
+        if "val_auroc" in rec:
+            va = rec["val_auroc"]
+            key = (va if not math.isnan(va) else -1.0, -rec["bce"])
+        else:
+            key = (-rec["bce"], 0.0)
+        if key > self.key:
+            self.key, self.epoch, self.bad = key, epoch, 0
+            return True
+        self.bad += 1
+        return False
+
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
 def masked_macro_auroc(y: np.ndarray, s: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Mean AUROC over labels where both classes are present (masked entries dropped)."""
     from mavl_cli.metrics import binary_auroc
@@ -149,8 +180,8 @@ def train_lrf(
     x = torch.from_numpy(train.x)
     y = torch.from_numpy(train.y)
     m = torch.from_numpy(train.mask)
-    best = (-math.inf, math.inf)
-    best_state, best_epoch, history, bad_epochs = None, 0, [], 0
+    tracker = BestEpoch(patience if val is not None else 0)
+    best_state, history = None, []
     for epoch in range(1, c.epochs + 1):
         model.train()
         tot_bce = tot_reg = 0.0
@@ -169,19 +200,14 @@ def train_lrf(
         if val is not None:
             s = _predict(lambda t: model(t)[0], val.x)
             rec["val_auroc"] = masked_macro_auroc(val.y, s, val.mask)
-            key = (rec["val_auroc"] if not math.isnan(rec["val_auroc"]) else -1.0, -rec["bce"])
-        else:
-            key = (-rec["bce"], 0.0)
         history.append(rec)
-        if key > best:
-            best, best_epoch, bad_epochs = key, epoch, 0
+        if tracker.update(epoch, rec):
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
         if advance:
             advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
-        if val is not None and patience and bad_epochs >= patience:
+        if tracker.stop():
             break
+    best_epoch = tracker.epoch
     state = {k: v.detach().clone() for k, v in (best_state or model.state_dict()).items()}
     va = history[best_epoch - 1].get("val_auroc", float("nan")) if best_epoch else float("nan")
     return TrainResult(state=state, best_epoch=best_epoch, epochs_run=len(history), history=history, val_auroc=va)
@@ -237,7 +263,7 @@ def train_fusion(
     m = torch.from_numpy(train.mask)
     t = torch.from_numpy(text)
     tm = torch.from_numpy(text_mask.astype(bool))
-    best = (-math.inf, 0.0)
+    tracker = BestEpoch()
     best_state, best_epoch, history = None, 0, []
     for epoch in range(1, c.epochs + 1):
         model.train()
@@ -253,10 +279,8 @@ def train_fusion(
         if val is not None:
             s = _predict(lambda b: model(b, t, tm), val.x)
             rec["val_auroc"] = masked_macro_auroc(val.y, s, val.mask)
-            key = (rec["val_auroc"] if not math.isnan(rec["val_auroc"]) else -1.0, -rec["bce"])
-            if key > best:
-                best, best_epoch = key, epoch
-                best_state = copy.deepcopy(model.state_dict())
+            if tracker.update(epoch, rec):
+                best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
         history.append(rec)
         if advance:
             advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
