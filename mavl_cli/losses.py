@@ -12,7 +12,8 @@ def truncated_nuclear_norm(features: Any, keep: int) -> Any:
     the feature matrix towards rank ``keep`` while leaving its top ``keep``
     directions free (unlike the full nuclear norm, which also shrinks the
     useful directions). It is differentiable through ``torch.linalg.svdvals``,
-    whose gradient is stable even for repeated singular values.
+    whose gradient is stable even for repeated singular values. Being a sum
+    over the batch, its strength relative to a mean loss grows with batch size.
 
     ``features``: ``[batch, dim]``; returns a scalar tensor.
     """
