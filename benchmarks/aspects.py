@@ -107,6 +107,29 @@ def choose_labels(ds: Dataset, min_pos: int) -> None:
             ds.excluded[lab] = f"positives train {pos['train']}, val {pos['val']}, test {pos['test']} (< {min_pos})"
 
 
+def drop_few_patients(ds: Any, min_patients: int) -> None:
+    """Drop labels whose test positives come from fewer than ``min_patients`` patients.
+
+    Such a label's AUROC measures recognising those patients, and a patient
+    bootstrap leaves the label out of every resample that misses them, which
+    shifts the macro-AUROC interval towards the other labels.
+    """
+    from mavl_cli.labels import read_labels
+
+    if min_patients <= 1:
+        return
+    t = read_labels(ds.splits["test"], uncertain="zeros")
+    if t.groups is None:
+        return
+    g = np.asarray(t.groups)
+    for lab in list(ds.labels):
+        j = t.names.index(lab)
+        n = len(set(g[(t.y[:, j] * t.mask[:, j]) > 0]))
+        if n < min_patients:
+            ds.labels.remove(lab)
+            ds.excluded[lab] = f"test positives from {n} patient(s) (< {min_patients})"
+
+
 def embed_images(ds: Dataset, work: Path, weights: Path) -> None:
     from mavl_cli.stages import embed_images_stage
 
@@ -367,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds (the split stays seed 0)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--min-positives", type=int, default=5, help="drop labels with fewer positives in train or test")
+    ap.add_argument("--min-positive-patients", type=int, default=3,
+                    help="also drop labels whose test positives come from fewer patients (their AUROC measures those patients)")
     ap.add_argument("--zero-shot", action="store_true", help="also run leave-one-label-out zero-shot on the phantoms")
     ap.add_argument("--zs-aggregates", default="mean,none")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (embedding is cached; heads are tiny)")
@@ -407,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown dataset {name}")
         choose_labels(ds, args.min_positives)
+        drop_few_patients(ds, args.min_positive_patients)
         embed_images(ds, work, weights)
         res = run_dataset(ds, work, text_model, seeds, args.bootstrap)
         te = labelled(ds, "test")

@@ -118,29 +118,6 @@ def paired_diff(w: np.ndarray, te: Any, scores: dict[int, np.ndarray], base: dic
             "ci": [float(lo), float(hi)], "p_le_0": float((per <= 0).mean())}
 
 
-def drop_few_patients(ds: Any, min_patients: int) -> None:
-    """Drop labels whose test positives come from fewer than ``min_patients`` patients.
-
-    Such a label's AUROC measures recognising those patients, and a patient
-    bootstrap leaves the label out of every resample that misses them, which
-    shifts the macro-AUROC interval towards the other labels.
-    """
-    from mavl_cli.labels import read_labels
-
-    if min_patients <= 1:
-        return
-    t = read_labels(ds.splits["test"], uncertain="zeros")
-    if t.groups is None:
-        return
-    g = np.asarray(t.groups)
-    for lab in list(ds.labels):
-        j = t.names.index(lab)
-        n = len(set(g[(t.y[:, j] * t.mask[:, j]) > 0]))
-        if n < min_patients:
-            ds.labels.remove(lab)
-            ds.excluded[lab] = f"test positives from {n} patient(s) (< {min_patients})"
-
-
 # ------------------------------------------------------------------ one dataset
 
 
@@ -298,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--min-positives", type=int, default=5, help="drop labels with fewer positive images in train or test")
     ap.add_argument("--min-positive-patients", type=int, default=1,
-                    help="also drop labels whose test positives come from fewer patients (1 = as aspects.py)")
+                    help="also drop labels whose test positives come from fewer patients (1 = keep all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="results file (default WORK/lrf_eta_results.json)")
     args = ap.parse_args(argv)
@@ -340,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown dataset {name}")
         A.choose_labels(ds, args.min_positives)
-        drop_few_patients(ds, args.min_positive_patients)
+        A.drop_few_patients(ds, args.min_positive_patients)
         A.embed_images(ds, work, weights)
         text = A.text_files(ds, work, text_model)["aspects"] if text_model else None
         res = run_dataset(ds, work, text, configs, seeds, args.bootstrap)
