@@ -123,20 +123,15 @@ class LoadedModel:
 
     def to_fusion_input(self, emb: MavlFile) -> np.ndarray:
         """Image embeddings (backbone or LRF space) -> the fusion's input features."""
-        x = emb.tensors["features"].astype(np.float32)
-        space = emb.meta.get("space", "backbone")
         lrf = self._lrf_tensors()
         cfg = self.meta["fusion"]
-        if space == "lrf":
-            if lrf is not None and emb.meta.get("lrf_fingerprint") not in (None, (self.meta.get("lrf") or {}).get("fingerprint")):
-                raise MavlError(f"{emb.path}: embeddings were projected with a different LRF head than this model's")
-        elif lrf is not None:
-            want = lrf["proj.weight"].shape[1]
-            if x.shape[1] != want:
-                raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the model's LRF head takes {want}-d ({self.meta.get('backbone')})")
-            from mavl_cli.train import lrf_embed
+        if lrf is None:
+            x = emb.tensors["features"].astype(np.float32)
+        else:
+            from mavl_cli.train import lrf_features
 
-            x = lrf_embed(lrf, x)
+            head_meta = {**(self.meta.get("lrf") or {}), "backbone": self.meta.get("backbone")}
+            x = lrf_features(emb, lrf, head_meta, f"the LRF head in {self.file.path}")
         if x.shape[1] != cfg["img_dim"]:
             raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the model expects {cfg['img_dim']}-d ({self.meta.get('backbone')})")
         return x

@@ -163,7 +163,7 @@ def fuse_stage(
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import build_model, default_model_path
     from mavl_cli.models.fusion import AGGREGATES
-    from mavl_cli.train import FusionConfig, lrf_embed, train_fusion
+    from mavl_cli.train import FusionConfig, train_fusion
 
     config = config or FusionConfig()
     aggregate = config.aggregate
@@ -173,7 +173,7 @@ def fuse_stage(
     emb = contract.read_file(embeddings, expect="image-embeddings")
     txt = contract.read_file(text, expect="text-embeddings")
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
-    x = _fusion_features(emb, head, lrf_embed)
+    x = _fusion_features(emb, head)
     names = txt.labels()
     data = load_labelled(emb, labels, names=names, uncertain=uncertain, label_map=label_map, x=x)
     vdata = None
@@ -181,7 +181,7 @@ def fuse_stage(
         vemb = contract.read_file(val, expect="image-embeddings")
         _same_backbone(emb, vemb)
         vdata = load_labelled(vemb, val_labels or labels, names=names, uncertain=uncertain, label_map=label_map,
-                              x=_fusion_features(vemb, head, lrf_embed))
+                              x=_fusion_features(vemb, head))
     t_emb = txt.tensors["embeddings"].astype(np.float32)
     t_mask = txt.tensors["mask"].astype(bool)
     with (progress("fuse", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
@@ -208,25 +208,12 @@ def fuse_stage(
                                 "scale": last.get("scale"), "val_macro_auroc": res.val_auroc}, res.history, notes)
 
 
-def _fusion_features(emb: contract.MavlFile, head: contract.MavlFile | None, lrf_embed: Callable) -> np.ndarray:
-    x = emb.tensors["features"].astype(np.float32)
+def _fusion_features(emb: contract.MavlFile, head: contract.MavlFile | None) -> np.ndarray:
+    from mavl_cli.train import lrf_features
+
     if head is None:
-        return x
-    if emb.meta.get("space") == "lrf":
-        if emb.meta.get("lrf_fingerprint") != head.meta.get("fingerprint"):
-            raise MavlError(f"{emb.path}: projected with a different LRF head than {head.path}")
-        return x
-    want = head.tensors["proj.weight"].shape[1]
-    if x.shape[1] != want:
-        raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the LRF head {head.path} takes {want}-d")
-    if head.meta.get("backbone") and emb.meta.get("backbone") and head.meta["backbone"] != emb.meta["backbone"]:
-        raise MavlError(f"{emb.path}: embedded with {emb.meta['backbone']}, but the LRF head {head.path} was trained on {head.meta['backbone']}")
-    if head.meta.get("finetuned") and emb.meta.get("backbone_weights"):
-        want, got = Path(str(head.meta["backbone_weights"])), Path(str(emb.meta["backbone_weights"]))
-        if not (got.exists() and want.exists() and got.resolve() == want.resolve()):
-            raise MavlError(f"{emb.path}: the LRF head {head.path} was fine-tuned with its own backbone; "
-                            f"embed the images with --weights {want}")
-    return lrf_embed(head.tensors, x)
+        return emb.tensors["features"].astype(np.float32)
+    return lrf_features(emb, head.tensors, head.meta, f"the LRF head {head.path}")
 
 
 # ---------------------------------------------------------------- scoring
