@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nih_split import default_data
 
-    from mavl_cli.demo import mavl_home
+    from mavl_cli.modelfile import mavl_home
     from mavl_cli.weights import ensure_demo_backbone, minilm_folder
 
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     import aspects as A
     from nih_split import default_data
 
-    from mavl_cli.demo import mavl_home
+    from mavl_cli.modelfile import mavl_home
     from mavl_cli.weights import ensure_demo_backbone, minilm_folder
 
     seeds = [int(s) for s in args.seeds.split(",")]

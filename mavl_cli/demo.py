@@ -23,10 +23,6 @@ def descriptions_path(name: str) -> Path:
     return Path(__file__).parent / "data" / "descriptions" / name
 
 
-def mavl_home() -> Path:
-    return Path(os.environ.get("MAVL_HOME") or Path.home() / ".mavl")
-
-
 def run_cli(args: list[str]) -> None:
     """Run one mavl command in-process, echoing it as a shell line first."""
     from mavl_cli.cli import app
@@ -62,6 +58,7 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     import time
 
     from mavl_cli.contact import contact_sheet
+    from mavl_cli.modelfile import install_default, mavl_home
     from mavl_cli.weights import ensure_demo_backbone, minilm_folder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,11 +83,7 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     run_cli(["predict", ph / pick["Path"], "--model", model, "--explain"])
     sheet = contact_sheet(model, ph / "test.csv", ph, work / "contact_sheet.png", n=8)
     if install:
-        from mavl_cli.contract import atomic_write_bytes
-
-        dest = mavl_home() / "model.safetensors"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, model.read_bytes())
+        dest = install_default(model.read_bytes())
         render.err().print(f"installed the demo model as the default: {dest} (`mavl predict IMAGE` now uses it)")
     render.err().print(f"contact sheet: {sheet}\nreport plot: {work / 'report.png'}\ndemo finished in {time.perf_counter() - t0:.0f} s")
     return model

@@ -22,10 +22,24 @@ from mavl_cli.errors import MavlError
 DEFAULT_THRESHOLD = 0.5
 
 
+def mavl_home() -> Path:
+    """mavl's own folder (``$MAVL_HOME``, default ``~/.mavl``): default model, converted weights."""
+    return Path(os.environ.get("MAVL_HOME") or Path.home() / ".mavl")
+
+
 def default_model_path() -> Path:
     """Where `mavl predict` looks when no --model is given (after $MAVL_MODEL)."""
-    home = os.environ.get("MAVL_HOME") or str(Path.home() / ".mavl")
-    return Path(home) / "model.safetensors"
+    return mavl_home() / "model.safetensors"
+
+
+def install_default(data: bytes) -> Path:
+    """Make these model-file bytes the default for `mavl predict` (atomically)."""
+    from mavl_cli.contract import atomic_write_bytes
+
+    dest = default_model_path()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, data)
+    return dest
 
 
 def find_model(explicit: str | None) -> str:

@@ -161,7 +161,7 @@ def fuse_stage(
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
     from mavl_cli.data import load_labelled
-    from mavl_cli.modelfile import build_model, default_model_path
+    from mavl_cli.modelfile import build_model, install_default
     from mavl_cli.models.fusion import AGGREGATES
     from mavl_cli.train import FusionConfig, train_fusion
 
@@ -195,13 +195,11 @@ def fuse_stage(
              "images": len(data.ids), **asdict(config), "best_epoch": res.best_epoch,
              "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
     tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
-    contract.write_file(output, "model", tensors, meta)
+    blob = contract.to_bytes("model", tensors, meta)
+    contract.atomic_write_bytes(output, blob)
     notes = []
     if set_default:
-        dest = default_model_path()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        contract.atomic_write_bytes(dest, Path(output).read_bytes() if output != "-" else contract.to_bytes("model", tensors, meta))
-        notes.append(f"installed as the default model: {dest}")
+        notes.append(f"installed as the default model: {install_default(blob)}")
     last = res.history[-1] if res.history else {}
     return StageResult(output, {"images": len(data.ids), "labels": len(names), "aspects": int(t_emb.shape[1]),
                                 "aggregate": aggregate, "best_epoch": res.best_epoch, "final_bce": last.get("bce"),

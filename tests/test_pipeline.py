@@ -196,3 +196,11 @@ def test_tune_methods_write_thresholds(chain, cli, tmp_path):
 def test_info_shows_kind(chain, cli):
     r = cli(f"info {chain['dir']/'tuned.st'}")
     assert r.exit_code == 0 and "model" in r.stdout and "thresholds" in r.stdout
+
+
+def test_fuse_set_default_installs_the_same_bytes(chain, cli, tmp_path, monkeypatch):
+    d, ph = chain["dir"], chain["phantoms"]
+    monkeypatch.setenv("MAVL_HOME", str(tmp_path / "home"))
+    r = cli(f"fuse {d/'train.st'} {d/'text.st'} --lrf {d/'lrf.st'} --labels {ph.splits['train']} --epochs 1 --set-default -o {tmp_path/'m.st'}")
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "home" / "model.safetensors").read_bytes() == (tmp_path / "m.st").read_bytes()
