@@ -93,7 +93,7 @@ def nih_dataset(work: Path, data: Path) -> Dataset:
 
 def choose_labels(ds: Dataset, min_pos: int) -> None:
     """Keep labels with at least ``min_pos`` positives in train and in test (AUROC needs both)."""
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets import read_labels
 
     counts = {s: read_labels(p, uncertain="zeros") for s, p in ds.splits.items()}
     for lab in ds.descriptions:
@@ -114,7 +114,7 @@ def drop_few_patients(ds: Any, min_patients: int) -> None:
     bootstrap leaves the label out of every resample that misses them, which
     shifts the macro-AUROC interval towards the other labels.
     """
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets import read_labels
 
     if min_patients <= 1:
         return

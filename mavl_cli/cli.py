@@ -113,7 +113,7 @@ def _label_map_opt() -> Any:
 def _read_map(spec: str | None) -> dict[str, str] | None:
     if not spec:
         return None
-    from mavl_cli.labels import read_label_map
+    from mavl_cli.datasets import read_label_map
 
     return read_label_map(spec)
 

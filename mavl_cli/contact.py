@@ -15,7 +15,7 @@ def contact_sheet(model_path: str | Path, labels_csv: str | Path, root: str | Pa
     from PIL import Image, ImageDraw, ImageFont
 
     from mavl_cli.contract import atomic_write_bytes
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets import read_labels
     from mavl_cli.stages import predict_stage
 
     table = read_labels(labels_csv, uncertain="ones")

@@ -48,7 +48,7 @@ def load_labelled(
     x: np.ndarray | None = None,
 ) -> Labelled:
     """Rows of ``labels_csv`` aligned to ``emb``'s image ids; columns selected by ``names``."""
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets import read_labels
 
     if names is not None and not names:
         raise MavlError(f"{labels_csv}: no label names were selected (the label list is empty)", path=labels_csv)

@@ -30,23 +30,17 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from mavl_cli.checkpoint import CheckpointLog, CheckpointState, flush_batches, read_checkpoint_header
+from mavl_cli.datasets.inputs import ImageItem, collect_inputs  # noqa: F401 - collect_inputs: callers' old import path
 from mavl_cli.errors import MavlError
 from mavl_cli.threads import ThreadTuner
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-_GLOB_CHARS = "*?["
 
 
 class Interrupted(MavlError):
     """Ctrl-C during a run: the checkpoint is kept, and the message says how to resume."""
 
     exit_code = 130
-
-
-@dataclass
-class ImageItem:
-    id: str
-    path: Path
 
 
 @dataclass
@@ -65,162 +59,7 @@ class EmbedResult:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def _rel_id(path: Path, base: Path | None) -> str:
-    from mavl_cli.labels import normalize_id
-
-    if base is not None:
-        try:
-            return normalize_id(path.resolve().relative_to(base.resolve()).as_posix())
-        except ValueError:
-            pass
-    try:
-        return normalize_id(path.resolve().relative_to(Path.cwd().resolve()).as_posix())
-    except ValueError:
-        return normalize_id(path.as_posix())
-
-
-def collect_inputs(
-    inputs: list[str],
-    labels_csv: str | Path | None = None,
-    root: str | Path | None = None,
-    path_column: str | None = None,
-    stdin_lines: Iterable[str] | None = None,
-) -> tuple[list[ImageItem], list[dict[str, str]]]:
-    """Resolve what to embed: folders, globs, files, a labels CSV's path column, or stdin ids.
-
-    With ``labels_csv`` the CSV's rows define the list (in file order) and a
-    single folder argument (or ``root``) is where their paths are resolved;
-    otherwise folders are walked recursively and ids are paths relative to
-    the folder given. With ``root`` and no CSV, relative paths and ids (e.g.
-    read from stdin) are looked up under ``root``, and entries not found there
-    are returned as missing rather than stopping the run. Returns (items,
-    missing) where missing lists entries whose file does not exist.
-    """
-    from mavl_cli.labels import read_labels
-
-    if "-" in inputs:
-        lines = [ln.strip() for ln in (stdin_lines if stdin_lines is not None else sys.stdin) if ln.strip()]
-        inputs = [x for x in inputs if x != "-"] + lines
-        if not inputs:
-            raise MavlError("-: no image paths arrived on standard input")
-    if labels_csv is not None:
-        table = read_labels(labels_csv, path_column=path_column)
-        if root is None:
-            folders = [Path(x) for x in inputs if Path(x).is_dir()]
-            if len(inputs) > 1 or (inputs and not folders):
-                raise MavlError("with --labels, give at most one image folder (the root the CSV's paths are relative to)")
-            root = folders[0] if folders else Path(labels_csv).parent
-        base = Path(root)
-        if not base.is_dir():
-            raise MavlError(f"{base}: image root folder not found", path=base)
-        items, missing = [], []
-        unresolved: list[tuple[str, str]] = []
-        for raw, nid in zip(table.paths, table.ids):
-            found = _resolve(base, raw, nid)
-            if found is None:
-                unresolved.append((raw, nid))
-            else:
-                items.append(ImageItem(nid, found))
-        if unresolved:
-            # NIH ships its images in images_001/images/ ... images_012/images/ while its CSV names only
-            # files: find such rows by file name anywhere under the root (only when the name is unique).
-            index = _name_index(base)
-            for raw, nid in unresolved:
-                hit = index.get(Path(nid).name)
-                if hit is None:
-                    missing.append({"id": nid, "reason": "file not found"})
-                elif hit == _AMBIGUOUS:
-                    missing.append({"id": nid, "reason": "file name found more than once under the root; give its relative path"})
-                else:
-                    items.append(ImageItem(nid, hit))
-            order = {nid: i for i, nid in enumerate(table.ids)}
-            items.sort(key=lambda it: order[it.id])
-        return items, missing
-    if root is not None:
-        return _collect_under_root(inputs, Path(root))
-    if not inputs:
-        raise MavlError("no images given: pass folders, files or globs, or --labels CSV with a path column")
-    from mavl_cli.imageio import list_images
-
-    items = []
-    for inp in inputs:
-        p = Path(inp)
-        base = p if p.is_dir() else None
-        for f in list_images([inp]):
-            items.append(ImageItem(_rel_id(f, base), f))
-    return _unique(items), []
-
-
-def _collect_under_root(inputs: list[str], base: Path) -> tuple[list[ImageItem], list[dict[str, str]]]:
-    """Inputs relative to an image root (``--root`` without ``--labels``); ids are relative to it."""
-    from mavl_cli.imageio import list_images
-    from mavl_cli.labels import normalize_id
-
-    if not base.is_dir():
-        raise MavlError(f"{base}: image root folder not found", path=base)
-    items, missing = [], []
-    for inp in inputs or [str(base)]:
-        p = Path(inp)
-        if any(ch in inp for ch in _GLOB_CHARS) and not p.exists():
-            pattern = inp if p.is_absolute() else str(base / inp)
-            items.extend(ImageItem(_rel_id(f, base), f) for f in list_images([pattern]))
-            continue
-        found = p if (p.is_absolute() and p.exists()) else _resolve_any(base, inp, normalize_id(inp))
-        if found is None and p.exists():
-            found = p
-        if found is None:
-            missing.append({"id": normalize_id(inp), "reason": "file not found"})
-        elif found.is_dir():
-            items.extend(ImageItem(_rel_id(f, base), f) for f in list_images([str(found)]))
-        else:
-            items.append(ImageItem(_rel_id(found, base), found))
-    return _unique(items), missing
-
-
-_AMBIGUOUS = Path("\0ambiguous")
-
-
-def _name_index(base: Path) -> dict[str, Path]:
-    """File name -> path for every image under ``base`` (names found twice map to a marker)."""
-    import os
-
-    from mavl_cli.imageio import IMAGE_SUFFIXES
-
-    index: dict[str, Path] = {}
-    for folder, _dirs, files in os.walk(base, followlinks=True):
-        for name in files:
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                index[name] = _AMBIGUOUS if name in index else Path(folder) / name
-    return index
-
-
-def _unique(items: list[ImageItem]) -> list[ImageItem]:
-    seen: dict[str, Path] = {}
-    for it in items:
-        if it.id in seen and seen[it.id] != it.path:
-            raise MavlError(f"two images share the id {it.id!r} ({seen[it.id]} and {it.path}); embed them separately")
-        seen[it.id] = it.path
-    return list({it.id: it for it in items}.values())
-
-
-def _candidates(base: Path, raw: str, nid: str) -> list[Path]:
-    cands = [base / raw, base / nid]
-    parts = Path(nid).parts
-    for k in range(1, min(3, len(parts))):
-        cands.append(base / Path(*parts[k:]))
-    if Path(raw).is_absolute():
-        cands.insert(0, Path(raw))
-    return cands
-
-
-def _resolve(base: Path, raw: str, nid: str) -> Path | None:
-    return next((c for c in _candidates(base, raw, nid) if c.is_file()), None)
-
-
-def _resolve_any(base: Path, raw: str, nid: str) -> Path | None:
-    return next((c for c in _candidates(base, raw, nid) if c.exists()), None)
+# What to embed (folders, globs, label-file rows) is decided in mavl_cli.datasets.inputs.
 
 
 def inputs_fingerprint(items: list[ImageItem], settings: dict[str, Any]) -> str:

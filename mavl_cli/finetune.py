@@ -444,8 +444,8 @@ def labelled_items(
     label_map: dict[str, str] | None = None, path_column: str | None = None, skip_missing: bool = False,
 ) -> tuple[list[Any], Any]:
     """Images listed in a label CSV, found under ``images_root``, and the LabelTable aligned to them."""
-    from mavl_cli.embed import collect_inputs
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets import collect_inputs
+    from mavl_cli.datasets import read_labels
 
     items, missing = collect_inputs([images_root], labels_csv, path_column=path_column)
     if missing and not skip_missing:

@@ -32,8 +32,6 @@ Intensity conventions (why they are what they are):
 
 from __future__ import annotations
 
-import glob
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -72,6 +70,15 @@ def is_dicom(path: Path | str) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def __getattr__(name: str) -> Any:
+    """``list_images`` moved to :mod:`mavl_cli.datasets.inputs`; the old import path keeps working."""
+    if name == "list_images":
+        from mavl_cli.datasets.inputs import list_images
+
+        return list_images
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def load_radiograph(path: Path | str, target_size: int | None = None) -> Image.Image:
     """Decode any supported file to an 8-bit ``"L"`` or ``"RGB"`` PIL image.
 
@@ -94,101 +101,6 @@ def load_array(path: Path | str, target_size: int | None = None) -> np.ndarray:
     if im.mode == "F":
         return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
     return np.asarray(im, dtype=np.float32) / 255.0
-
-
-def list_images(inputs: list[str], recursive: bool = True) -> list[Path]:
-    """Expand files, folders and glob patterns into a sorted, de-duplicated image list.
-
-    Folders are searched by suffix only (no per-file sniffing, which would be
-    slow on large datasets); hidden files such as macOS ``._x.png`` are skipped.
-    An explicitly named file is accepted when it has a known suffix or the
-    DICOM magic.
-    """
-    seen: set[Path] = set()
-    result: list[Path] = []
-
-    def add(paths: list[Path]) -> None:
-        for p in paths:
-            if p not in seen:
-                seen.add(p)
-                result.append(p)
-
-    for item in inputs:
-        item = str(item)
-        path = Path(item).expanduser()
-        if path.exists():
-            add(_expand_existing(path, recursive, item))
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            if not matches:
-                raise MavlError(f"no files match the pattern '{item}'.", path=item)
-            found: list[Path] = []
-            for m in matches:
-                mp = Path(m)
-                if mp.is_dir():
-                    found.extend(_scan_folder(mp, recursive))
-                elif _has_image_suffix(mp) and not mp.name.startswith("."):
-                    found.append(mp)
-            if not found:
-                raise MavlError(
-                    f"the pattern '{item}' matches no image files ({_suffix_list()}).", path=item
-                )
-            add(sorted(found))
-        else:
-            raise MavlError(f"{item}: no such file or folder.", path=item)
-    return result
-
-
-# --------------------------------------------------------------------------- listing
-
-
-def _has_image_suffix(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _suffix_list() -> str:
-    return ", ".join(IMAGE_SUFFIXES)
-
-
-def _expand_existing(path: Path, recursive: bool, shown: str) -> list[Path]:
-    if path.is_dir():
-        found = _scan_folder(path, recursive)
-        if not found:
-            where = "or its subfolders " if recursive else ""
-            raise MavlError(
-                f"folder {shown} {where}contains no images (looked for {_suffix_list()}).",
-                path=shown,
-            )
-        return found
-    if _has_image_suffix(path) or is_dicom(path):
-        return [path]
-    raise MavlError(
-        f"{shown} is not a supported image file (expected one of {_suffix_list()} or DICOM).",
-        path=shown,
-    )
-
-
-def _scan_folder(folder: Path, recursive: bool) -> list[Path]:
-    """Image files under ``folder``, sorted; follows symlinked folders but never loops."""
-    found: list[Path] = []
-    visited: set[tuple[int, int]] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        try:
-            st = os.stat(root)
-            key = (st.st_dev, st.st_ino)
-        except OSError:
-            dirs[:] = []
-            continue
-        if key in visited:
-            dirs[:] = []
-            continue
-        visited.add(key)
-        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
-        for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                found.append(Path(root) / name)
-    found.sort()
-    return found
 
 
 # --------------------------------------------------------------------------- decoding

@@ -300,7 +300,7 @@ def evaluate_stage(
     threshold: float | None = None, plot: str | None = None,
 ) -> tuple[Any, list[str], Scored]:
     """Returns (Report, warnings, scored data)."""
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets import read_labels
     from mavl_cli.metrics import evaluate
 
     warnings: list[str] = []
@@ -378,7 +378,8 @@ def embed_images_stage(
     threads: int | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
-    from mavl_cli.embed import check_precision, collect_inputs, embed_images
+    from mavl_cli.datasets import collect_inputs
+    from mavl_cli.embed import check_precision, embed_images
     from mavl_cli.runtime import resolve_device
 
     contract.check_output_path(output, [p for p in (lrf, labels) if p])
@@ -438,7 +439,8 @@ def predict_stage(
     batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
-    from mavl_cli.embed import collect_inputs, embed_images
+    from mavl_cli.datasets import collect_inputs
+    from mavl_cli.embed import embed_images
     from mavl_cli.modelfile import find_model, load_model
 
     if threshold is not None and not 0 <= threshold <= 1:

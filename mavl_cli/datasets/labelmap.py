@@ -1,0 +1,106 @@
+"""Label names across data sets: the known correspondences and user rename maps.
+
+:data:`NIH_TO_CHEXPERT` lists only names that mean the same finding in both
+vocabularies. Atelectasis, Cardiomegaly, Consolidation, Edema, Pneumonia and
+Pneumothorax already share a name; Mass/Nodule vs "Lung Lesion" or
+Infiltration vs "Lung Opacity" are broader-or-narrower concepts, so they are
+left for the user to decide (``--label-map``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from mavl_cli.datasets.sniff import quote_list
+from mavl_cli.errors import MavlError
+
+NIH_TO_CHEXPERT: dict[str, str] = {"Effusion": "Pleural Effusion"}
+
+
+def match_label_names(csv_names, other_names, csv_path, other_path) -> None:
+    """Raise MavlError when two sources disagree on which labels exist.
+
+    Order is not compared (``LabelTable.select`` reorders by name); presence is.
+    """
+    a, b = list(csv_names), list(other_names)
+    only_a = [n for n in a if n not in set(b)]
+    only_b = [n for n in b if n not in set(a)]
+    if not only_a and not only_b:
+        return
+    parts = []
+    if only_a:
+        parts.append(f"{quote_list(only_a)} in {csv_path} but not in {other_path}")
+    if only_b:
+        parts.append(f"{quote_list(only_b)} in {other_path} but not in {csv_path}")
+    raise MavlError("label names differ: " + "; ".join(parts), path=csv_path)
+
+
+def read_label_map(spec: str | Path) -> dict[str, str]:
+    """Parse a label rename map from a file or an inline ``from=to,...`` string.
+
+    Files: ``.json`` holds ``{"from": "to"}``; anything else holds ``from,to``
+    lines (an optional ``from,to`` header, blank lines and ``#`` comments are
+    skipped). Inline: ``"Effusion=Pleural Effusion,Pleural_Thickening=Pleural Other"``.
+    """
+    path = Path(str(spec))
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. a very long inline spec
+        is_file = False
+    if not is_file:
+        if "=" not in str(spec):
+            raise MavlError(
+                f"label map {str(spec)!r} is neither an existing file nor 'from=to,...' pairs",
+                path=None,
+            )
+        mapping: dict[str, str] = {}
+        for item in str(spec).split(","):
+            if not item.strip():
+                continue
+            if item.count("=") != 1 or not all(x.strip() for x in item.split("=")):
+                raise MavlError(f"label map entry {item.strip()!r} must look like 'from=to'")
+            src, dst = (x.strip() for x in item.split("="))
+            _add_mapping(mapping, src, dst, "the inline label map")
+        return mapping
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MavlError(f"cannot read label map file {path}: {exc}", path=path) from exc
+    mapping = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MavlError(f"label map file {path} is not valid JSON ({exc.msg}, line {exc.lineno})",
+                            path=path) from exc
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise MavlError(f"label map file {path} must hold one JSON object of "
+                            '"from": "to" strings', path=path)
+        for src, dst in data.items():
+            _add_mapping(mapping, src.strip(), dst.strip(), str(path))
+        return mapping
+    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        cells = [c.strip() for c in row]
+        if lineno == 1 and [c.lower() for c in cells] == ["from", "to"]:
+            continue
+        if len(cells) != 2 or not all(cells):
+            raise MavlError(f"label map file {path} line {lineno} must be 'from,to', got {','.join(row)!r}",
+                            path=path)
+        _add_mapping(mapping, cells[0], cells[1], str(path))
+    if not mapping:
+        raise MavlError(f"label map file {path} has no 'from,to' entries", path=path)
+    return mapping
+
+
+def _add_mapping(mapping: dict[str, str], src: str, dst: str, where: str) -> None:
+    if src in mapping and mapping[src] != dst:
+        raise MavlError(f"{where} maps {src!r} twice ({mapping[src]!r} and {dst!r})")
+    mapping[src] = dst
