@@ -87,22 +87,67 @@ class CheckpointLog:
             self._fh.close()
 
 
+_MAX_HEADER = 1 << 20
+
+
 def _read_header(fh: BinaryIO, path: Path) -> dict[str, Any]:
+    from mavl_cli.limits import MAX_BATCH, max_threads
+
     bad = MavlError(f"{path}: not a mavl embed-images checkpoint (or damaged at the start); delete it and start again", path=path)
     head = fh.read(len(_MAGIC) + 4)
     if len(head) < len(_MAGIC) + 4 or not head.startswith(_MAGIC):
         raise bad
     (hlen,) = struct.unpack_from("<I", head, len(_MAGIC))
+    if hlen > _MAX_HEADER:
+        raise bad
     try:
-        return json.loads(fh.read(hlen))
-    except ValueError:
+        header = json.loads(fh.read(hlen))
+    except (ValueError, RecursionError):
         raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    bs, threads = header.get("batch_size"), header.get("threads")
+    if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or not 1 <= bs <= MAX_BATCH):
+        raise bad
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= max_threads()):
+        raise MavlError(f"{path}: recorded {threads!r} CPU threads, but this machine has {max_threads()} cores; "
+                        "delete the checkpoint or finish the run on the machine that started it", path=path)
+    return header
+
+
+def _open(path: Path) -> BinaryIO:
+    from mavl_cli.contract import check_input_file
+
+    check_input_file(path, "an embed-images checkpoint (OUTPUT.partial)")
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise MavlError(f"{path}: cannot read checkpoint ({exc.strerror or exc})", path=path) from None
 
 
 def read_checkpoint_header(path: Path) -> dict[str, Any]:
-    """The run settings a checkpoint was written with (fingerprint, batch size), without its records."""
-    with open(path, "rb") as fh:
+    """The run settings a checkpoint was written with (fingerprint, batch size, threads), without its records."""
+    with _open(Path(path)) as fh:
         return _read_header(fh, Path(path))
+
+
+def _record_meta(meta_b: bytes, dlen: int, path: Path) -> dict[str, Any]:
+    """A record's metadata, checked: a record can be intact (its checksum holds) and still forged."""
+    bad = MavlError(f"{path}: malformed checkpoint record; delete the checkpoint and start again", path=path)
+    try:
+        meta = json.loads(meta_b)
+    except (ValueError, RecursionError):
+        raise bad from None
+    if not isinstance(meta, dict):
+        raise bad
+    ids, skipped, shape, pos = meta.get("ids"), meta.get("skipped"), meta.get("shape"), meta.get("position")
+    if (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
+            or not isinstance(skipped, list) or not all(isinstance(x, dict) and isinstance(x.get("id"), str) for x in skipped)
+            or not isinstance(pos, int) or isinstance(pos, bool) or pos < 0
+            or not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or shape[0] * shape[1] * 4 != dlen or (dlen and shape[0] != len(ids))):
+        raise bad
+    return meta
 
 
 def read_checkpoint(path: Path) -> tuple[CheckpointState, int]:
@@ -111,10 +156,7 @@ def read_checkpoint(path: Path) -> tuple[CheckpointState, int]:
     Reads record by record, so memory stays at one copy of the features.
     """
     path = Path(path)
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise MavlError(f"{path}: cannot read checkpoint ({exc.strerror or exc})", path=path) from None
+    fh = _open(path)
     with fh:
         st = CheckpointState(header=_read_header(fh, path))
         good_end = fh.tell()
@@ -132,7 +174,9 @@ def read_checkpoint(path: Path) -> tuple[CheckpointState, int]:
             (crc,) = struct.unpack_from("<I", body, mlen + dlen)
             if zlib.crc32(blob, zlib.crc32(meta_b)) != crc:
                 break
-            meta = json.loads(meta_b)
+            meta = _record_meta(meta_b, dlen, path)
+            if meta["position"] < st.position:
+                raise MavlError(f"{path}: malformed checkpoint record (positions go back); delete the checkpoint", path=path)
             if dlen:
                 st.features.append(np.frombuffer(blob, dtype="<f4").reshape(meta["shape"]))
             st.ids.extend(meta["ids"])

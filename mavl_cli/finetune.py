@@ -412,8 +412,12 @@ def finetune_stage(
     from mavl_cli.train import LRFConfig
 
     config = config or LRFConfig()
-    contract.check_output_path(output, [labels, *([val_labels] if val_labels else [])])
+    contract.check_output_path(output, [labels, *([val_labels] if val_labels else []), weights])
     check_backbone_out(Path(backbone_out))
+    if Path(backbone_out).is_dir():  # the folder's files are outputs too: never the starting weights or the labels
+        starting = [weights] if not (weights and Path(weights).is_dir()) else [p for p in Path(weights).iterdir()]
+        contract.check_outputs({"-o": output, **{f"--backbone-out {n}": Path(backbone_out) / n for n in ("model.safetensors", "config.json")}},
+                               [labels, val_labels, *starting])
     tr_items, tr_table = labelled_items(images_root, labels, only, uncertain, label_map, path_column, skip_bad)
     val = None
     if val_labels:

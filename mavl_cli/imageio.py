@@ -32,6 +32,8 @@ Intensity conventions (why they are what they are):
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,11 +59,24 @@ _DICOM_DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpe
 # --------------------------------------------------------------------------- public
 
 
+def is_regular(path: Path | str) -> bool:
+    """True for a regular file (following links): FIFOs, devices and sockets are never opened."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+_is_regular = is_regular
+
+
 def is_dicom(path: Path | str) -> bool:
     """True for a ``.dcm``/``.dicom`` name or a file with the ``DICM`` magic at byte 128."""
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
+    if not _is_regular(path):  # never open a FIFO (blocks without a writer) or a device to sniff it
+        return False
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -114,6 +129,10 @@ def _decode(path: Path, target_size: int | None) -> Image.Image:
         raise MavlError(f"{path}: file not found.", path=path)
     if path.is_dir():
         raise MavlError(f"{path}: is a folder, not an image file.", path=path)
+    if not _is_regular(path):
+        raise MavlError(f"{path}: not a regular file (a device, FIFO or socket), not an image file.", path=path)
+    if not os.access(path, os.R_OK):
+        raise MavlError(f"{path}: cannot read file (permission denied).", path=path)
     try:
         empty = path.stat().st_size == 0
     except OSError as exc:
@@ -153,12 +172,31 @@ def _open_image(path: Path, target_size: int | None = None) -> Image.Image:
     if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
         im.close()
         raise bomb
+    try:
+        check_geometry(path, im.width, im.height)
+    except MavlError:
+        im.close()
+        raise
     if target_size and im.format in ("JPEG", "MPO") and im.mode in ("L", "RGB"):
         w, h = im.size
         if min(w, h) >= 2 * target_size:
             # draft picks the largest 1/2, 1/4, 1/8 scale keeping both sides >= target.
             im.draft(im.mode, (target_size, target_size))
     return im
+
+
+def check_geometry(path: Path, width: int, height: int) -> None:
+    """Refuse, from the header alone, sizes no radiograph has: resizing the short side of a
+    1x70000 px strip to 256 would make a 17.9-million-pixel-long image (gigabytes)."""
+    from mavl_cli.limits import MAX_ASPECT
+
+    if width < 1 or height < 1:
+        raise MavlError(f"{path}: the image claims a size of {width}x{height} pixels.", path=path)
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT:
+        raise MavlError(
+            f"{path}: refusing to decode a {width}x{height} image: its sides differ {ratio:,.0f}-fold "
+            f"(at most {MAX_ASPECT:g}; not a radiograph, and resizing it would need huge memory).", path=path)
 
 
 def _decode_pil(path: Path, target_size: int | None) -> Image.Image:
@@ -300,6 +338,7 @@ def _decode_dicom(path: Path, target_size: int | None) -> Image.Image:
             f"(more than {limit:,} pixels).",
             path=path,
         )
+    check_geometry(path, cols, rows)
     _ensure_transfer_syntax(ds)
 
     arr = _dicom_first_frame(ds, path)
@@ -354,15 +393,27 @@ def _dicom_first_frame(ds: Any, path: Path) -> np.ndarray:
         return pixel_array(ds, index=0)
     except Exception as exc:  # noqa: BLE001
         if getattr(tsuid, "is_compressed", False):
-            raise MavlError(
-                f"{path}: cannot decode DICOM pixel data compressed as "
-                f"{getattr(tsuid, 'name', tsuid)} ({tsuid}) ({_reason(exc)}); "
-                f"if the file is intact, install a decoder: {_DICOM_DECODER_HINT}",
-                path=path,
-            ) from exc
+            tried = _dicom_decoders(tsuid)
+            what = f"{path}: cannot decode DICOM pixel data compressed as {getattr(tsuid, 'name', tsuid)} ({tsuid})"
+            if tried:  # decoders are installed, and none of them reads this file: installing more is no advice
+                raise MavlError(
+                    f"{what}: the installed decoders ({', '.join(tried)}) do not support this file or it is damaged "
+                    "(--debug shows their messages)", path=path) from exc
+            raise MavlError(f"{what}: no installed decoder supports it; install one: {_DICOM_DECODER_HINT}",
+                            path=path) from exc
         raise MavlError(
             f"{path}: cannot decode DICOM pixel data ({_reason(exc)}).", path=path
         ) from exc
+
+
+def _dicom_decoders(tsuid: Any) -> list[str]:
+    """The pydicom decoder plugins installed for this transfer syntax (pydicom 3; [] if unknown)."""
+    try:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        return list(get_decoder(tsuid).available_plugins)
+    except Exception:  # noqa: BLE001 - pydicom 2.x, or a syntax pydicom has no decoder for
+        return []
 
 
 def _dicom_gray_to_unit(ds: Any, arr: np.ndarray, photometric: str) -> np.ndarray:
@@ -373,7 +424,15 @@ def _dicom_gray_to_unit(ds: Any, arr: np.ndarray, photometric: str) -> np.ndarra
     if "ModalityLUTSequence" in ds:
         values = _pydicom_pixels("apply_modality_lut")(arr, ds).astype(np.float32)
     elif slope != 1 or intercept != 0:
-        values = values * np.float32(slope) + np.float32(intercept)
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = values * np.float32(slope) + np.float32(intercept)
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise MavlError(
+            f"{ds.filename if isinstance(getattr(ds, 'filename', None), str) else 'DICOM'}: {bad:,} pixel value(s) are "
+            f"NaN or infinite after the modality transform (RescaleSlope {ds.get('RescaleSlope', 1)}, "
+            f"RescaleIntercept {ds.get('RescaleIntercept', 0)}); the file's intensity attributes are broken",
+            path=getattr(ds, "filename", None) if isinstance(getattr(ds, "filename", None), str) else None)
 
     out: np.ndarray | None = None
     if "VOILUTSequence" in ds:

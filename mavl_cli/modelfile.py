@@ -32,12 +32,30 @@ def default_model_path() -> Path:
     return mavl_home() / "model.safetensors"
 
 
-def install_default(data: bytes) -> Path:
+def check_install_default(inputs: list[Any] = ()) -> Path:
+    """Fail before any work if the default model cannot be installed: ``$MAVL_HOME`` under a
+    regular file or unwritable, the default path not a regular file, or one of ``inputs``."""
+    from mavl_cli import contract
+
+    dest = default_model_path()
+    try:
+        contract.check_folder(dest.parent, create=True, what="mavl's home folder ($MAVL_HOME)")
+    except MavlError as exc:
+        raise MavlError(f"cannot install the default model: {exc}") from None
+    if dest.parent.is_dir():
+        contract.check_output_path(dest, [p for p in inputs if p], may_replace=[dest])
+    return dest
+
+
+def install_default(data: bytes, inputs: list[Any] = ()) -> Path:
     """Make these model-file bytes the default for `mavl predict` (atomically)."""
     from mavl_cli.contract import atomic_write_bytes
 
-    dest = default_model_path()
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = check_install_default(inputs)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MavlError(f"cannot install the default model: {dest.parent}: {exc.strerror or exc}") from None
     atomic_write_bytes(dest, data)
     return dest
 

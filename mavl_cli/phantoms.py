@@ -12,8 +12,8 @@ with and without a finding: the tests rely on that to check signs on pixels.
 
 from __future__ import annotations
 
-import csv
 import io
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -539,10 +539,9 @@ def _label(findings: dict[str, float], name: str, blank: bool) -> str:
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        wr = csv.writer(fh, lineterminator="\n")
-        wr.writerow(["Path", "Patient", *FINDINGS])
-        wr.writerows(rows)
+    from mavl_cli.contract import write_csv
+
+    write_csv(path, rows, header=["Path", "Patient", *FINDINGS], lineterminator="\n")  # atomic: never a torn CSV
 
 
 def _split_patients(rng: np.random.Generator, patients: list[str], split: tuple[float, float, float]) -> dict[str, str]:
@@ -588,16 +587,50 @@ def generate_phantoms(
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    from mavl_cli.limits import MAX_PHANTOM_SIZE
+
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
+    if size > MAX_PHANTOM_SIZE:
+        from mavl_cli.errors import MavlError
+
+        raise MavlError(f"--size {size}: at most {MAX_PHANTOM_SIZE} pixels (drawing one film needs ~25 floats per pixel)")
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
+    from mavl_cli.contract import check_folder
+
+    check_folder(out_dir, create=True, what="phantoms folder")
+    made = [d for d in (out_dir, img_dir) if not d.exists()]
+    written: list[Path] = []
     try:
         img_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         from mavl_cli.errors import MavlError
 
         raise MavlError(f"{out_dir}: cannot create folder ({exc.strerror or exc})", path=out_dir) from None
+    try:
+        return _generate(out_dir, n, seed, size, split, progress, written)
+    except BaseException:
+        # a failed or interrupted run leaves no half-made folder: remove what this run wrote
+        for p in written:
+            p.unlink(missing_ok=True)
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _write_image(path: Path, data: bytes) -> None:
+    """Temp file and rename (no fsync: phantoms are cheap to redo), so a kill never leaves a torn PNG."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _generate(out_dir: Path, n: int, seed: int, size: int, split: tuple[float, float, float],
+              progress: Callable[[int], None] | None, written: list[Path]) -> PhantomSet:
     master = np.random.default_rng(seed)
     rows: list[list[str]] = []
     row_patient: list[str] = []
@@ -616,13 +649,16 @@ def generate_phantoms(
             rel = f"images/{patient}_study{study}.png"
             buf = io.BytesIO()
             Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=1)
-            (out_dir / rel).write_bytes(buf.getvalue())
+            if not (out_dir / rel).exists():
+                written.append(out_dir / rel)
+            _write_image(out_dir / rel, buf.getvalue())
             rows.append([rel, patient, *(_label(findings, f, b) for f, b in zip(FINDINGS, blanks))])
             row_patient.append(patient)
             if progress is not None:
                 progress(len(rows))
     assign = _split_patients(master, sorted(set(row_patient)), split)
     labels_csv = out_dir / "labels.csv"
+    written.extend(p for p in [labels_csv, *(out_dir / f"{k}.csv" for k in ("train", "val", "test"))] if not p.exists())
     _write_csv(labels_csv, rows)
     splits: dict[str, Path] = {}
     for name in ("train", "val", "test"):

@@ -24,14 +24,43 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from mavl_cli.sanitize import terminal
+
+class SafeConsole(Console):
+    """A console that treats every string as data: no rich markup or emoji codes are parsed
+    (a label ``[link=...]`` stays text) and control characters are shown escaped
+    (:func:`mavl_cli.sanitize.terminal`). Styled output is built from :class:`Text` pieces."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(markup=False, emoji=False, **kw)
+
+    def render_str(self, text: str, **kw: Any) -> Text:  # type: ignore[override]
+        kw["markup"], kw["emoji"] = False, False
+        return super().render_str(terminal(text), **kw)
+
+
 def _console(stderr: bool) -> Console:
     """A console; when output is a file or pipe (logs, CI) use a wide fixed width, not 80 columns."""
     import os
 
-    c = Console(stderr=stderr, soft_wrap=True)
+    c = SafeConsole(stderr=stderr, soft_wrap=True)
     if not c.is_terminal and "COLUMNS" not in os.environ:
-        c = Console(stderr=stderr, soft_wrap=True, width=160)
+        c = SafeConsole(stderr=stderr, soft_wrap=True, width=160)
     return c
+
+
+def safe(value: Any, style: str = "") -> Text:
+    """User-supplied text as a rich :class:`Text`: never parsed as markup, control characters escaped."""
+    if isinstance(value, Text):
+        return Text(terminal(value.plain), style=value.style or style)
+    return Text(terminal(value), style=style)
+
+
+def styled(template: str, *values: Any) -> Text:
+    """Markup written by mavl (``template``) with user values filled in as plain, escaped text."""
+    from rich.markup import escape
+
+    return Text.from_markup(template.format(*(escape(terminal(v)) for v in values)))
 
 
 _err = _console(stderr=True)
@@ -68,20 +97,21 @@ def refresh_consoles() -> None:
 
 
 def error_line(message: str) -> None:
-    _err.print(Text.assemble(("error: ", "bold red"), (message, "red")), soft_wrap=True)
+    """The one ``error:`` line: the message is sanitised, so a file name cannot forge a second line."""
+    _err.print(Text.assemble(("error: ", "bold red"), (terminal(message), "red")), soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    _err.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True)
+    _err.print(Text.assemble(("warning: ", "bold yellow"), terminal(message)), soft_wrap=True)
 
 
 def alarm(message: str) -> None:
     """A warning that must not be missed (e.g. thresholds tuned on the evaluated data)."""
-    _err.print(Text.assemble(("WARNING: ", "bold white on red"), (" " + message, "bold red")), soft_wrap=True)
+    _err.print(Text.assemble(("WARNING: ", "bold white on red"), (" " + terminal(message), "bold red")), soft_wrap=True)
 
 
 def info(message: str) -> None:
-    _err.print(Text(message, style="dim"), soft_wrap=True)
+    _err.print(Text(terminal(message), style="dim"), soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):
@@ -155,13 +185,15 @@ def fmt_num(v: Any, digits: int = 3) -> str:
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None,
           numeric: bool = True) -> Table:
     """A results table; ``numeric`` right-aligns every column but the first."""
-    t = Table(title=title, caption=caption, header_style="bold cyan", show_lines=False)
+    t = Table(title=safe(title), caption=safe(caption) if caption is not None else None, header_style="bold cyan",
+              show_lines=False)
     for i, c in enumerate(columns):
-        t.add_column(c, justify="right" if (numeric and i > 0) else "left")
+        t.add_column(safe(c), justify="right" if (numeric and i > 0) else "left")
     for r in rows:
-        t.add_row(*[x if isinstance(x, Text) else Text(fmt_num(x)) for x in r])
+        t.add_row(*[safe(x) if isinstance(x, Text) else safe(fmt_num(x)) for x in r])
     return t
 
 
 def show(renderable: Any) -> None:
-    out().print(renderable)
+    """Print a table or a line of results; a plain string is data (sanitised, no markup)."""
+    out().print(safe(renderable) if isinstance(renderable, str) else renderable)

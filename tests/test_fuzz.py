@@ -41,6 +41,15 @@ def no_hang(seconds: int = SECONDS):
         signal.signal(signal.SIGALRM, old)
 
 
+def _fusion(f32, img: int, txt: int, dim: int) -> dict[str, np.ndarray]:
+    """The fusion projectors' tensors (``fusion.img_proj.*``, ``fusion.txt_proj.*``, ``fusion.log_scale``)."""
+    out = {"fusion.log_scale": f32(1)}
+    for name, d in (("img_proj", img), ("txt_proj", txt)):
+        out.update({f"fusion.{name}.0.weight": f32(dim, d), f"fusion.{name}.0.bias": f32(dim),
+                    f"fusion.{name}.2.weight": f32(dim, dim), f"fusion.{name}.2.bias": f32(dim)})
+    return out
+
+
 def valid_files() -> dict[str, bytes]:
     """One small valid file of every kind (built in memory, no models needed)."""
     rng = np.random.default_rng(0)
@@ -51,9 +60,13 @@ def valid_files() -> dict[str, bytes]:
                                               {"ids": ["a.png", "b.png", "c.png", "d.png"], "backbone": "vit"}),
         "text-embeddings": contract.to_bytes("text-embeddings", {"embeddings": f32(3, 2, 5), "mask": np.ones((3, 2), np.uint8)},
                                              {"labels": labels, "aspects": ["name", "definition"]}),
-        "lrf-head": contract.to_bytes("lrf-head", {"proj.weight": f32(4, 6), "classifier.weight": f32(3, 4)}, {"labels": labels}),
+        "lrf-head": contract.to_bytes("lrf-head", {"norm.weight": f32(6), "norm.bias": f32(6), "proj.weight": f32(4, 6),
+                                                   "classifier.weight": f32(3, 4), "classifier.bias": f32(3)}, {"labels": labels}),
         "model": contract.to_bytes("model", {"text.embeddings": f32(3, 1, 5), "text.mask": np.ones((3, 1), np.uint8),
-                                             "thresholds": np.full(3, 0.5, np.float32)}, {"labels": labels}),
+                                             "thresholds": np.full(3, 0.5, np.float32), **_fusion(f32, img=6, txt=5, dim=4),
+                                             "fusion.bias": f32(3), "fusion.aspect_logits": f32(3, 1)},
+                                   {"labels": labels, "fusion": {"img_dim": 6, "txt_dim": 5, "dim": 4, "n_aspects": 1,
+                                                                 "aggregate": "mean"}}),
         "scores": contract.to_bytes("scores", {"scores": rng.random((2, 3)).astype(np.float32)},
                                     {"ids": ["a", "b"], "labels": labels}),
     }

@@ -13,11 +13,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from mavl_cli.datasets.ids import normalize_id, rel_id
 from mavl_cli.errors import MavlError
-from mavl_cli.imageio import IMAGE_SUFFIXES, is_dicom
+from mavl_cli.imageio import IMAGE_SUFFIXES, is_dicom, is_regular
 
 GLOB_CHARS = "*?["
 
@@ -100,22 +100,40 @@ def _expand_existing(path: Path, recursive: bool, shown: str) -> list[Path]:
     )
 
 
-def _scan_folder(folder: Path, recursive: bool) -> list[Path]:
-    """Image files under ``folder``, sorted; follows symlinked folders but never loops."""
-    found: list[Path] = []
+def walk_files(folder: Path | str, recursive: bool = True) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, file names)`` under ``folder``, following symlinked folders but entering each real
+    folder once (by device and inode): links to ``.`` or ``..`` cannot make the walk exponential or
+    endless. Hidden folders are skipped; only regular files are listed (a FIFO is never opened)."""
     visited: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         try:
             st = os.stat(root)
-            key = (st.st_dev, st.st_ino)
         except OSError:
             dirs[:] = []
             continue
+        key = (st.st_dev, st.st_ino)
         if key in visited:
             dirs[:] = []
             continue
         visited.add(key)
-        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        keep = []
+        for d in (dirs if recursive else []):
+            if d.startswith("."):
+                continue
+            try:
+                sd = os.stat(os.path.join(root, d))
+            except OSError:
+                continue
+            if (sd.st_dev, sd.st_ino) not in visited:
+                keep.append(d)
+        dirs[:] = keep
+        yield root, [f for f in files if is_regular(Path(root) / f)]
+
+
+def _scan_folder(folder: Path, recursive: bool) -> list[Path]:
+    """Image files under ``folder``, sorted; follows symlinked folders but never loops."""
+    found: list[Path] = []
+    for root, files in walk_files(folder, recursive):
         for name in files:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 found.append(Path(root) / name)
@@ -179,17 +197,8 @@ def _collect_from_labels(inputs: list[str], labels_csv: str | Path, root: str | 
         raise MavlError(f"{base}: image root folder not found", path=base)
     items, missing = [], []
     unresolved: list[tuple[str, str]] = []
-    order = {nid: i for i, nid in enumerate(table.ids)}
     for raw, nid in zip(table.paths, table.ids):
         found = _resolve(base, raw, nid)
-        if found is None and table.suffix_aliases:
-            # MIMIC-CXR: the same layout with .dcm files (DICOM release) instead of .jpg; the id follows the file
-            for alias, own in table.suffix_aliases.items():
-                if nid.endswith(own) and (base / (nid[: -len(own)] + alias)).is_file():
-                    found = base / (nid[: -len(own)] + alias)
-                    order[nid[: -len(own)] + alias] = order[nid]
-                    nid = nid[: -len(own)] + alias
-                    break
         if found is None:
             unresolved.append((raw, nid))
         else:
@@ -206,6 +215,7 @@ def _collect_from_labels(inputs: list[str], labels_csv: str | Path, root: str | 
                 missing.append({"id": nid, "reason": "file name found more than once under the root; give its relative path"})
             else:
                 items.append(ImageItem(nid, hit))
+        order = {nid: i for i, nid in enumerate(table.ids)}
         items.sort(key=lambda it: order[it.id])
     return items, missing
 
@@ -239,7 +249,7 @@ _AMBIGUOUS = Path("\0ambiguous")
 def _name_index(base: Path) -> dict[str, Path]:
     """File name -> path for every image under ``base`` (names found twice map to a marker)."""
     index: dict[str, Path] = {}
-    for folder, _dirs, files in os.walk(base, followlinks=True):
+    for folder, files in walk_files(base):  # link cycles (l1 -> ., l2 -> .) are entered once
         for name in files:
             if name.lower().endswith(IMAGE_SUFFIXES):
                 index[name] = _AMBIGUOUS if name in index else Path(folder) / name

@@ -77,6 +77,8 @@ def read_label_map(spec: str | Path) -> dict[str, str]:
         except json.JSONDecodeError as exc:
             raise MavlError(f"label map file {path} is not valid JSON ({exc.msg}, line {exc.lineno})",
                             path=path) from exc
+        except RecursionError:
+            raise MavlError(f"label map file {path}: JSON nested too deeply to be real data", path=path) from None
         if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in data.items()
         ):

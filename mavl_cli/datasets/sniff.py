@@ -9,7 +9,9 @@ passed in as ``plan``.
 from __future__ import annotations
 
 import gzip
+import io
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +56,10 @@ def sniff_format(path: Path, what: str = "label file") -> tuple[str, str]:
         raise MavlError(f"{what} {where} does not exist", path=path)
     if path.is_dir():
         raise MavlError(f"{what} {where} is a directory, not a CSV file", path=path)
+    from mavl_cli.imageio import is_regular
+
+    if not is_regular(path):  # a FIFO would block the read forever
+        raise MavlError(f"{what} {where} is not a regular file (a device, FIFO or socket)", path=path)
     if path.stat().st_size == 0:
         raise MavlError(f"{what} {where} is empty", path=path)
     with open(path, "rb") as fh:
@@ -76,21 +82,91 @@ def sniff_format(path: Path, what: str = "label file") -> tuple[str, str]:
     return compression, sep
 
 
+#: what a label file may expand to (bytes after decompression, rows): far beyond MIMIC-CXR's 377k rows
+#: (~40 MB), far below what would exhaust memory (pandas needs several times the text's size)
+MAX_LABEL_MB = 1024
+MAX_LABEL_ROWS = 10_000_000
+
+
+def label_limits() -> tuple[int, int]:
+    """(bytes, rows) a label file may hold; ``MAVL_MAX_LABEL_MB`` / ``MAVL_MAX_LABEL_ROWS`` raise them."""
+    import os
+
+    out = []
+    for var, default, scale in (("MAVL_MAX_LABEL_MB", MAX_LABEL_MB, 1 << 20), ("MAVL_MAX_LABEL_ROWS", MAX_LABEL_ROWS, 1)):
+        raw = os.environ.get(var, "")
+        if raw and not raw.isdigit():
+            raise MavlError(f"{var}={raw!r}: must be a whole number")
+        out.append((int(raw) if raw else default) * scale)
+    return out[0], out[1]
+
+
+class _TooBig(MavlError):
+    pass
+
+
+class _Capped(io.RawIOBase):
+    """A file (decompressed on the fly) that refuses to yield more than ``limit`` bytes."""
+
+    def __init__(self, fh, limit: int, error: MavlError) -> None:
+        self.fh, self.limit, self.error, self.total = fh, limit, error, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = self.fh.readinto(b)
+        self.total += n or 0
+        if self.total > self.limit:
+            raise self.error
+        return n
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
+
+
+def _open_capped(path: Path, compression: str, limit: int, what: str) -> io.BufferedReader:
+    import bz2
+    import lzma
+
+    suffix = path.suffix.lower()
+    opener = (gzip.open if compression == "gzip" or suffix == ".gz" else bz2.open if suffix == ".bz2"
+              else lzma.open if suffix in (".xz", ".lzma") else open)
+    err = _TooBig(f"{what} {path} holds more than {limit >> 20:,} MB of text (after decompression): refusing to read it "
+                  "(a decompression bomb?); set MAVL_MAX_LABEL_MB to read larger label files", path=path)
+    return io.BufferedReader(_Capped(opener(path, "rb"), limit, err))
+
+
 def read_csv(path: Path, plan: Plan, what: str = "label file") -> pd.DataFrame:
     """Load the CSV with the columns ``plan`` picks from its header, turning every failure into MavlError.
 
-    ``df.attrs["columns_seen"]`` keeps the full header for error messages.
+    ``df.attrs["columns_seen"]`` keeps the full header for error messages. Only an empty cell is
+    blank: ``nan``, ``N/A``, ``None``, ``NULL`` stay text (and are refused as label values, with
+    their row and column), never silently read as missing. What is read is bounded (see
+    :func:`label_limits`): a small gzip that expands to gigabytes is refused as it streams.
     """
     where = str(path)
     compression, sep = sniff_format(path, what)
+    max_bytes, max_rows = label_limits()
+    direct = compression != "gzip" and path.suffix.lower() in (".zip", ".zst")  # pandas decompresses these itself
+
+    def source():
+        return path if direct else _open_capped(path, compression, max_bytes, what)
 
     def load(encoding: str) -> pd.DataFrame:
-        header = pd.read_csv(path, sep=sep, nrows=0, compression=compression, encoding=encoding)
+        kw = {"compression": compression} if direct else {}
+        with (nullcontext(path) if direct else source()) as fh:
+            header = pd.read_csv(fh, sep=sep, nrows=0, encoding=encoding, **kw)
         columns = [str(c) for c in header.columns]
         usecols, text_cols = plan(columns)
         text = {c: str for c in usecols if c in text_cols}
-        df = pd.read_csv(path, sep=sep, compression=compression, encoding=encoding,
-                         low_memory=False, usecols=usecols, dtype=text)
+        with (nullcontext(path) if direct else source()) as fh:
+            df = pd.read_csv(fh, sep=sep, encoding=encoding, low_memory=False, usecols=usecols, dtype=text,
+                             keep_default_na=False, na_values=[""], nrows=max_rows + 1, **kw)
+        if len(df) > max_rows:
+            raise MavlError(f"{what} {where} has more than {max_rows:,} rows: refusing to read it; "
+                            "set MAVL_MAX_LABEL_ROWS to read larger label files", path=path)
         df.attrs["columns_seen"] = columns
         return df
 

@@ -46,9 +46,12 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     """Read a weights file without unpickling arbitrary objects."""
     import torch
 
+    from mavl_cli.contract import check_input_file
+
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise MavlError(f"{p}: weights file not found", path=p)
+    check_input_file(p, "a weights file (.safetensors, .pth, .bin)")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -86,16 +89,26 @@ def _read_folder(folder: Path) -> tuple[str | None, dict[str, Any], Path]:
     arch, args = None, {}
     cfg_path = folder / "config.json"
     if cfg_path.exists():
+        from mavl_cli.contract import loads_json
+
         try:
-            cfg = json.loads(cfg_path.read_text())
-        except ValueError:
-            raise MavlError(f"{cfg_path}: not valid JSON", path=cfg_path) from None
+            text = cfg_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MavlError(f"{cfg_path}: cannot read ({getattr(exc, 'strerror', None) or exc})", path=cfg_path) from None
+        cfg = loads_json(text, str(cfg_path), "config.json")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_args") or {}, dict) \
+                or not isinstance(cfg.get("architecture") or "", str):
+            raise MavlError(f"{cfg_path}: not a model config (expected a JSON object with 'architecture')", path=cfg_path)
         arch = cfg.get("architecture")
         args = dict(cfg.get("model_args") or {})
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             return arch, args, folder / name
     raise MavlError(f"{folder}: no weights file in this folder (looked for {', '.join(WEIGHT_FILES)})", path=folder)
+
+
+#: timm.create_model arguments that load files themselves (with pickle): never accepted from users
+_FILE_ARGS = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"}
 
 
 def _check_name(name: str) -> None:
@@ -124,6 +137,10 @@ def create_backbone(
     import timm
 
     args = dict(model_args or {})
+    reading = sorted(k for k in args if k in _FILE_ARGS)
+    if reading:
+        raise MavlError(f"--model-args: {', '.join(reading)} would make timm read files on its own (unpickling them); "
+                        "give local weights with --weights instead")
     weights_src = "hub" if (weights is None and pretrained) else ("random" if weights is None else str(weights))
     state = None
     if weights is not None:
@@ -146,8 +163,8 @@ def create_backbone(
             model = timm.create_model(name, pretrained=False, num_classes=0, **args)
     except MavlError:
         raise
-    except TypeError as exc:
-        raise MavlError(f"cannot build {name!r} with arguments {args}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - bad --model-args (img_size 0, wrong types) fail inside timm
+        raise MavlError(f"cannot build {name!r} with arguments {args}: {type(exc).__name__}: {_plain(str(exc))}") from None
     if state is not None:
         _load_into(model, state, str(weights), name)
     model.eval()
@@ -206,12 +223,18 @@ def _load_into(model: Any, state: dict[str, Any], source: str, name: str) -> Non
 
 def save_local_backbone(model: Any, name: str, folder: Path, model_args: dict[str, Any] | None = None) -> Path:
     """Save a timm model in the hub's folder layout (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"architecture": name, "model_args": model_args or {}}, indent=2))
+    from mavl_cli.contract import atomic_write_bytes
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MavlError(f"{folder}: cannot create folder ({exc.strerror or exc})", path=folder) from None
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(folder / "model.safetensors"))
+    # weights first, config last: a folder with a config.json is complete (each file is written atomically)
+    atomic_write_bytes(folder / "model.safetensors", save(sd))
+    atomic_write_bytes(folder / "config.json", json.dumps({"architecture": name, "model_args": model_args or {}}, indent=2).encode())
     return folder
 
 
