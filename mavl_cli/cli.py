@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     import click  # type: ignore[no-redef]
 
 from mavl_cli import __version__, limits, render
+from mavl_cli.cli_dataset import with_dataset_options
 from mavl_cli.errors import MavlError
 
 _DEBUG = {"on": os.environ.get("MAVL_DEBUG", "") not in ("", "0")}
@@ -150,6 +151,7 @@ def _summary(title: str, summary: dict[str, Any]) -> None:
 
 
 @app.command("embed-images")
+@with_dataset_options
 def embed_images_cmd(
     inputs: List[str] = typer.Argument(None, help="Image files, folders (recursive), globs, or '-' for paths on stdin."),
     output: str = typer.Option(..., "-o", "--output", help="Output .safetensors ('-' = stdout)."),
@@ -193,6 +195,7 @@ def _json_arg(value: str | None, name: str) -> dict[str, Any] | None:
 
 
 @app.command("train-lrf")
+@with_dataset_options
 def train_lrf_cmd(
     embeddings: str = typer.Argument(..., help="Image embeddings from `mavl embed-images` ('-' = stdin)."),
     labels: str = typer.Option(..., "--labels", help="Labels CSV (CheXpert, NIH Data_Entry or path + label columns)."),
@@ -227,6 +230,7 @@ def train_lrf_cmd(
 
 
 @app.command("finetune-lrf")
+@with_dataset_options
 def finetune_lrf_cmd(
     images_root: str = typer.Argument(..., help="Folder the label CSV's image paths are relative to."),
     labels: str = typer.Option(..., "--labels", help="Training labels CSV (its path column lists the images)."),
@@ -297,6 +301,7 @@ def embed_text_cmd(
 
 
 @app.command("fuse")
+@with_dataset_options
 def fuse_cmd(
     embeddings: str = typer.Argument(..., help="Training image embeddings (backbone or LRF space)."),
     text: str = typer.Argument(..., help="Text embeddings from `mavl embed-text` ('-' = stdin)."),
@@ -328,6 +333,7 @@ def fuse_cmd(
 
 
 @app.command("tune-threshold")
+@with_dataset_options
 def tune_threshold_cmd(
     model: str = typer.Argument(..., help="Model from `mavl fuse`."),
     embeddings: str = typer.Argument(..., help="VALIDATION image embeddings (never the test set)."),
@@ -356,6 +362,7 @@ def tune_threshold_cmd(
 
 
 @app.command("evaluate")
+@with_dataset_options
 def evaluate_cmd(
     model: Optional[str] = typer.Argument(None, help="Model with thresholds (from tune-threshold)."),
     embeddings: Optional[str] = typer.Argument(None, help="TEST image embeddings."),

@@ -197,8 +197,17 @@ def _collect_from_labels(inputs: list[str], labels_csv: str | Path, root: str | 
         raise MavlError(f"{base}: image root folder not found", path=base)
     items, missing = [], []
     unresolved: list[tuple[str, str]] = []
+    order = {nid: i for i, nid in enumerate(table.ids)}
     for raw, nid in zip(table.paths, table.ids):
         found = _resolve(base, raw, nid)
+        if found is None and table.suffix_aliases:
+            # MIMIC-CXR: the same layout with .dcm files (DICOM release) instead of .jpg; the id follows the file
+            for alias, own in table.suffix_aliases.items():
+                if nid.endswith(own) and (base / (nid[: -len(own)] + alias)).is_file():
+                    found = base / (nid[: -len(own)] + alias)
+                    order[nid[: -len(own)] + alias] = order[nid]
+                    nid = nid[: -len(own)] + alias
+                    break
         if found is None:
             unresolved.append((raw, nid))
         else:
@@ -215,7 +224,6 @@ def _collect_from_labels(inputs: list[str], labels_csv: str | Path, root: str | 
                 missing.append({"id": nid, "reason": "file name found more than once under the root; give its relative path"})
             else:
                 items.append(ImageItem(nid, hit))
-        order = {nid: i for i, nid in enumerate(table.ids)}
         items.sort(key=lambda it: order[it.id])
     return items, missing
 

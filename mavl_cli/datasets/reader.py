@@ -1,13 +1,14 @@
 """:func:`read_labels`: whichever label file a data set ships -> one :class:`LabelTable`.
 
 The file's header picks the adapter (see the package docstring); the adapter
-says which columns to parse and how its cells become label values, and the
-steps every data set shares (image ids, duplicates, uncertain and blank
-policies, patient groups, renames) run here once.
+turns the file (and its side files) into :class:`Rows`, and the steps every
+data set shares (image ids, duplicates, uncertain and blank policies, patient
+groups, ``--split``/``--views`` filters, renames) run here once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 
 from mavl_cli.datasets import chexpert, generic, mimic, nih
 from mavl_cli.datasets.ids import normalize_many
+from mavl_cli.datasets.options import DatasetOptions, unpack
 from mavl_cli.datasets.sniff import (
     PATH_COLUMNS, PATIENT_COLUMNS, canon, check_duplicates, find_column, find_path_column, read_csv,
 )
@@ -23,17 +25,38 @@ from mavl_cli.errors import MavlError
 
 # Path-derived patient ids, tried in this order; the first rule that fits every id wins.
 PATIENT_RULES = (chexpert.patient, mimic.patient, nih.patient)
+# View columns of path-column files, in order of preference per row (first non-blank wins).
+VIEW_COLUMNS = (*chexpert.VIEW_COLUMNS, *nih.VIEW_COLUMNS, *generic.VIEW_COLUMNS)
+SPLIT_COLUMNS = ("split",)
+
+
+@dataclass
+class Rows:
+    """What an adapter hands back: one row per image, label values still raw (1, 0, -1, NaN)."""
+
+    paths: list[str]
+    names: list[str]
+    values: np.ndarray
+    patients: list[str] | None = None
+    views: list[str] | None = None
+    splits: list[str] | None = None
+    source: str = generic.NAME
+    suffix_aliases: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)  # image id -> why it has no row
+    view_column: str | None = None
+    ids: list[str] | None = None  # normalised and checked for duplicates already, when set
 
 
 def read_labels(
-    path: Path | str,
+    path,
     uncertain: str = "zeros",
     blank: float = 0.0,
     label_map: dict[str, str] | None = None,
     path_column: str | None = None,
     labels: list[str] | None = None,
+    options: DatasetOptions | None = None,
 ) -> LabelTable:
-    """Read a CheXpert-style, NIH ``Data_Entry`` or generic label CSV (``.csv.gz`` too).
+    """Read a CheXpert-style, NIH ``Data_Entry``, MIMIC-CXR or generic label CSV (``.csv.gz`` too).
 
     ``uncertain`` decides what -1 becomes: ``ones`` -> 1, ``zeros`` -> 0,
     ``ignore`` -> masked out. Blank cells become ``blank`` (NaN masks them out).
@@ -41,8 +64,10 @@ def read_labels(
     those names, in that order. Non-label columns (demographics, view, split,
     study ids) are skipped when their name is known; any other column must
     hold only label values, so a typo'd value is reported rather than guessed.
+    ``options`` (or those of a :class:`~mavl_cli.datasets.options.LabelSource`
+    passed as ``path``) give side files and keep only some splits or views.
     """
-    path = Path(path)
+    path, opts = unpack(path, options)
     where = str(path)
     if uncertain not in UNCERTAIN_POLICIES:
         raise MavlError(
@@ -50,32 +75,23 @@ def read_labels(
             f"{', '.join(UNCERTAIN_POLICIES)}",
             path=path,
         )
-    df = read_csv(path, lambda columns: _plan(columns, path_column))
-
-    path_col = find_path_column(df, path, path_column)
-    findings_col = find_column(df, nih.FINDINGS_COLUMNS)
-    patient_col = find_column(df, PATIENT_COLUMNS, exclude=(path_col,))
-
-    raw_paths = df[path_col]
-    if raw_paths.isna().any():
-        row = int(np.flatnonzero(raw_paths.isna().to_numpy())[0]) + 1
-        raise MavlError(f"{where}: column {path_col!r} is blank in row {row}; every row needs an image path",
-                        path=path)
-    paths = [str(p) for p in raw_paths.tolist()]
-    ids = normalize_many(paths)
-    check_duplicates(ids, paths, path)
-
-    if findings_col is not None:
-        names, values = nih.findings_values(df[findings_col])
-        source = nih.NAME
+    picked: dict[str, object] = {}
+    df = read_csv(path, lambda columns: _plan(columns, path_column, opts, picked))
+    if picked["adapter"] is mimic:
+        rows = mimic.read(df, path, opts)
     else:
-        names, values = generic.label_values(df, {path_col, patient_col}, path)
-        source = chexpert.NAME if chexpert.claims(names) else generic.NAME
+        rows = _path_rows(df, path, path_column, opts)
 
-    y, mask = apply_policies(values, uncertain, blank)
-    groups = _groups(df, patient_col, ids)
-    table = LabelTable(ids=ids, names=names, y=y, mask=mask, paths=paths, groups=groups,
-                       source=source, file=where)
+    ids = rows.ids
+    if ids is None:
+        ids = normalize_many(rows.paths)
+        check_duplicates(ids, rows.paths, path)
+    y, mask = apply_policies(rows.values, uncertain, blank)
+    groups = rows.patients if rows.patients is not None else derive_groups(ids)
+    table = LabelTable(ids=ids, names=rows.names, y=y, mask=mask, paths=rows.paths, groups=groups,
+                       source=rows.source, file=where, dropped=dict(rows.dropped),
+                       suffix_aliases=dict(rows.suffix_aliases))
+    table = _filter(table, rows, opts, path)
     if label_map:
         table = rename(table, label_map)
     if labels is not None:
@@ -83,13 +99,92 @@ def read_labels(
     return table
 
 
-def _plan(columns: list[str], path_column: str | None) -> tuple[list[str], set[str]]:
-    """Which columns to parse: NIH needs only path, findings and patient; per-column files all labels."""
-    if nih.detect({canon(c) for c in columns}):
+def _plan(columns: list[str], path_column: str | None, opts: DatasetOptions,
+          picked: dict[str, object]) -> tuple[list[str], set[str]]:
+    """Pick the adapter from the header, and the columns it needs parsed."""
+    canon_cols = {canon(c) for c in columns}
+    extra = set(VIEW_COLUMNS if opts.views is not None else ()) | set(SPLIT_COLUMNS if opts.split is not None else ())
+    if path_column is None and mimic.detect(canon_cols):
+        picked["adapter"] = mimic
+        return mimic.plan(columns)
+    if nih.detect(canon_cols):
+        picked["adapter"] = nih
         keep = set(PATH_COLUMNS + PATIENT_COLUMNS)
-        usecols = [c for c in columns if canon(c) in keep or canon(c) in nih.FINDINGS_COLUMNS or c == path_column]
-        return usecols, {c for c in usecols if canon(c) in keep or c == path_column}
-    return generic.plan(columns, path_column)
+        usecols = [c for c in columns if canon(c) in keep or canon(c) in nih.FINDINGS_COLUMNS
+                   or canon(c) in extra or c == path_column]
+        return usecols, {c for c in usecols if canon(c) in keep or canon(c) in extra or c == path_column}
+    picked["adapter"] = generic
+    usecols, text = generic.plan(columns, path_column)
+    more = [c for c in columns if canon(c) in extra and c not in usecols]
+    return usecols + more, text | set(more) | {c for c in usecols if canon(c) in extra}
+
+
+def _path_rows(df: pd.DataFrame, path: Path, path_column: str | None, opts: DatasetOptions) -> Rows:
+    """Files with an image path column: CheXpert, NIH, generic."""
+    where = str(path)
+    path_col = find_path_column(df, path, path_column)
+    findings_col = find_column(df, nih.FINDINGS_COLUMNS)
+    patient_col = find_column(df, PATIENT_COLUMNS, exclude=(path_col,))
+    raw_paths = df[path_col]
+    if raw_paths.isna().any():
+        row = int(np.flatnonzero(raw_paths.isna().to_numpy())[0]) + 1
+        raise MavlError(f"{where}: column {path_col!r} is blank in row {row}; every row needs an image path",
+                        path=path)
+    paths = [str(p) for p in raw_paths.tolist()]
+    ids = normalize_many(paths)
+    check_duplicates(ids, paths, path)  # before the values, so a repeated row is named as such
+    skip = {path_col, patient_col}
+    skip |= {c for c in df.columns if canon(c) in VIEW_COLUMNS + SPLIT_COLUMNS}
+    if findings_col is not None:
+        names, values = nih.findings_values(df[findings_col])
+        source = nih.NAME
+    else:
+        names, values = generic.label_values(df, skip, path)
+        source = chexpert.NAME if chexpert.claims(names) else generic.NAME
+    views, view_column = _views(df)
+    split_col = find_column(df, SPLIT_COLUMNS)
+    splits = None if split_col is None else df[split_col].astype("string").str.strip().fillna("").tolist()
+    return Rows(paths=paths, names=names, values=values, patients=_groups(df, patient_col, ids),
+                views=views, splits=splits, source=source, view_column=view_column, ids=ids)
+
+
+def _views(df: pd.DataFrame) -> tuple[list[str] | None, str | None]:
+    cols = [c for name in VIEW_COLUMNS for c in df.columns if canon(c) == name]
+    if not cols:
+        return None, None
+    first = df[cols[0]].astype("string").str.strip().fillna("")
+    for c in cols[1:]:  # CheXpert: AP/PA, and Frontal/Lateral where AP/PA is blank (laterals)
+        first = first.mask(first == "", df[c].astype("string").str.strip().fillna(""))
+    return first.tolist(), "/".join(str(c) for c in cols)
+
+
+def _filter(table: LabelTable, rows: Rows, opts: DatasetOptions, path: Path) -> LabelTable:
+    """Keep the rows ``--split`` and ``--views`` ask for; remember why the others went."""
+    if opts.split is None and opts.views is None:
+        return table
+    keep = np.ones(len(table), dtype=bool)
+    why: list[str | None] = [None] * len(table)
+    if opts.views is not None:
+        if rows.views is None:
+            raise MavlError(f"--views: {path} has no view column (looked for AP/PA, Frontal/Lateral, "
+                            "View Position, ViewPosition, Projection)", path=path)
+        wanted = {v.upper() for v in opts.views}
+        for k, v in enumerate(rows.views):
+            if v.upper() not in wanted:
+                keep[k] = False
+                why[k] = f"its view {v or '(blank)'} is not one of --views {','.join(opts.views)}"
+    if opts.split is not None:
+        if rows.splits is None:
+            raise MavlError(f"--split: {path} has no split column", path=path)
+        for k, s in enumerate(rows.splits):
+            if s.lower() != opts.split.lower():
+                if keep[k]:
+                    why[k] = f"it is in split {s or '(blank)'}, not {opts.split}"
+                keep[k] = False
+    if not keep.any():
+        raise MavlError(f"{path}: no image is left after {opts.describe()}", path=path)
+    table.dropped.update({table.ids[k]: why[k] for k in np.flatnonzero(~keep)})
+    return table.take(np.flatnonzero(keep))
 
 
 def _groups(df: pd.DataFrame, patient_col, ids: list[str]) -> list[str] | None:

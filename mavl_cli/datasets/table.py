@@ -7,7 +7,7 @@ works on that one shape; the adapters only decide how a file becomes one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,9 +35,21 @@ class LabelTable:
     groups: list[str] | None
     source: str
     file: str | None = field(default=None, compare=False)
+    # image id -> why the data set holds that image but this table has no row for it
+    # (a MIMIC study without labels, a view or split left out by --views/--split)
+    dropped: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # other file suffixes the same images may carry, e.g. {".dcm": ".jpg"} for MIMIC-CXR's DICOM release
+    suffix_aliases: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, rows) -> "LabelTable":
+        """These rows (indices), in this order."""
+        r = np.asarray(rows, dtype=np.int64)
+        return replace(self, ids=[self.ids[i] for i in r], y=self.y[r], mask=self.mask[r],
+                       paths=[self.paths[i] for i in r],
+                       groups=None if self.groups is None else [self.groups[i] for i in r])
 
     def select(self, names: list[str]) -> "LabelTable":
         """Keep these label columns, in this order, matched by name (not position)."""
@@ -53,11 +65,10 @@ class LabelTable:
         if dupes:
             raise MavlError(f"label(s) {quote_list(dupes)} requested more than once", path=self.file)
         cols = [index[n] for n in names]
-        return LabelTable(
-            ids=list(self.ids), names=list(names), y=self.y[:, cols].copy(),
+        return replace(
+            self, ids=list(self.ids), names=list(names), y=self.y[:, cols].copy(),
             mask=self.mask[:, cols].copy(), paths=list(self.paths),
             groups=None if self.groups is None else list(self.groups),
-            source=self.source, file=self.file,
         )
 
     def align(self, ids: list[str]) -> "LabelTable":
@@ -68,14 +79,18 @@ class LabelTable:
         names, still match when that suffix is unique). The returned table's
         ``ids`` are the ``ids`` given, so rows zip with the embeddings.
         """
-        rows = match_rows(normalize_many([str(i) for i in ids]), self.ids)
-        missing = [ids[k] for k, r in enumerate(rows) if r < 0]
+        wanted = normalize_many([str(i) for i in ids])
+        rows = match_rows(wanted, self.ids, self.suffix_aliases)
+        missing = [k for k, r in enumerate(rows) if r < 0]
         if missing:
-            shown = ", ".join(repr(m) for m in missing[:5])
+            shown = ", ".join(repr(ids[k]) for k in missing[:5])
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            reason = next(((ids[k], self.dropped[w]) for k in missing
+                           for w in _aliases(wanted[k], self.suffix_aliases) if w in self.dropped), None)
+            why = f"; {reason[0]!r}: {reason[1]}" if reason else ""
             raise MavlError(
                 f"{len(missing)} of {len(ids)} image id(s) have no row in the label file "
-                f"{self.file or ''}: {shown}{more}".replace("label file :", "label file:"),
+                f"{self.file or ''}: {shown}{more}{why}".replace("label file :", "label file:"),
                 path=self.file,
             )
         r = np.asarray(rows, dtype=np.int64)
@@ -89,25 +104,42 @@ class LabelTable:
                         path=self.file,
                     )
                 taken[row] = ids[k]
-        return LabelTable(
-            ids=list(ids), names=list(self.names), y=self.y[r], mask=self.mask[r],
+        return replace(
+            self, ids=list(ids), y=self.y[r], mask=self.mask[r],
             paths=[self.paths[i] for i in rows],
             groups=None if self.groups is None else [self.groups[i] for i in rows],
-            source=self.source, file=self.file,
         )
 
 
-def match_rows(wanted: list[str], have: list[str]) -> list[int]:
+def _aliases(image_id: str, suffix_aliases: dict[str, str]) -> list[str]:
+    """``image_id`` and, if its suffix is an alias, the id with the table's own suffix."""
+    out = [image_id]
+    for alias, own in suffix_aliases.items():
+        if image_id.lower().endswith(alias):
+            out.append(image_id[: -len(alias)] + own)
+    return out
+
+
+def match_rows(wanted: list[str], have: list[str], suffix_aliases: dict[str, str] | None = None) -> list[int]:
     """Row index in ``have`` for each of ``wanted`` (both normalised), -1 if none.
 
     Exact matches first; the remaining ids fall back to the longest common
     path suffix, counted in whole path components. A suffix shared by two
-    label rows is ambiguous and never used.
+    label rows is ambiguous and never used. Ids ending in a ``suffix_aliases``
+    key (``.dcm``) that match nothing are tried again with the table's suffix.
     """
     exact = {h: i for i, h in enumerate(have)}
     rows = [exact.get(w, -1) for w in wanted]
     if all(r >= 0 for r in rows):
         return rows
+    if suffix_aliases:
+        todo = [k for k, r in enumerate(rows) if r < 0 and len(_aliases(wanted[k], suffix_aliases)) > 1]
+        if todo:
+            again = match_rows([_aliases(wanted[k], suffix_aliases)[1] for k in todo], have)
+            for k, r in zip(todo, again):
+                rows[k] = r
+            if all(r >= 0 for r in rows):
+                return rows
     # suffix -> row, or -2 when two rows share it. Built only when needed.
     suffixes: dict[str, int] = {}
     for i, h in enumerate(have):

@@ -1,0 +1,181 @@
+"""Data-set adapters on small trees in each release's exact layout (mavl_cli.datasets.layouts).
+
+Expected values are recomputed here from the written CSVs with plain pandas
+(joins, filters), never taken from the adapter under test.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mavl_cli.datasets import collect_inputs, read_labels
+from mavl_cli.datasets.layouts import write_mimic
+from mavl_cli.datasets.options import DatasetOptions, LabelSource
+from mavl_cli.errors import MavlError
+
+TINY = "--backbone vit_tiny_patch16_224 --weights {w}"
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _rewrite(path: Path, df: pd.DataFrame) -> None:
+    data = df.to_csv(index=False).encode()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+@pytest.fixture(scope="module")
+def mimic(tmp_path_factory):
+    return write_mimic(tmp_path_factory.mktemp("mimic"), patients=4, studies=2)
+
+
+def _src(layout, **kw) -> LabelSource:
+    return LabelSource(layout.labels, DatasetOptions(**kw))
+
+
+# --------------------------------------------------------------------------- MIMIC-CXR
+
+
+def test_mimic_every_image_gets_its_studys_labels(mimic):
+    t = read_labels(mimic.labels, uncertain="ignore", blank=float("nan"))
+    meta, lab = _csv(mimic.files["metadata"]), _csv(mimic.labels)
+    want = meta.merge(lab, on=["subject_id", "study_id"], how="inner")
+    assert len(t) == len(want) == len(meta) and t.source == "mimic"
+    for k, row in want.iterrows():
+        s = row["subject_id"]
+        assert t.ids[k] == f"files/p{s[:2]}/p{s}/s{row['study_id']}/{row['dicom_id']}.jpg"
+        assert (mimic.root / t.ids[k]).is_file() and t.groups[k] == f"p{s}"
+        for j, name in enumerate(t.names):
+            cell = row[name]
+            if cell in ("", "-1.0"):
+                assert not t.mask[k, j]
+            else:
+                assert t.mask[k, j] and t.y[k, j] == float(cell)
+
+
+def test_mimic_split_and_views_filter_rows(mimic):
+    meta, split = _csv(mimic.files["metadata"]), _csv(mimic.files["split"])
+    joined = meta.merge(split[["dicom_id", "split"]], on="dicom_id")
+    for name in ("train", "validate", "test"):
+        t = read_labels(_src(mimic, split=name, views=("pa", "AP")))
+        want = joined[(joined.split == name) & joined.ViewPosition.isin(["PA", "AP"])]
+        assert [i.rsplit("/", 1)[1][:-4] for i in t.ids] == want.dicom_id.tolist()
+    lateral = read_labels(_src(mimic, views=("LATERAL",)))
+    assert len(lateral) == (meta.ViewPosition == "LATERAL").sum()
+
+
+def test_mimic_side_files_found_beside_or_given(mimic, tmp_path):
+    elsewhere = tmp_path / "labels.csv.gz"
+    elsewhere.write_bytes(mimic.labels.read_bytes())
+    with pytest.raises(MavlError, match="mimic-cxr-2.0.0-metadata.csv.gz is not beside it: pass --metadata"):
+        read_labels(elsewhere)
+    t = read_labels(LabelSource(elsewhere, DatasetOptions(metadata=str(mimic.files["metadata"]), split="test",
+                                                           split_file=str(mimic.files["split"]))))
+    assert len(t) == (_csv(mimic.files["split"]).split == "test").sum()
+
+
+def test_mimic_negbio_file_reads_the_same(mimic, tmp_path):
+    root = write_mimic(tmp_path, patients=2, studies=1, label_file="mimic-cxr-2.0.0-negbio.csv.gz")
+    t = read_labels(root.labels)
+    assert t.source == "mimic" and len(t) == 4 and "Pleural Effusion" in t.names
+
+
+def test_mimic_dicom_release_lists_dcm_files_and_aligns(tmp_path):
+    layout = write_mimic(tmp_path, patients=3, studies=1, dicom=True)
+    items, missing = collect_inputs([str(layout.root)], LabelSource(layout.labels, DatasetOptions(views=("PA", "AP"))))
+    assert not missing and len(items) == 3 and all(it.id.endswith(".dcm") and it.path.is_file() for it in items)
+    t = read_labels(layout.labels).align([it.id for it in items])
+    assert t.ids == [it.id for it in items] and t.y.shape[0] == 3
+
+
+def test_mimic_study_without_images_is_one_clear_error(mimic, tmp_path):
+    layout = write_mimic(tmp_path, patients=2, studies=2)
+    meta = _csv(layout.files["metadata"])
+    gone = meta.study_id.iloc[0]
+    _rewrite(layout.files["metadata"], meta[meta.study_id != gone])
+    with pytest.raises(MavlError, match=f"study s{gone} .* has no image in .*metadata.*same MIMIC-CXR release") as e:
+        read_labels(layout.labels)
+    assert "\n" not in str(e.value)
+
+
+def test_mimic_image_without_labels_is_named_when_used(tmp_path):
+    layout = write_mimic(tmp_path, patients=2, studies=2)
+    lab = _csv(layout.labels)
+    gone = lab.study_id.iloc[1]
+    _rewrite(layout.labels, lab[lab.study_id != gone])
+    t = read_labels(layout.labels)
+    assert all(f"/s{gone}/" not in i for i in t.ids) and len(t) == 6
+    orphan = next(str(p.relative_to(layout.root)) for p in layout.images if f"/s{gone}/" in str(p))
+    with pytest.raises(MavlError, match=f"have no row .*its study s{gone} has no row in mimic-cxr-2.0.0-chexpert"):
+        t.align([t.ids[0], orphan])
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("study", "puts image .* in study s.*, .*metadata.* in study s.*disagree"),
+    ("drop", "has no row for image .* of .*metadata.*disagree"),
+    ("value", "has split 'dev'; expected train, validate, test"),
+])
+def test_mimic_split_file_that_disagrees(tmp_path, edit, message):
+    layout = write_mimic(tmp_path, patients=3, studies=1)
+    sp = _csv(layout.files["split"])
+    if edit == "study":
+        sp.loc[1, "study_id"] = "59999999"
+    elif edit == "drop":
+        sp = sp.iloc[1:]
+    else:
+        sp.loc[2, "split"] = "dev"
+    _rewrite(layout.files["split"], sp)
+    with pytest.raises(MavlError, match=message) as e:
+        read_labels(_src(layout, split="train"))
+    assert "\n" not in str(e.value)
+    read_labels(layout.labels)  # without --split the split file is not read
+
+
+def test_split_and_views_errors(mimic, tmp_path):
+    with pytest.raises(MavlError, match="MIMIC-CXR splits are train, validate, test"):
+        read_labels(_src(mimic, split="val"))
+    with pytest.raises(MavlError, match="no image is left after views OBLIQUE"):
+        read_labels(_src(mimic, views=("OBLIQUE",)))
+    plain = tmp_path / "plain.csv"
+    plain.write_text("path,Edema\na.png,1\nb.png,0\n")
+    with pytest.raises(MavlError, match="--views: .*plain.csv has no view column"):
+        read_labels(LabelSource(plain, DatasetOptions(views=("PA",))))
+    with pytest.raises(MavlError, match="--split: .*plain.csv has no split column"):
+        read_labels(LabelSource(plain, DatasetOptions(split="train")))
+
+
+def test_chexpert_views_keep_frontal_projections(tmp_path):
+    p = tmp_path / "valid.csv"
+    p.write_text("Path,Sex,Age,Frontal/Lateral,AP/PA,Edema\n"
+                 "CheXpert-v1.0-small/valid/patient1/study1/view1_frontal.jpg,F,50,Frontal,AP,1.0\n"
+                 "CheXpert-v1.0-small/valid/patient1/study1/view2_lateral.jpg,F,50,Lateral,,0.0\n"
+                 "CheXpert-v1.0-small/valid/patient2/study1/view1_frontal.jpg,M,60,Frontal,PA,0.0\n")
+    t = read_labels(LabelSource(p, DatasetOptions(views=("PA", "AP"))))
+    assert t.ids == ["valid/patient1/study1/view1_frontal.jpg", "valid/patient2/study1/view1_frontal.jpg"]
+    assert read_labels(LabelSource(p, DatasetOptions(views=("lateral",)))).ids == ["valid/patient1/study1/view2_lateral.jpg"]
+    assert read_labels(p).ids == read_labels(LabelSource(p, DatasetOptions())).ids  # no options: unchanged
+
+
+def test_mimic_embed_and_train_through_the_cli(mimic, tiny_vit, cli, tmp_path):
+    lab = mimic.labels
+    r = cli(f"embed-images {mimic.root} --labels {lab} --split train --views PA,AP {TINY.format(w=tiny_vit)} -o {tmp_path/'train.st'}")
+    assert r.exit_code == 0, r.stderr
+    r = cli(f"embed-images {mimic.root} --labels {lab} --split validate --views PA,AP {TINY.format(w=tiny_vit)} -o {tmp_path/'val.st'}")
+    assert r.exit_code == 0, r.stderr
+    from mavl_cli import contract
+
+    ids = contract.read_file(tmp_path / "train.st").ids()
+    assert ids == read_labels(_src(mimic, split="train", views=("PA", "AP"))).ids and len(ids) == 4
+    r = cli(f"train-lrf {tmp_path/'train.st'} --labels {lab} --split train --views PA,AP --val {tmp_path/'val.st'} "
+            f"--only Cardiomegaly,Edema --rank 4 --keep 2 --epochs 2 -o {tmp_path/'lrf.st'}")
+    assert r.exit_code == 0, r.stderr
+    r = cli(f"train-lrf {tmp_path/'val.st'} --labels {lab} --split train --rank 4 --keep 2 --epochs 1 -o {tmp_path/'x.st'}")
+    assert r.exit_code == 2 and "it is in split validate, not train" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.st").exists()
