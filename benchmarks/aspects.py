@@ -322,9 +322,10 @@ def zero_shot(ds: Dataset, work: Path, text_model: Path, seed: int, boot: int, a
                                "supervised": {a: supervised[a][held] for a in supervised}}
         for agg in aggregates:
             model = load_model(fuse(ds, work, texts["aspects"], lrf, agg, seed, f"zs{tag}_{agg}_s{seed}"))
-            text, mask, bias, names, new, aspects = _extend_labels(model, str(src), "cpu")
+            label_text, _new = _extend_labels(model, str(src), "cpu")
+            aspects = list(model.meta.get("aspects") or [])
             x = model.to_fusion_input(test_emb)
-            s = model.score(x, text, mask, bias)[:, names.index(held)]
+            s = model.score(x, label_text)[:, label_text.labels.index(held)]
             m = metrics(ds, s[:, None], [held], boot, te)
             dropped = [a for a in ds.descriptions[held] if a not in aspects]
             row[f"zero_shot/{agg}"] = {"auroc": m["macro_auroc"], "ci": m.get("ci"), "aspects_dropped": dropped}

@@ -332,6 +332,27 @@ def fuse_cmd(
         render.info(n)
 
 
+@app.command("zero-shot")
+def zero_shot_cmd(
+    encoder: str = typer.Option(..., "--encoder", "-e", help="Aligned image-text model: open_clip:FOLDER (open_clip's hub layout), open_clip:hf-hub:ORG/NAME, or open_clip:ARCH with --weights."),
+    descriptions: str = typer.Option(..., "--descriptions", help="labels.txt or descriptions .json (as for embed-text)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output model .safetensors."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint for a built-in open_clip architecture (e.g. an OpenAI-format .pt)."),
+    prompts: str = typer.Option("pair", "--prompts", help="pair: label-name prompts vs negated ones (softmax over the pair); aspects: each described aspect vs the negated prompts."),
+    set_default: bool = typer.Option(False, "--set-default", help="Also install as the default model for `mavl predict`."),
+) -> None:
+    """A model without training: score each label by the image's match with positive vs negative prompts."""
+    from mavl_cli.stages import zero_shot_stage
+    from mavl_cli.zeroshot import ZeroShotOptions
+
+    res = zero_shot_stage(ZeroShotOptions(encoder, descriptions, _out(output), weights, prompts), set_default)
+    _summary(f"zero-shot -> {res.output}", res.summary)
+    render.show(render.table("prompts", ["label", "positive", "negative"],
+                             [[r["label"], r["positive"], r["negative"]] for r in res.table], numeric=False))
+    for n in res.notes:
+        render.info(n)
+
+
 @app.command("tune-threshold")
 @with_dataset_options
 def tune_threshold_cmd(

@@ -144,7 +144,9 @@ class LoadedModel:
 
         from mavl_cli.models.fusion import FusionModel
 
-        cfg = self.meta["fusion"]
+        cfg = self.meta.get("fusion")
+        if not cfg:
+            raise MavlError(f"{self.file.path}: a {self.meta.get('scorer')} model has no fusion")
         model = FusionModel(cfg["img_dim"], cfg["txt_dim"], len(self.labels), cfg["n_aspects"], dim=cfg["dim"], aggregate=cfg["aggregate"])
         state = {k[7:]: torch.from_numpy(np.array(v)) for k, v in self.file.tensors.items() if k.startswith("fusion.")}
         try:
@@ -153,10 +155,15 @@ class LoadedModel:
             raise MavlError(f"{self.file.path}: fusion weights do not match its config ({str(exc).splitlines()[0]})") from None
         return model.eval()
 
+    def input_dim(self) -> int:
+        """Size of the scoring head's input features."""
+        if self.meta.get("scorer") == "zeroshot":
+            return int(self.file.tensors["text.embeddings"].shape[2])
+        return int(self.meta["fusion"]["img_dim"])
+
     def to_fusion_input(self, emb: MavlFile) -> np.ndarray:
-        """Image embeddings (backbone or LRF space) -> the fusion's input features."""
+        """Image embeddings (backbone or LRF space) -> the scoring head's input features."""
         lrf = self._lrf_tensors()
-        cfg = self.meta["fusion"]
         if lrf is None:
             x = emb.tensors["features"].astype(np.float32)
         else:
@@ -164,44 +171,41 @@ class LoadedModel:
 
             head_meta = {**(self.meta.get("lrf") or {}), "backbone": self.meta.get("backbone")}
             x = lrf_features(emb, lrf, head_meta, f"the LRF head in {self.file.path}")
-        if x.shape[1] != cfg["img_dim"]:
-            raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the model expects {cfg['img_dim']}-d ({self.meta.get('backbone')})")
+        if x.shape[1] != self.input_dim():
+            raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the model expects {self.input_dim()}-d ({self.meta.get('backbone')})")
         return x
 
-    def text_inputs(self, text: np.ndarray | None = None, mask: np.ndarray | None = None) -> tuple[Any, Any]:
+    def head(self, label_text: Any = None) -> Any:
+        """The scoring head (an ``nn.Module``: head-input features -> logits), see :mod:`mavl_cli.mavlmodel`."""
+        from mavl_cli.mavlmodel import build_head
+
+        lt = label_text
+        return build_head(self, *((lt.text, lt.mask, lt.bias, lt.negative) if lt is not None else ()))
+
+    def score(self, x: np.ndarray, label_text: Any = None, batch: int = 4096) -> np.ndarray:
+        """Probabilities ``[N, L]`` for head-input features ``x`` (``label_text``: a ``mavlmodel.LabelText``)."""
         import torch
 
-        t = self.file.tensors["text.embeddings"] if text is None else text
-        m = self.file.tensors["text.mask"] if mask is None else mask
-        return torch.from_numpy(np.array(t, np.float32)), torch.from_numpy(np.array(m).astype(bool))
-
-    def score(self, x: np.ndarray, text: np.ndarray | None = None, mask: np.ndarray | None = None,
-              bias: np.ndarray | None = None, batch: int = 4096) -> np.ndarray:
-        """Probabilities ``[N, L]`` for fusion-input features ``x``."""
-        import torch
-
-        model = self.fusion()
-        t, m = self.text_inputs(text, mask)
+        head = self.head(label_text)
         out = []
         with torch.no_grad():
-            if bias is not None:
-                model.bias = torch.nn.Parameter(torch.from_numpy(bias.astype(np.float32)))
-            extra = t.shape[0] - model.aspect_logits.shape[0]
-            if extra > 0:  # labels added from text (predict --descriptions): no learned aspect weights, so uniform = mean
-                pad = torch.zeros(extra, model.aspect_logits.shape[1])
-                model.aspect_logits = torch.nn.Parameter(torch.cat([model.aspect_logits, pad]))
             for i in range(0, len(x), batch):
-                out.append(torch.sigmoid(model(torch.from_numpy(x[i : i + batch]), t, m)).numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.labels)), np.float32)
+                out.append(torch.sigmoid(head(torch.from_numpy(x[i : i + batch]))).numpy())
+        n = len(label_text.labels) if label_text is not None else len(self.labels)
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, n), np.float32)
 
-    def aspect_cosines(self, x: np.ndarray, text: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+    def aspect_cosines(self, x: np.ndarray, label_text: Any = None) -> np.ndarray:
         """Per-aspect cosine ``[N, L, A]`` (for --explain)."""
         import torch
 
-        model = self.fusion()
-        t, _ = self.text_inputs(text, mask)
         with torch.no_grad():
-            return model.aspect_cosines(torch.from_numpy(x), t).numpy()
+            return self.head(label_text).aspect_cosines(torch.from_numpy(x)).numpy()
+
+    def module(self, weights: str | None = None, label_text: Any = None) -> Any:
+        """The whole model as one :class:`~mavl_cli.mavlmodel.MavlModel` (encoder rebuilt from the file)."""
+        from mavl_cli.mavlmodel import from_loaded
+
+        return from_loaded(self, weights, label_text=label_text)
 
 
 def load_model(path: str | Path) -> LoadedModel:

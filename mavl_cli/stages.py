@@ -431,8 +431,9 @@ def predict_stage(
     batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
     progress: Callable[[str, int, str], Any] | None = None, json_out: str | None = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
+    """Score images through the whole model (:class:`mavl_cli.mavlmodel.MavlModel`)."""
     from mavl_cli.datasets import collect_inputs
-    from mavl_cli.embed import embed_images
+    from mavl_cli.mavlmodel import score_images
     from mavl_cli.modelfile import find_model, load_model
 
     if threshold is not None and not 0 <= threshold <= 1:
@@ -442,46 +443,47 @@ def predict_stage(
     model = load_model(model_file)
     meta = model.meta
     w = weights or meta.get("backbone_weights")
-    pretrained = True
-    if w in ("hub", None):
-        w = None
-    elif w == "random":
-        w, pretrained = None, False
-    elif not Path(w).exists():
+    if w not in ("hub", "random", None) and not Path(w).exists():
         raise MavlError(f"{model.file.path}: its backbone weights {w} are not on this machine; pass --weights FILE_OR_FOLDER")
     items, _ = collect_inputs(images)
     if scores_out:
         contract.check_output_path(scores_out, [it.path for it in items])  # `--out a.png` must not replace the image
-    with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
-        res = embed_images(items, meta["backbone"], weights=w, pretrained=pretrained, model_args=meta.get("backbone_args") or {},
-                           device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)
-    emb = contract.MavlFile("image-embeddings", {"features": res.features}, {"ids": res.ids, "space": "backbone"}, "images")
-    x = model.to_fusion_input(emb)
-    names = list(model.labels)
-    text, mask = model.file.tensors["text.embeddings"], model.file.tensors["text.mask"]
-    th = model.thresholds if threshold is None else np.full(len(names), threshold, np.float32)
-    bias = None
-    new: list[str] = []
+    label_text, new = None, []
     aspects = list(meta.get("aspects") or [])
     if descriptions:
-        text, mask, bias, names, new, aspects = _extend_labels(model, descriptions, device)
-        th = np.concatenate([th, np.full(len(new), 0.5 if threshold is None else threshold, np.float32)])
-    scores = model.score(x, text, mask, bias)
-    cos = model.aspect_cosines(x, text, mask) if explain else None
-    pred = Prediction(res.ids, names, scores, th, aspects, cos, np.asarray(mask).astype(bool), new)
+        label_text, new = _extend_labels(model, descriptions, device, threshold)
+    module = model.module(weights, label_text=label_text)
+    names = list(module.labels)
+    th = module.thresholds.numpy() if threshold is None else np.full(len(names), threshold, np.float32)
+    with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
+        res = score_images(module, items, device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)
+    mask = label_text.mask if label_text is not None else model.file.tensors["text.mask"]
+    cos = None
+    if explain:
+        import torch
+
+        with torch.no_grad():
+            cos = module.head.cpu().aspect_cosines(torch.from_numpy(res.head_inputs)).numpy()
+    pred = Prediction(res.ids, names, res.probabilities, th, aspects, cos, np.asarray(mask).astype(bool), new)
     if scores_out:
-        contract.write_file(scores_out, "scores", {"scores": scores, "thresholds": th},
+        contract.write_file(scores_out, "scores", {"scores": res.probabilities, "thresholds": th},
                             {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold")})
     return pred, res.skipped
 
 
-def _extend_labels(model: Any, descriptions: str, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str], list[str]]:
+def _extend_labels(model: Any, descriptions: str, device: str, threshold: float | None = None) -> tuple[Any, list[str]]:
     """Add labels described only in text: embed them with the model's own text encoder.
 
-    The new labels get the mean bias of the trained ones (no data says more).
-    Aspects are aligned by name; aspects the model has never seen are dropped.
+    Returns (``mavlmodel.LabelText`` for old + new labels, the new label names).
+    Fusion models: the new labels get the mean bias of the trained ones (no
+    data says more); aspects are aligned by name, aspects the model has never
+    seen are dropped. Zero-shot models: the new labels get prompts like the
+    others (:func:`mavl_cli.zeroshot.extend_labels`). New labels' thresholds
+    are ``threshold`` or the default.
     """
     from mavl_cli.descriptions import read_descriptions
+    from mavl_cli.mavlmodel import LabelText
+    from mavl_cli.modelfile import DEFAULT_THRESHOLD
     from mavl_cli.text_embed import embed_descriptions
 
     meta = model.meta
@@ -490,6 +492,11 @@ def _extend_labels(model: Any, descriptions: str, device: str) -> tuple[np.ndarr
     new = [lab for lab in desc.labels if lab not in names]
     if not new:
         raise MavlError(f"{descriptions}: every label in it is already one of the model's labels")
+    th = np.concatenate([model.thresholds, np.full(len(new), DEFAULT_THRESHOLD if threshold is None else threshold, np.float32)])
+    if meta.get("scorer") == "zeroshot":
+        from mavl_cli.zeroshot import extend_labels
+
+        return extend_labels(model, desc.subset(new), th), new
     te = embed_descriptions(desc.subset(new), meta["text_model"], pooling=meta.get("pooling") or "mean", device=device)
     aspects = list(meta.get("aspects") or [])
     old_t, old_m = model.file.tensors["text.embeddings"], model.file.tensors["text.mask"]
@@ -511,4 +518,24 @@ def _extend_labels(model: Any, descriptions: str, device: str) -> tuple[np.ndarr
         raise MavlError(f"{descriptions}: {', '.join(empty)} share no aspect with the model's aspects ({', '.join(aspects)})")
     fusion_bias = model.file.tensors["fusion.bias"].astype(np.float32)
     bias = np.concatenate([fusion_bias, np.full(len(new), fusion_bias.mean(), np.float32)])
-    return (np.concatenate([old_t, add_t]), np.concatenate([old_m, add_m]), bias, names + new, new, aspects)
+    return LabelText(names + new, np.concatenate([old_t, add_t]), np.concatenate([old_m, add_m]), th, bias=bias), new
+
+
+# ---------------------------------------------------------------- zero-shot
+
+
+def zero_shot_stage(opts: Any, set_default: bool = False) -> StageResult:
+    """A model file from an aligned image-text encoder and label descriptions (``zeroshot.ZeroShotOptions``)."""
+    from mavl_cli.modelfile import install_default
+    from mavl_cli.zeroshot import build_zero_shot
+
+    contract.check_output_path(opts.output, [p for p in (opts.descriptions, opts.weights) if p])
+    tensors, meta, summary = build_zero_shot(opts)
+    blob = contract.to_bytes("model", tensors, meta)
+    contract.atomic_write_bytes(opts.output, blob)
+    notes = ["thresholds are the default 0.5: run `mavl tune-threshold` on validation images or embeddings"]
+    if set_default:
+        notes.append(f"installed as the default model: {install_default(blob)}")
+    table = [{"label": lab, "positive": " | ".join(t for slot in pos for t in slot)[:90], "negative": " | ".join(neg)[:60]}
+             for lab, pos, neg in zip(meta["labels"], meta["aspect_texts"], meta["negative_texts"])]
+    return StageResult(opts.output, summary, table, notes)
