@@ -80,13 +80,18 @@ PHRASES: dict[str, tuple[list[str], list[str], list[str]]] = {
 STATES = {"1.0": 0, "0.0": 1, "-1.0": 2}  # index into PHRASES tuples; blank: not mentioned
 
 
-def clip_config(image_size: int = 96) -> dict[str, Any]:
-    """A small open_clip config: a 3-layer ViT (8x8 patches of 12 px at 96 px) + a 2-layer text transformer."""
+def clip_config(image_size: int = 96, arch: str = "rn") -> dict[str, Any]:
+    """A small open_clip config: a ModifiedResNet (1,1,1,1 blocks, width 16) or a 3-layer ViT image tower,
+    and a 2-layer text transformer."""
+    if arch == "vit":
+        vision = {"image_size": image_size, "layers": 3, "width": 96, "head_width": 32, "mlp_ratio": 2.0,
+                  "patch_size": max(1, image_size // 8)}
+    else:
+        vision = {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None}
     return {
         "model_cfg": {
             "embed_dim": 64,
-            "vision_cfg": {"image_size": image_size, "layers": 3, "width": 96, "head_width": 32, "mlp_ratio": 2.0,
-                           "patch_size": max(1, image_size // 8)},
+            "vision_cfg": vision,
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
         },
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic",
@@ -119,7 +124,8 @@ def load_images(root: Path, rows: list[dict[str, str]], preprocess: Any) -> Any:
     return torch.stack([preprocess(Image.open(root / r["Path"])) for r in rows])
 
 
-def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log: Any) -> dict[str, Any]:
+def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log: Any, arch: str = "rn",
+               lr: float = 1e-3) -> dict[str, Any]:
     """Train the tiny CLIP on the train split; save it in open_clip's hub layout in ``out``."""
     import open_clip
     import torch
@@ -128,7 +134,7 @@ def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    cfg = clip_config(image_size)
+    cfg = clip_config(image_size, arch)
     out.mkdir(parents=True, exist_ok=True)
     (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     # build through the very config file we ship, so what trains is what mavl loads
@@ -145,8 +151,8 @@ def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log
     n = len(rows)
     bs = 64
     steps = epochs * ((n + bs - 1) // bs)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     t0 = time.perf_counter()
     history = []
     model.train()
@@ -183,8 +189,47 @@ def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log
     model.eval()
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(out / "open_clip_model.safetensors"))
-    return {"train_images": n, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1), "history": history,
+    return {"train_images": n, "epochs": epochs, "arch": arch, "lr": lr, "image_size": image_size, "seconds": round(time.perf_counter() - t0, 1), "history": history,
             "params": int(sum(p.numel() for p in model.parameters()))}
+
+
+def direct_zero_shot(clip_dir: Path, ph: Path, split: str, mode: str = "pair") -> dict[str, Any]:
+    """The same zero-shot scores computed with open_clip's own pipeline only (a cross-check of mavl)."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from mavl_cli.descriptions import read_descriptions
+    from mavl_cli.zeroshot import encode_prompts, write_prompts
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    model.eval()
+    rows = read_rows(ph / f"{split}.csv")
+    prompts = write_prompts(read_descriptions(ROOT / "mavl_cli" / "data" / "descriptions" / "phantoms6.json"), mode)
+    emb = encode_prompts(model, tokenizer, prompts.texts())
+    with torch.inference_mode():
+        img = F.normalize(torch.cat([model.encode_image(torch.stack([preprocess(Image.open(ph / r["Path"])) for r in rows[i:i + 64]]))
+                                     for i in range(0, len(rows), 64)]), dim=-1).numpy()
+    scale = float(model.logit_scale.detach().exp())
+    out = {}
+    for j, lab in enumerate(prompts.labels):
+        pos_slots = []
+        for slot in prompts.positive[j]:
+            if slot:
+                v = np.mean([emb[t] for t in slot], 0)
+                pos_slots.append(img @ (v / np.linalg.norm(v)))
+        v = np.mean([emb[t] for t in prompts.negative[j]], 0)
+        neg = img @ (v / np.linalg.norm(v))
+        pair = np.stack([scale * np.mean(pos_slots, 0), scale * neg], 1)
+        p = np.exp(pair[:, 0] - pair.max(1)) / np.exp(pair - pair.max(1, keepdims=True)).sum(1)
+        y = np.array([r[lab] for r in rows])
+        keep = (y == "1.0") | (y == "0.0") | (y == "")
+        out[lab] = float(roc_auc_score((y[keep] == "1.0").astype(int), p[keep]))
+    out["macro"] = float(np.mean(list(out.values())))
+    return out
 
 
 def mavl(*args: Any, capture: bool = False) -> str:
@@ -208,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--prompts", default="pair", help="zero-shot prompt mode (see `mavl zero-shot --help`)")
+    ap.add_argument("--arch", default="rn", choices=("rn", "vit"), help="image tower: small ModifiedResNet or ViT")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train-only", action="store_true", help="stop after training the CLIP")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -223,10 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         mavl("phantoms", ph, "-n", args.n, "--seed", args.seed, "--size", args.size)
     clip_dir = work / "tiny-clip"
     if not (clip_dir / "open_clip_model.safetensors").exists():
-        info = train_clip(ph, clip_dir, args.epochs, args.seed, args.size, lambda m: print(m, file=sys.stderr, flush=True))
+        info = train_clip(ph, clip_dir, args.epochs, args.seed, args.size, lambda m: print(m, file=sys.stderr, flush=True),
+                          args.arch, args.lr)
         (work / "train.json").write_text(json.dumps(info, indent=2))
     info = json.loads((work / "train.json").read_text())
     if args.train_only:
+        print(json.dumps({"direct_val": direct_zero_shot(clip_dir, ph, "val", args.prompts)}, indent=2))
         return 0
     desc = ROOT / "mavl_cli" / "data" / "descriptions" / "phantoms6.json"
     zs, tuned = work / f"zs_{args.prompts}.safetensors", work / f"zs_{args.prompts}_tuned.safetensors"
