@@ -80,10 +80,13 @@ PHRASES: dict[str, tuple[list[str], list[str], list[str]]] = {
 STATES = {"1.0": 0, "0.0": 1, "-1.0": 2}  # index into PHRASES tuples; blank: not mentioned
 
 
-def clip_config(image_size: int = 96, arch: str = "rn") -> dict[str, Any]:
+def clip_config(image_size: int = 96, arch: str = "lit") -> dict[str, Any]:
     """A small open_clip config: a ModifiedResNet (1,1,1,1 blocks, width 16) or a 3-layer ViT image tower,
     and a 2-layer text transformer."""
-    if arch == "vit":
+    if arch == "lit":  # ImageNet EfficientNet-Lite0 trunk (locked) + an MLP projection
+        vision = {"image_size": image_size, "timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False,
+                  "timm_pool": "avg", "timm_proj": "mlp"}
+    elif arch == "vit":
         vision = {"image_size": image_size, "layers": 3, "width": 96, "head_width": 32, "mlp_ratio": 2.0,
                   "patch_size": max(1, image_size // 8)}
     else:
@@ -94,8 +97,8 @@ def clip_config(image_size: int = 96, arch: str = "rn") -> dict[str, Any]:
             "vision_cfg": vision,
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
         },
-        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic",
-                           "resize_mode": "shortest"},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5] if arch == "lit" else [0.25, 0.25, 0.25],
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
     }
 
 
@@ -124,7 +127,7 @@ def load_images(root: Path, rows: list[dict[str, str]], preprocess: Any) -> Any:
     return torch.stack([preprocess(Image.open(root / r["Path"])) for r in rows])
 
 
-def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log: Any, arch: str = "rn",
+def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log: Any, arch: str = "lit",
                lr: float = 1e-3) -> dict[str, Any]:
     """Train the tiny CLIP on the train split; save it in open_clip's hub layout in ``out``."""
     import open_clip
@@ -147,15 +150,36 @@ def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log
     keep = [i for i, f in enumerate(facts) if f]
     rows, facts = [rows[i] for i in keep], [facts[i] for i in keep]
     images = load_images(ph, rows, preprocess)
+    locked = arch == "lit"
+    if locked:
+        # LiT: the image trunk starts from ImageNet weights (the demo's EfficientNet-Lite0 package) and stays
+        # locked; only the projection, the text tower and the logit scale train, so trunk features are computed once
+        from mavl_cli.weights import ensure_demo_backbone
+        from safetensors.torch import load_file
+
+        wdir = ensure_demo_backbone(out.parent / "effnet-lite0-imagenet")
+        sd = load_file(str(wdir / "model.safetensors"))
+        trunk = model.visual.trunk
+        missing, unexpected = trunk.load_state_dict({k: v for k, v in sd.items() if not k.startswith("classifier.")}, strict=False)
+        if missing:
+            raise SystemExit(f"ImageNet weights do not fit the trunk: {missing[:3]}")
+        for p_ in trunk.parameters():
+            p_.requires_grad_(False)
+        trunk.eval()
+        with torch.no_grad():
+            images = torch.cat([trunk(images[i : i + 64]) for i in range(0, len(images), 64)])
+        log(f"locked trunk features: {tuple(images.shape)}")
     state_of = [dict(f) for f in facts]
     n = len(rows)
     bs = 64
     steps = epochs * ((n + bs - 1) // bs)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW([p_ for p_ in model.parameters() if p_.requires_grad], lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     t0 = time.perf_counter()
     history = []
     model.train()
+    if locked:
+        model.visual.trunk.eval()
     for epoch in range(epochs):
         order = list(range(n))
         rng.shuffle(order)
@@ -169,10 +193,13 @@ def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log
             truth = torch.tensor([[all(state_of[i].get(f) == st for f, st in c[1]) for c in caps] for i in idx],
                                  dtype=torch.float32)
             x = images[idx]
-            # light augmentation: a random shift of up to 6 px and a small contrast change (never a flip)
-            dx, dy = rng.randint(-6, 6), rng.randint(-6, 6)
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) * (1 + 0.1 * (rng.random() - 0.5))
-            img = F.normalize(model.encode_image(x), dim=-1)
+            if locked:
+                img = F.normalize(model.visual.head(x), dim=-1)
+            else:
+                # light augmentation: a random shift of up to 6 px and a small contrast change (never a flip)
+                dx, dy = rng.randint(-6, 6), rng.randint(-6, 6)
+                x = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) * (1 + 0.1 * (rng.random() - 0.5))
+                img = F.normalize(model.encode_image(x), dim=-1)
             txt = F.normalize(model.encode_text(tokenizer([c[0] for c in caps])), dim=-1)
             logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
             t_i2t = truth / truth.sum(1, keepdim=True)
@@ -253,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--prompts", default="pair", help="zero-shot prompt mode (see `mavl zero-shot --help`)")
-    ap.add_argument("--arch", default="rn", choices=("rn", "vit"), help="image tower: small ModifiedResNet or ViT")
+    ap.add_argument("--arch", default="lit", choices=("lit", "rn", "vit"),
+                    help="image tower: lit = ImageNet EfficientNet-Lite0 trunk, locked (LiT); rn / vit = small towers from scratch")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train-only", action="store_true", help="stop after training the CLIP")
     args = ap.parse_args(argv)

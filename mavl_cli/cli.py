@@ -357,7 +357,7 @@ def zero_shot_cmd(
 @with_dataset_options
 def tune_threshold_cmd(
     model: str = typer.Argument(..., help="Model from `mavl fuse`."),
-    embeddings: str = typer.Argument(..., help="VALIDATION image embeddings (never the test set)."),
+    embeddings: str = typer.Argument(..., help="VALIDATION image embeddings (never the test set), or the image folder --labels lists."),
     labels: str = typer.Option(..., "--labels", help="Validation labels CSV."),
     output: str = typer.Option(..., "-o", "--output", help="Output model with thresholds (may be MODEL itself)."),
     method: str = typer.Option("sweep", "--method", help="sweep (0.10..0.90 step 0.05, macro F1), per-label (F1-optimal), youden, sensitivity."),
@@ -386,7 +386,7 @@ def tune_threshold_cmd(
 @with_dataset_options
 def evaluate_cmd(
     model: Optional[str] = typer.Argument(None, help="Model with thresholds (from tune-threshold)."),
-    embeddings: Optional[str] = typer.Argument(None, help="TEST image embeddings."),
+    embeddings: Optional[str] = typer.Argument(None, help="TEST image embeddings, or the image folder --labels lists (scored through the whole model)."),
     labels: str = typer.Option(..., "--labels", help="Test labels CSV."),
     scores: Optional[str] = typer.Option(None, "--scores", help="Evaluate a saved scores file (from `mavl predict --out`) instead of MODEL + EMBEDDINGS."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),

@@ -234,11 +234,29 @@ def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str
     from mavl_cli.modelfile import load_model
 
     model = load_model(model_path)
+    if Path(embeddings).is_dir():
+        return model, _score_image_folder(model, embeddings, labels, uncertain, label_map)
     emb = contract.read_file(embeddings, expect="image-embeddings")
     _check_model_backbone(model, emb)
     x = model.to_fusion_input(emb)
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map, x=x)
     return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups)
+
+
+def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> Scored:
+    """Images under ``root`` listed by ``labels``, scored through the whole model (no embeddings file)."""
+    from mavl_cli.data import load_labelled
+    from mavl_cli.datasets import collect_inputs
+    from mavl_cli.mavlmodel import score_images
+
+    items, missing = collect_inputs([root], labels)
+    if missing:
+        shown = ", ".join(m["id"] for m in missing[:3])
+        raise MavlError(f"{labels}: {len(missing)} image(s) it lists were not found under {root} (e.g. {shown})")
+    res = score_images(model.module(), items)
+    emb = contract.MavlFile("image-embeddings", {"features": res.probabilities}, {"ids": res.ids}, str(root))
+    data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map)
+    return Scored(data.ids, data.names, data.x, data.y, data.mask, data.groups)
 
 
 def _check_model_backbone(model: Any, emb: contract.MavlFile) -> None:

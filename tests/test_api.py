@@ -24,7 +24,8 @@ def _test_images(chain, k=5):
 def test_mavlmodel_on_images_equals_embed_then_score(chain):
     """The whole nn.Module on images gives the probabilities of embed-images -> score on the file."""
     import mavl_cli as mavl
-    from mavl_cli.embed import collect_inputs, embed_images
+    from mavl_cli.datasets import collect_inputs
+    from mavl_cli.embed import embed_images
     from mavl_cli.modelfile import load_model
 
     model_path = chain["dir"] / "tuned.st"
@@ -97,3 +98,22 @@ def test_load_errors_are_one_line(tmp_path):
 
     with pytest.raises(MavlError, match="not found|No such"):
         mavl.load(tmp_path / "missing.safetensors")
+
+
+def test_evaluate_and_tune_from_an_image_folder_equal_the_embeddings_path(chain, cli, tmp_path):
+    """EMBEDDINGS may be the image folder: scored through the whole model, same report as from the file."""
+    d, ph = chain["dir"], chain["phantoms"]
+    base = ["evaluate", str(d / "tuned.st")]
+    r1 = cli([*base, str(d / "test.st"), "--labels", str(ph.splits["test"]), "--json"])
+    r2 = cli([*base, str(ph.root), "--labels", str(ph.splits["test"]), "--json"])
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.stderr + r2.stderr
+    a, b = json.loads(r1.stdout), json.loads(r2.stdout)
+    assert a["n_images"] == b["n_images"] > 0
+    for la, lb in zip(a["labels"], b["labels"]):
+        assert la["name"] == lb["name"]
+        for k in ("auroc", "f1", "precision", "recall"):
+            assert la[k] == pytest.approx(lb[k], abs=1e-6) or (la[k] is None and lb[k] is None)
+    r = cli(["tune-threshold", str(d / "model.st"), str(ph.root), "--labels", str(ph.splits["val"]), "-o", str(tmp_path / "t.st")])
+    assert r.exit_code == 0, r.stderr
+    want = contract.read_file(d / "tuned.st").tensors["thresholds"]
+    np.testing.assert_allclose(contract.read_file(tmp_path / "t.st").tensors["thresholds"], want, atol=1e-6)
