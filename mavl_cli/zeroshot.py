@@ -83,12 +83,14 @@ def write_prompts(desc: Descriptions, mode: str = "pair") -> Prompts:
 # ----------------------------------------------------------------------------- the aligned model
 
 
-def load_clip(spec: Any) -> tuple[Any, Any]:
-    """(open_clip model, tokenizer) for an ``open_clip:`` spec: a folder in open_clip's hub layout,
-    ``hf-hub:ORG/NAME``, or a built-in architecture name with ``--weights FILE``."""
-    import open_clip
+def load_clip(ident: str, weights: str | None = None) -> tuple[Any, Any]:
+    """(open_clip model, tokenizer) for the ID of an ``open_clip:ID`` spec: a folder in open_clip's
+    hub layout, ``hf-hub:ORG/NAME``, or a built-in architecture name with ``weights`` (a checkpoint file)."""
+    try:
+        import open_clip
+    except ImportError:
+        raise MavlError('zero-shot needs open_clip, which is not installed; run: pip install "mavl[openclip]"') from None
 
-    ident = spec.id
     local = Path(ident).expanduser()
     if local.is_dir():
         if not (local / "open_clip_config.json").exists():
@@ -97,12 +99,12 @@ def load_clip(spec: Any) -> tuple[Any, Any]:
     elif ident.startswith(("hf-hub:", "local-dir:")):
         name, pretrained = ident, None
     else:
-        name, pretrained = ident, spec.weights
-        if pretrained is None and spec.pretrained:
+        name, pretrained = ident, weights
+        if pretrained is None:
             raise MavlError(f"open_clip:{ident}: give the checkpoint with --weights FILE (or an open_clip folder / hf-hub: id)")
         if pretrained is not None and not Path(pretrained).exists():
             raise MavlError(f"{pretrained}: weights file not found", path=pretrained)
-    if spec.weights and pretrained is None and name.startswith("local-dir:"):
+    if weights and pretrained is None:
         raise MavlError(f"open_clip:{ident}: a model folder carries its own weights; drop --weights")
     try:
         model = open_clip.create_model(name, pretrained=pretrained)
@@ -110,10 +112,12 @@ def load_clip(spec: Any) -> tuple[Any, Any]:
     except MavlError:
         raise
     except Exception as exc:
-        from mavl_cli.encoders.common import offline, plain
+        import os
 
-        why = " (HF_HUB_OFFLINE is set)" if offline() and name.startswith("hf-hub:") else ""
-        raise MavlError(f"cannot load open_clip model {ident!r}{why}: {plain(str(exc))}") from None
+        off = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = " (HF_HUB_OFFLINE is set)" if off and name.startswith("hf-hub:") else ""
+        first = (str(exc).strip().splitlines() or ["unknown reason"])[0][:160]
+        raise MavlError(f"cannot load open_clip model {ident!r}{why}: {type(exc).__name__}: {first}") from None
     return model.eval(), tokenizer
 
 
@@ -180,7 +184,7 @@ def build_zero_shot(opts: ZeroShotOptions) -> tuple[dict[str, Any], dict[str, An
     desc = read_descriptions(opts.descriptions)
     prompts = write_prompts(desc, opts.prompts)
     image = build_image_encoder(spec)
-    model, tokenizer = load_clip(spec)
+    model, tokenizer = load_clip(spec.id, spec.weights)
     emb = encode_prompts(model, tokenizer, prompts.texts())
     pos, mask, neg = prompt_tensors(prompts, emb)
     if pos.shape[2] != image.dim:
@@ -222,7 +226,8 @@ def extend_labels(loaded: Any, desc: Descriptions, thresholds: np.ndarray) -> An
     if prompts.aspects != list(meta.get("aspects") or []):
         raise MavlError(f"the new labels' prompt slots ({', '.join(prompts.aspects)}) differ from the model's "
                         f"({', '.join(meta.get('aspects') or [])}); describe them in the same form")
-    model, tokenizer = load_clip(EncoderSpec.from_meta(meta))
+    spec = EncoderSpec.from_meta(meta)
+    model, tokenizer = load_clip(spec.id, spec.weights)
     pos, mask, neg = prompt_tensors(prompts, encode_prompts(model, tokenizer, prompts.texts()))
     t = loaded.file.tensors
     return LabelText(list(loaded.labels) + prompts.labels, np.concatenate([t["text.embeddings"], pos]),
