@@ -22,7 +22,7 @@ No supervised fusion is trained: the label scores are softmaxes over each
 label's positive and negative prompts (mavl's own, see mavl_cli/zeroshot.py),
 which were not used as training captions.
 
-    python benchmarks/zeroshot_clip.py [--work DIR] [--n 1500] [--epochs 30] [--threads 1]
+    python benchmarks/zeroshot_clip.py [--work DIR] [--n 1500] [--epochs 40] [--threads 1]
 """
 
 from __future__ import annotations
@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("zeroshot-work"))
     ap.add_argument("--n", type=int, default=1500, help="phantom films (60/20/20 train/val/test by patient)")
-    ap.add_argument("--size", type=int, default=96, help="phantom and CLIP image size")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--size", type=int, default=160, help="phantom and CLIP image size")
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--bootstrap", type=int, default=1000)
