@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from mavl_cli.datasets import collect_inputs, read_labels
-from mavl_cli.datasets.layouts import write_mimic
+from mavl_cli.datasets.layouts import write_mimic, write_padchest, write_vindr
 from mavl_cli.datasets.options import DatasetOptions, LabelSource
 from mavl_cli.errors import MavlError
 
@@ -179,3 +179,104 @@ def test_mimic_embed_and_train_through_the_cli(mimic, tiny_vit, cli, tmp_path):
     r = cli(f"train-lrf {tmp_path/'val.st'} --labels {lab} --split train --rank 4 --keep 2 --epochs 1 -o {tmp_path/'x.st'}")
     assert r.exit_code == 2 and "it is in split validate, not train" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.st").exists()
+
+
+# --------------------------------------------------------------------------- PadChest
+
+
+@pytest.fixture(scope="module")
+def padchest(tmp_path_factory):
+    return write_padchest(tmp_path_factory.mktemp("padchest"), images=8)
+
+
+def test_padchest_text_lists_become_columns_with_standard_names(padchest):
+    from mavl_cli.datasets.padchest import TO_STANDARD
+
+    t = read_labels(padchest.labels)
+    raw = _csv(padchest.labels)
+    assert t.source == "padchest" and t.ids == (raw.ImageDir + "/" + raw.ImageID).tolist()
+    assert t.groups == raw.PatientID.tolist()
+    assert "Pleural Effusion" in t.names and "aortic elongation" in t.names and "pleural effusion" not in t.names
+    for k, rel in enumerate(t.ids):
+        marked = {TO_STANDARD.get(w, w) for w in padchest.truth[rel]}
+        assert {n for j, n in enumerate(t.names) if t.y[k, j] == 1} == marked - ({"No Finding"} - set(t.names))
+    items, missing = collect_inputs([str(padchest.root)], padchest.labels)
+    assert not missing and [it.id for it in items] == t.ids
+
+
+def test_padchest_projection_filter_and_blank_labels(padchest, tmp_path):
+    raw = _csv(padchest.labels)
+    t = read_labels(LabelSource(padchest.labels, DatasetOptions(views=("PA", "AP"))))
+    assert len(t) == raw.Projection.isin(["PA", "AP"]).sum()
+    raw.loc[0, "Labels"] = ""
+    raw.loc[1, "Labels"] = "[]"
+    p = tmp_path / padchest.labels.name
+    _rewrite(p, raw)
+    t = read_labels(p, blank=float("nan"))
+    assert not t.mask[:2].any() and t.mask[2:].all()
+
+
+def test_padchest_through_the_cli(padchest, tiny_vit, cli, tmp_path):
+    r = cli(f"embed-images {padchest.root} --labels {padchest.labels} --views PA,AP {TINY.format(w=tiny_vit)} -o {tmp_path/'e.st'}")
+    assert r.exit_code == 0, r.stderr
+    r = cli(f"train-lrf {tmp_path/'e.st'} --labels {padchest.labels} --views PA,AP --rank 4 --keep 2 --epochs 1 "
+            f"--val-split 0 -o {tmp_path/'lrf.st'}")
+    assert r.exit_code == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- VinDr-CXR
+
+
+@pytest.fixture(scope="module")
+def vindr(tmp_path_factory):
+    return write_vindr(tmp_path_factory.mktemp("vindr"), train=4, test=2)
+
+
+@pytest.mark.parametrize("vote", ["any", "majority"])
+def test_vindr_readers_are_combined_by_vote(vindr, vote):
+    t = read_labels(LabelSource(vindr.labels, DatasetOptions(vote=vote)))
+    raw = pd.read_csv(vindr.labels, dtype={"image_id": str})
+    findings = [c for c in raw.columns if c not in ("image_id", "rad_id")]
+    marks = raw.groupby("image_id", sort=False)[findings].agg(["sum", "count"])
+    assert t.source == "vindr" and t.ids == [f"train/{i}.dicom" for i in marks.index]
+    for k, image in enumerate(marks.index):
+        for j, f in enumerate(t.names):
+            s, n = marks.loc[image, (f, "sum")], marks.loc[image, (f, "count")]
+            assert t.y[k, j] == float(s > 0 if vote == "any" else 2 * s > n)
+    assert read_labels(vindr.labels).y.tolist() == read_labels(LabelSource(vindr.labels, DatasetOptions(vote="any"))).y.tolist()
+
+
+def test_vindr_votes_differ_where_one_reader_disagrees(vindr):
+    any_ = read_labels(LabelSource(vindr.labels, DatasetOptions(vote="any")))
+    maj = read_labels(LabelSource(vindr.labels, DatasetOptions(vote="majority")))
+    j = any_.names.index("Calcification")
+    assert any_.y[0, j] == 1 and maj.y[0, j] == 0  # only R9 marked it
+
+
+def test_vindr_test_file_and_listing(vindr):
+    t = read_labels(vindr.files["test"])
+    assert len(t) == 2 and all(i.startswith("test/") and i.endswith(".dicom") for i in t.ids)
+    for split in ("labels", "test"):
+        src = vindr.labels if split == "labels" else vindr.files["test"]
+        items, missing = collect_inputs([str(vindr.root)], src)
+        assert not missing and all(it.path.is_file() for it in items)
+    with pytest.raises(MavlError, match="--views: .*has no view column"):
+        read_labels(LabelSource(vindr.labels, DatasetOptions(views=("PA",))))
+    with pytest.raises(MavlError, match="--vote: .*one reader per image"):
+        read_labels(LabelSource(_plain(vindr.root), DatasetOptions(vote="majority")))
+    with pytest.raises(MavlError, match="--vote must be one of any, majority"):
+        DatasetOptions(vote="all")
+
+
+def _plain(root: Path) -> Path:
+    p = root / "plain.csv"
+    p.write_text("path,Edema\na.png,1\n")
+    return p
+
+
+def test_vindr_through_the_cli(vindr, tiny_vit, cli, tmp_path):
+    r = cli(f"embed-images {vindr.root} --labels {vindr.labels} {TINY.format(w=tiny_vit)} -o {tmp_path/'e.st'}")
+    assert r.exit_code == 0, r.stderr
+    r = cli(f"train-lrf {tmp_path/'e.st'} --labels {vindr.labels} --vote majority --rank 4 --keep 2 --epochs 1 "
+            f"--val-split 0 -o {tmp_path/'lrf.st'}")
+    assert r.exit_code == 0, r.stderr

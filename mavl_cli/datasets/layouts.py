@@ -146,4 +146,94 @@ def write_mimic(root: Path, patients: int = 4, studies: int = 2, size: int = 32,
     return out
 
 
-__all__ = ["Layout", "write_mimic", "write_dicom", "chexpert"]
+# --------------------------------------------------------------------------- PadChest
+
+PADCHEST_FILE = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
+PADCHEST_COLUMNS = ("ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth", "PatientSex_DICOM",
+                    "ViewPosition_DICOM", "Projection", "MethodProjection", "Pediatric", "Modality_DICOM", "ReportID",
+                    "Report", "MethodLabel", "Labels", "Localizations", "LabelsLocalizationsBySentence", "labelCUIS",
+                    "LocalizationsCUIS")
+_TO_PADCHEST = {"Cardiomegaly": "cardiomegaly", "Pleural Effusion": "pleural effusion", "Pneumothorax": "pneumothorax",
+                "Consolidation": "consolidation", "Edema": "pulmonary edema", "Atelectasis": "atelectasis"}
+
+
+def write_padchest(root: Path, images: int = 8, size: int = 32, seed: int = 0) -> Layout:
+    """PadChest: ``{ImageDir}/{ImageID}.png`` under ``root`` and the labels CSV (gzipped) beside the folders.
+
+    Two images per patient (PA and lateral ``L``; every third patient AP); findings
+    in PadChest's lower-case words, ``normal`` when there are none, and a
+    PadChest-only finding (``aortic elongation``) on some images.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    out = Layout(root=root, labels=root / PADCHEST_FILE)
+    rows = []
+    for k in range(images):
+        patient = 100000 + k // 2
+        projection = ("AP" if (k // 2) % 3 == 2 else "PA") if k % 2 == 0 else "L"
+        arr, findings = _film(rng, size)
+        words = [_TO_PADCHEST[f] for f in findings]
+        if k % 3 == 1:
+            words.append("aortic elongation")
+        image_id = f"{rng.integers(10**17, 10**18)}{k:04d}_{'abcdef'[k % 6]}x{k:02d}.png"
+        image_dir = str(k % 2)
+        rel = f"{image_dir}/{image_id}"
+        out.images.append(_save(root / rel, arr))
+        out.truth[rel] = {w: 1.0 for w in (words or ["normal"])}
+        rows.append([image_id, image_dir, 20150101 + k, f"st{patient}", f"pt{patient}", 1950, "M", projection,
+                     projection, "Manual review of DICOM fields", "No", "CR", 1000 + k, "informe", "Physician",
+                     repr(words or ["normal"]), "[]", "[]", "[]", "[]"])
+    _write_csv(out.labels, list(PADCHEST_COLUMNS), rows)
+    return out
+
+
+# --------------------------------------------------------------------------- VinDr-CXR
+
+VINDR_FINDINGS = ("Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",
+                  "Consolidation", "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity",
+                  "Lung cavity", "Lung cyst", "Mediastinal shift", "Nodule/Mass", "Pleural effusion",
+                  "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", "Rib fracture", "Other lesion",
+                  "COPD", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding")
+_TO_VINDR = {"Pleural Effusion": "Pleural effusion"}
+
+
+def write_vindr(root: Path, train: int = 4, test: int = 2, size: int = 32, seed: int = 0) -> Layout:
+    """VinDr-CXR: ``annotations/image_labels_{train,test}.csv`` and ``{train,test}/{image_id}.dicom`` under ``root``.
+
+    Three radiologists per training image; reader ``k`` misses a true finding
+    on image ``k`` (so ``--vote any`` and ``majority`` differ where it matters)
+    and reader R9 adds Calcification to the first image. ``truth`` holds the
+    majority vote for train images and the consensus row for test images.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    out = Layout(root=root, labels=root / "annotations" / "image_labels_train.csv")
+    header = ["image_id", "rad_id", *VINDR_FINDINGS]
+    rows: dict[str, list] = {"train": [], "test": []}
+    for split, n in (("train", train), ("test", test)):
+        for k in range(n):
+            arr, findings = _film(rng, size)
+            image_id = f"{rng.integers(16**14, 16**15):015x}{k:016x}"
+            rel = f"{split}/{image_id}.dicom"
+            out.images.append(_save(root / rel, arr))
+            marks = {_TO_VINDR.get(f, f) for f in findings}
+            truth = {f: float(f in marks) for f in VINDR_FINDINGS}
+            truth["No finding"] = float(not marks)
+            out.truth[rel] = truth
+            readers = [f"R{r}" for r in (8, 9, 10)] if split == "train" else [None]
+            for r, rad in enumerate(readers):
+                mine = dict(truth)
+                if split == "train" and r == k % 3 and marks:
+                    mine[sorted(marks)[0]] = 0.0  # one reader misses one finding
+                if split == "train" and k == 0 and rad == "R9":
+                    mine["Calcification"] = 1.0
+                cells = [int(mine[f]) for f in VINDR_FINDINGS]
+                rows[split].append([image_id, rad, *cells] if split == "train" else [image_id, *cells])
+    _write_csv(out.labels, header, rows["train"])
+    out.files["test"] = _write_csv(root / "annotations" / "image_labels_test.csv",
+                                   [h for h in header if h != "rad_id"], rows["test"])
+    return out
+
+
+__all__ = ["Layout", "write_mimic", "write_padchest", "write_vindr", "write_dicom", "chexpert"]

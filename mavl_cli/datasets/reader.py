@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mavl_cli.datasets import chexpert, generic, mimic, nih
+from mavl_cli.datasets import chexpert, generic, mimic, nih, padchest, vindr
 from mavl_cli.datasets.ids import normalize_many
 from mavl_cli.datasets.options import DatasetOptions, unpack
 from mavl_cli.datasets.sniff import (
@@ -26,7 +26,7 @@ from mavl_cli.errors import MavlError
 # Path-derived patient ids, tried in this order; the first rule that fits every id wins.
 PATIENT_RULES = (chexpert.patient, mimic.patient, nih.patient)
 # View columns of path-column files, in order of preference per row (first non-blank wins).
-VIEW_COLUMNS = (*chexpert.VIEW_COLUMNS, *nih.VIEW_COLUMNS, *generic.VIEW_COLUMNS)
+VIEW_COLUMNS = (*chexpert.VIEW_COLUMNS, *nih.VIEW_COLUMNS, *generic.VIEW_COLUMNS, *padchest.VIEW_COLUMNS)
 SPLIT_COLUMNS = ("split",)
 
 
@@ -77,8 +77,16 @@ def read_labels(
         )
     picked: dict[str, object] = {}
     df = read_csv(path, lambda columns: _plan(columns, path_column, opts, picked))
-    if picked["adapter"] is mimic:
+    adapter = picked["adapter"]
+    if opts.vote is not None and adapter is not vindr:
+        raise MavlError(f"--vote: {path} has one reader per image (--vote is for VinDr-CXR's several readers)",
+                        path=path)
+    if adapter is mimic:
         rows = mimic.read(df, path, opts)
+    elif adapter is vindr:
+        rows = vindr.read(df, path, opts)
+    elif adapter is padchest:
+        rows = padchest.read(df, path)
     else:
         rows = _path_rows(df, path, path_column, opts)
 
@@ -104,9 +112,14 @@ def _plan(columns: list[str], path_column: str | None, opts: DatasetOptions,
     """Pick the adapter from the header, and the columns it needs parsed."""
     canon_cols = {canon(c) for c in columns}
     extra = set(VIEW_COLUMNS if opts.views is not None else ()) | set(SPLIT_COLUMNS if opts.split is not None else ())
-    if path_column is None and mimic.detect(canon_cols):
-        picked["adapter"] = mimic
-        return mimic.plan(columns)
+    if path_column is None:
+        for adapter in (mimic, vindr):
+            if adapter.detect(canon_cols):
+                picked["adapter"] = adapter
+                return adapter.plan(columns)
+        if padchest.detect(canon_cols):
+            picked["adapter"] = padchest
+            return padchest.plan(columns, extra)
     if nih.detect(canon_cols):
         picked["adapter"] = nih
         keep = set(PATH_COLUMNS + PATIENT_COLUMNS)
