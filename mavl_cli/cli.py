@@ -227,6 +227,8 @@ def train_lrf_cmd(
     res = train_lrf_stage(embeddings, labels, _out(output), config, names, val, val_labels, val_split,
                           _check_uncertain(uncertain), _read_map(label_map), embed_out, progress=render.progress)
     _summary(f"train-lrf -> {res.output}", res.summary)
+    for n in res.notes:
+        render.info(n)
 
 
 @app.command("finetune-lrf")

@@ -6,7 +6,7 @@ image id, so a reordered CSV or a shuffled folder gives the same result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ class Labelled:
     names: list[str]
     groups: list[str] | None
     labels_file: str
+    notes: list[str] = field(default_factory=list)  # e.g. label names mapped across data sets
 
     def split(self) -> Any:
         from mavl_cli.train import Split
@@ -47,13 +48,24 @@ def load_labelled(
     path_column: str | None = None,
     x: np.ndarray | None = None,
 ) -> Labelled:
-    """Rows of ``labels_csv`` aligned to ``emb``'s image ids; columns selected by ``names``."""
+    """Rows of ``labels_csv`` aligned to ``emb``'s image ids; columns selected by ``names``.
+
+    Names missing from the label file that another data set spells differently
+    (``Effusion`` for ``Pleural Effusion``) are read under ``names``, with a note.
+    """
     from mavl_cli.datasets import read_labels
+    from mavl_cli.datasets.labelmap import known_renames, rename_note
+    from mavl_cli.datasets.table import rename
 
     if names is not None and not names:
         raise MavlError(f"{labels_csv}: no label names were selected (the label list is empty)", path=labels_csv)
     table = read_labels(labels_csv, uncertain=uncertain, label_map=label_map, path_column=path_column)
+    notes: list[str] = []
     if names is not None:
+        renames = known_renames(names, table.names)
+        if renames:
+            table = rename(table, renames)
+            notes.append(rename_note(renames, labels_csv))
         missing = [n for n in names if n not in table.names]
         if missing:
             raise MavlError(
@@ -64,4 +76,5 @@ def load_labelled(
         table = table.select(names)
     table = table.align(emb.ids())
     feats = emb.tensors["features"].astype(np.float32) if x is None else x
-    return Labelled(feats, table.y.astype(np.float32), table.mask.astype(bool), table.ids, table.names, table.groups, str(labels_csv))
+    return Labelled(feats, table.y.astype(np.float32), table.mask.astype(bool), table.ids, table.names, table.groups,
+                    str(labels_csv), notes)

@@ -101,6 +101,7 @@ def train_lrf_stage(
         summary={"images": len(tr.ids), "validation": val_desc, "labels": len(data.names), "rank": rank, "keep": keep,
                  "eta": config.eta, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_macro_auroc": res.val_auroc},
         table=res.history,
+        notes=[*data.notes, *(vdata.notes if val is not None else [])],
     )
 
 
@@ -199,7 +200,7 @@ def fuse_stage(
     tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
     blob = contract.to_bytes("model", tensors, meta)
     contract.atomic_write_bytes(output, blob)
-    notes = []
+    notes = [*data.notes, *(vdata.notes if vdata else [])]
     if set_default:
         notes.append(f"installed as the default model: {install_default(blob)}")
     last = res.history[-1] if res.history else {}
@@ -227,6 +228,7 @@ class Scored:
     y: np.ndarray | None = None
     mask: np.ndarray | None = None
     groups: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> tuple[Any, Scored]:
@@ -240,7 +242,7 @@ def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str
     _check_model_backbone(model, emb)
     x = model.to_fusion_input(emb)
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map, x=x)
-    return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups)
+    return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups, data.notes)
 
 
 def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> Scored:
@@ -308,7 +310,8 @@ def tune_stage(
     contract.write_file(output, "model", tensors, meta)
     table = [{"label": n, "threshold": float(th[j]), "f1": float(f1[j]), "support": int(tp[j] + fn[j]),
               "recall": float(tp[j] / (tp[j] + fn[j])) if tp[j] + fn[j] else float("nan")} for j, n in enumerate(sc.names)]
-    return StageResult(output, {"method": method, "images": len(sc.ids), "macro_f1": float(res.objective)}, table, list(res.notes))
+    return StageResult(output, {"method": method, "images": len(sc.ids), "macro_f1": float(res.objective)}, table,
+                       [*sc.notes, *res.notes])
 
 
 # ---------------------------------------------------------------- evaluate
@@ -332,6 +335,13 @@ def evaluate_stage(
         sf = contract.read_file(scores_file, expect="scores")
         names = sf.labels()
         table = read_labels(labels, uncertain=uncertain, label_map=label_map)
+        from mavl_cli.datasets.labelmap import known_renames, rename_note
+        from mavl_cli.datasets.table import rename
+
+        renames = known_renames(names, table.names)
+        if renames:
+            table = rename(table, renames)
+            warnings.append(rename_note(renames, labels))
         missing = [n for n in names if n not in table.names]
         if missing:
             raise MavlError(f"{labels}: label(s) {', '.join(map(repr, missing))} of {scores_file} are not in this label file")
@@ -355,6 +365,7 @@ def evaluate_stage(
                 f"ALARM: thresholds were tuned on this very data ({tuned.get('embeddings')}, {tuned.get('images')} images): "
                 "these figures are optimistic; tune on validation data and report on a separate test set"
             )
+    warnings.extend(sc.notes)
     groups = np.asarray(sc.groups) if sc.groups is not None else None
     report = evaluate(sc.y, sc.scores, th, sc.names, mask=sc.mask, bootstrap=bootstrap, seed=seed, groups=groups)
     if plot:

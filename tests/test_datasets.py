@@ -280,3 +280,51 @@ def test_vindr_through_the_cli(vindr, tiny_vit, cli, tmp_path):
     r = cli(f"train-lrf {tmp_path/'e.st'} --labels {vindr.labels} --vote majority --rank 4 --keep 2 --epochs 1 "
             f"--val-split 0 -o {tmp_path/'lrf.st'}")
     assert r.exit_code == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- names across data sets
+
+
+def test_known_renames_only_exact_correspondences():
+    from mavl_cli.datasets.labelmap import known_renames
+
+    nih = ["Atelectasis", "Effusion", "Pleural_Thickening", "Mass", "Infiltration"]
+    assert known_renames(["Pleural Effusion", "Atelectasis", "Lung Lesion"], nih) == {"Effusion": "Pleural Effusion"}
+    assert known_renames(["Effusion", "Pleural_Thickening"], ["Pleural Effusion", "Pleural thickening"]) == {
+        "Pleural Effusion": "Effusion", "Pleural thickening": "Pleural_Thickening"}
+    # both spellings present: the wanted one is used as it is, nothing renamed
+    assert known_renames(["Effusion"], ["Effusion", "Pleural Effusion"]) == {}
+
+
+def test_model_with_chexpert_names_evaluates_on_nih_style_labels(chain, cli, tmp_path):
+    d, test_csv = chain["dir"], chain["phantoms"].splits["test"]
+    df = pd.read_csv(test_csv, dtype=str, keep_default_na=False)
+    nih = tmp_path / "nih_names.csv"
+    df.rename(columns={"Pleural Effusion": "Effusion"}).to_csv(nih, index=False)
+    a = cli(f"evaluate {d/'tuned.st'} {d/'test.st'} --labels {test_csv} --json")
+    b = cli(f"evaluate {d/'tuned.st'} {d/'test.st'} --labels {nih} --json")
+    assert a.exit_code == 0 and b.exit_code == 0, b.stderr
+    import json
+
+    ra, rb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ra["labels"] == rb["labels"]
+    assert any("'Effusion' -> 'Pleural Effusion'" in w for w in rb["warnings"])
+    val = tmp_path / "val_nih.csv"
+    pd.read_csv(chain["phantoms"].splits["val"], dtype=str, keep_default_na=False).rename(
+        columns={"Pleural Effusion": "Effusion"}).to_csv(val, index=False)
+    r = cli(f"tune-threshold {d/'model.st'} {d/'val.st'} --labels {val} -o {tmp_path/'t.st'}")
+    assert r.exit_code == 0 and "'Effusion' -> 'Pleural Effusion'" in r.stderr
+
+
+def test_model_with_nih_names_reads_chexpert_labels(tmp_path):
+    from mavl_cli import contract
+    from mavl_cli.data import load_labelled
+
+    p = tmp_path / "valid.csv"
+    p.write_text("Path,Pleural Effusion,Atelectasis\na.png,1.0,0.0\nb.png,0.0,1.0\n")
+    emb = contract.MavlFile("image-embeddings", {"features": np.eye(2, dtype=np.float32)}, {"ids": ["b.png", "a.png"]}, "x")
+    data = load_labelled(emb, p, names=["Effusion", "Atelectasis"])
+    assert data.names == ["Effusion", "Atelectasis"] and data.y.tolist() == [[0, 1], [1, 0]]
+    assert data.notes and "'Pleural Effusion' -> 'Effusion'" in data.notes[0]
+    with pytest.raises(MavlError, match="'Mass' are not columns of this label file"):
+        load_labelled(emb, p, names=["Effusion", "Mass"])

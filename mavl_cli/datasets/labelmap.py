@@ -19,6 +19,37 @@ from mavl_cli.errors import MavlError
 
 NIH_TO_CHEXPERT: dict[str, str] = {"Effusion": "Pleural Effusion"}
 
+# Names that mean the same finding in different data sets' vocabularies, in the
+# order CheXpert/MIMIC-CXR/PadChest (after its mapping), NIH, VinDr-CXR. Only exact
+# correspondences: a model trained on one vocabulary is scored on another's labels
+# through these, with a note, instead of asking for --label-map.
+SAME_FINDING: tuple[tuple[str, ...], ...] = (
+    ("Pleural Effusion", "Effusion", "Pleural effusion"),
+    ("Pleural Thickening", "Pleural_Thickening", "Pleural thickening"),
+    ("No Finding", "No finding"),
+    ("Fibrosis", "Pulmonary fibrosis"),
+)
+
+
+def known_renames(wanted, have) -> dict[str, str]:
+    """``{name in have: name in wanted}`` for each wanted name missing from ``have`` whose
+    same-finding name (:data:`SAME_FINDING`, :data:`NIH_TO_CHEXPERT`) ``have`` holds exactly once."""
+    have_set, wanted_set = set(have), set(wanted)
+    groups = [set(g) for g in SAME_FINDING] + [{a, b} for a, b in NIH_TO_CHEXPERT.items()]
+    out: dict[str, str] = {}
+    for w in wanted:
+        if w in have_set:
+            continue
+        hits = {h for g in groups if w in g for h in g if h in have_set and h not in wanted_set and h not in out}
+        if len(hits) == 1:
+            out[hits.pop()] = w
+    return out
+
+
+def rename_note(renames: dict[str, str], where) -> str:
+    pairs = ", ".join(f"{a!r} -> {b!r}" for a, b in renames.items())
+    return f"{where}: labels read under the model's names (same finding in another data set's vocabulary): {pairs}"
+
 
 def match_label_names(csv_names, other_names, csv_path, other_path) -> None:
     """Raise MavlError when two sources disagree on which labels exist.
