@@ -71,7 +71,11 @@ _is_regular = is_regular
 
 
 def is_dicom(path: Path | str) -> bool:
-    """True for a ``.dcm``/``.dicom`` name or a file with the ``DICM`` magic at byte 128."""
+    """Whether ``path`` is DICOM: a ``.dcm``/``.dicom`` name, the ``DICM`` magic at byte 128, or a
+    preamble-less file (as some archives store them) that starts like a DICOM data set and parses.
+
+    The one place DICOM is recognised by name or content; only regular files are ever opened.
+    """
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
@@ -82,7 +86,41 @@ def is_dicom(path: Path | str) -> bool:
             head = fh.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    return _starts_like_dicom(head) and _parses_as_dicom(path)
+
+
+def may_be_dicom_name(name: str) -> bool:
+    """Names that folder scans sniff for DICOM content: no suffix, or a numeric one (``1.2.840.113619.2.5``)."""
+    suffix = os.path.splitext(name)[1]
+    return not suffix or suffix[1:].isdigit()
+
+
+# Explicit VRs (PS3.5 6.2) a data set's first element can carry.
+_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split())
+
+
+def _starts_like_dicom(head: bytes) -> bool:
+    """A preamble-less data set opens with a group 0002 or 0008 element, little endian, explicit or implicit VR."""
+    if len(head) < 8:
+        return False
+    group, element = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+    if group not in (0x0002, 0x0008) or element > 0x0020:
+        return False
+    return head[4:6] in _VRS or int.from_bytes(head[4:8], "little") < 0x10000
+
+
+def _parses_as_dicom(path: Path) -> bool:
+    try:
+        import pydicom
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return any(tag.group in (0x0008, 0x0010, 0x0020, 0x0028) for tag in ds.keys())
+    except Exception:  # noqa: BLE001 - anything pydicom cannot read is not DICOM here
+        return False
 
 
 def __getattr__(name: str) -> Any:
@@ -317,7 +355,7 @@ def _decode_dicom(path: Path, target_size: int | None) -> Image.Image:
         with warnings.catch_warnings():
             # forced reads of odd files warn per unknown tag; the error below says it once
             warnings.simplefilter("ignore", UserWarning)
-            ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
+            ds = pydicom.dcmread(path, force=True)  # a DICOM name, the magic, or sniffed by is_dicom
     except InvalidDicomError as exc:
         raise MavlError(f"{path}: not a valid DICOM file.", path=path) from exc
     except Exception as exc:  # noqa: BLE001

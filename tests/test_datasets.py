@@ -7,6 +7,7 @@ Expected values are recomputed here from the written CSVs with plain pandas
 from __future__ import annotations
 
 import gzip
+import os
 import io
 from pathlib import Path
 
@@ -328,3 +329,46 @@ def test_model_with_nih_names_reads_chexpert_labels(tmp_path):
     assert data.notes and "'Pleural Effusion' -> 'Effusion'" in data.notes[0]
     with pytest.raises(MavlError, match="'Mass' are not columns of this label file"):
         load_labelled(emb, p, names=["Effusion", "Mass"])
+
+
+# --------------------------------------------------------------------------- DICOM without an extension
+
+
+def _preambleless(path: Path, arr: np.ndarray) -> Path:
+    """A DICOM data set written without preamble and meta header (implicit VR little endian)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4", "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 8, 8, 7, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = arr.tobytes()
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert path.read_bytes()[128:132] != b"DICM" and path.read_bytes()[:2] == b"\x08\x00"
+    return path
+
+
+def test_dicom_without_extension_found_by_content(tmp_path, cli):
+    from mavl_cli.datasets import list_images
+    from mavl_cli.datasets.layouts import write_dicom
+    from mavl_cli.imageio import is_dicom, load_array
+
+    arr = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) % 251).astype(np.uint8)
+    d = tmp_path / "archive" / "series1"
+    d.mkdir(parents=True)
+    magic = write_dicom(d / "IM0001", arr, "a")
+    uid = write_dicom(d / "1.2.840.113619.2.55.3.604688119", arr, "b")
+    bare = _preambleless(d / "IM0002", arr)
+    (d / "README").write_text("not an image\n")
+    (d / "notes.3").write_bytes(b"\x08\x00" + b"garbage" * 30)  # starts like DICOM, does not parse
+    fifo = d / "IM0003"
+    os.mkfifo(fifo)  # would block forever if opened
+    assert [is_dicom(p) for p in (magic, uid, bare, d / "README", d / "notes.3", fifo)] == [True] * 3 + [False] * 3
+    assert list_images([str(tmp_path / "archive")]) == sorted([magic, uid, bare])
+    assert list_images([str(d / "IM*")]) == [magic, bare]
+    np.testing.assert_allclose(load_array(bare), arr / 255.0, atol=1e-6)
+    np.testing.assert_allclose(load_array(bare), load_array(magic), atol=1e-6)
+    items, _ = collect_inputs([str(tmp_path / "archive")])
+    assert sorted(it.id for it in items) == [f"series1/{n}" for n in ("1.2.840.113619.2.55.3.604688119", "IM0001", "IM0002")]

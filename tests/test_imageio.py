@@ -484,13 +484,13 @@ def _tree(root: Path) -> None:
     for rel in ("b.png", "a.JPG", "sub/c.dcm", "sub/deeper/d.tiff", ".hidden/e.png", "._f.png"):
         (root / rel).write_bytes(b"x")
     (root / "notes.txt").write_text("x")
-    (root / "sub" / "IM0001").write_bytes(b"\0" * 128 + b"DICM")  # no suffix: not listed
+    (root / "sub" / "IM0001").write_bytes(b"\0" * 128 + b"DICM")  # no suffix: listed by its DICM magic (issue 14)
 
 
 def test_list_folder_recursive_sorted(tmp_path):
     _tree(tmp_path)
     got = [p.relative_to(tmp_path).as_posix() for p in list_images([str(tmp_path)])]
-    assert got == ["a.JPG", "b.png", "sub/c.dcm", "sub/deeper/d.tiff"]
+    assert got == ["a.JPG", "b.png", "sub/IM0001", "sub/c.dcm", "sub/deeper/d.tiff"]
     flat = [p.name for p in list_images([str(tmp_path)], recursive=False)]
     assert flat == ["a.JPG", "b.png"]
 

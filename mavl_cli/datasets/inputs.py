@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from mavl_cli.datasets.ids import normalize_id, rel_id
 from mavl_cli.errors import MavlError
-from mavl_cli.imageio import IMAGE_SUFFIXES, is_dicom, is_regular
+from mavl_cli.imageio import IMAGE_SUFFIXES, is_dicom, is_regular, may_be_dicom_name
 
 GLOB_CHARS = "*?["
 
@@ -34,8 +34,10 @@ class ImageItem:
 def list_images(inputs: list[str], recursive: bool = True) -> list[Path]:
     """Expand files, folders and glob patterns into a sorted, de-duplicated image list.
 
-    Folders are searched by suffix only (no per-file sniffing, which would be
-    slow on large datasets); hidden files such as macOS ``._x.png`` are skipped.
+    Folders are searched by suffix; only files without one (or with a numeric
+    one, as UID-named archives have) are sniffed for DICOM content, so large
+    image folders cost no extra reads. Hidden files such as macOS ``._x.png``
+    are skipped.
     An explicitly named file is accepted when it has a known suffix or the
     DICOM magic.
     """
@@ -62,7 +64,7 @@ def list_images(inputs: list[str], recursive: bool = True) -> list[Path]:
                 mp = Path(m)
                 if mp.is_dir():
                     found.extend(_scan_folder(mp, recursive))
-                elif _has_image_suffix(mp) and not mp.name.startswith("."):
+                elif not mp.name.startswith(".") and (_has_image_suffix(mp) or _dicom_by_content(mp)):
                     found.append(mp)
             if not found:
                 raise MavlError(
@@ -76,6 +78,11 @@ def list_images(inputs: list[str], recursive: bool = True) -> list[Path]:
 
 def _has_image_suffix(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _dicom_by_content(path: Path) -> bool:
+    """DICOM stored without an extension (or under a UID-like numeric one), recognised by content."""
+    return may_be_dicom_name(path.name) and is_dicom(path)
 
 
 def _suffix_list() -> str:
@@ -135,7 +142,9 @@ def _scan_folder(folder: Path, recursive: bool) -> list[Path]:
     found: list[Path] = []
     for root, files in walk_files(folder, recursive):
         for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES or _dicom_by_content(Path(root) / name):
                 found.append(Path(root) / name)
     found.sort()
     return found
