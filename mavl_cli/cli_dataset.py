@@ -31,8 +31,9 @@ def with_dataset_options(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from mavl_cli.datasets.options import DatasetOptions, parse_views, source
 
-        opts = DatasetOptions(metadata=kwargs.pop("metadata"), split_file=kwargs.pop("split_file"),
-                              split=kwargs.pop("split"), views=parse_views(kwargs.pop("views")), vote=kwargs.pop("vote"))
+        value = {name: kwargs.get(name) if name in own else kwargs.pop(name, None) for name in _OPTIONS}
+        opts = DatasetOptions(metadata=value["metadata"], split_file=value["split_file"], split=value["split"],
+                              views=parse_views(value["views"]), vote=value["vote"])
         if opts.given():
             val_labels = kwargs.get("val_labels")
             if val_labels is None and kwargs.get("val") is not None:
@@ -43,9 +44,11 @@ def with_dataset_options(command: Callable[..., Any]) -> Callable[..., Any]:
             kwargs["labels"] = source(kwargs.get("labels"), opts)
         return command(*args, **kwargs)
 
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[str])
-             for name, opt in _OPTIONS.items()]
     params = list(sig.parameters.values())
+    # an option the command declares itself (evaluate's own --metadata) stays the command's; its value is shared
+    own = {name for name in _OPTIONS if name in sig.parameters}
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[str])
+             for name, opt in _OPTIONS.items() if name not in own]
     wrapper.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params + extra if p.annotation is not p.empty}
     return wrapper

@@ -10,6 +10,7 @@ import gzip
 import os
 import io
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -372,3 +373,36 @@ def test_dicom_without_extension_found_by_content(tmp_path, cli):
     np.testing.assert_allclose(load_array(bare), load_array(magic), atol=1e-6)
     items, _ = collect_inputs([str(tmp_path / "archive")])
     assert sorted(it.id for it in items) == [f"series1/{n}" for n in ("1.2.840.113619.2.55.3.604688119", "IM0001", "IM0002")]
+
+
+def test_dataset_options_share_an_option_the_command_declares_itself(tmp_path):
+    """evaluate's subgroup --metadata (issue 13) and MIMIC's --metadata are one option, seen by both."""
+    import typer
+    from typer.testing import CliRunner
+
+    from mavl_cli.cli_dataset import with_dataset_options
+
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @with_dataset_options
+    def cmd(labels: str = typer.Option(..., "--labels"),
+            metadata: Optional[str] = typer.Option(None, "--metadata")) -> None:
+        seen.update(labels=labels, metadata=metadata)
+
+    r = CliRunner().invoke(app, ["--labels", "l.csv.gz", "--metadata", "m.csv.gz", "--views", "PA"])
+    assert r.exit_code == 0, r.output
+    assert seen["metadata"] == "m.csv.gz" and isinstance(seen["labels"], LabelSource)
+    assert seen["labels"].options == DatasetOptions(metadata="m.csv.gz", views=("PA",))
+    r = CliRunner().invoke(app, ["--labels", "l.csv"])
+    assert r.exit_code == 0 and seen["labels"] == "l.csv" and type(seen["labels"]) is str
+
+
+def test_mimic_blank_study_id_names_its_row(tmp_path):
+    layout = write_mimic(tmp_path, patients=2, studies=2)
+    lab = _csv(layout.labels)
+    lab.loc[2, "study_id"] = ""
+    _rewrite(layout.labels, lab)
+    with pytest.raises(MavlError, match="column 'study_id' is blank or not an id in row 3"):
+        read_labels(layout.labels)

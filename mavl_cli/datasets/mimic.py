@@ -57,7 +57,7 @@ def image_path(subject_id: int | str, study_id: int | str, dicom_id: str, suffix
 
 def plan(columns: list[str]) -> tuple[list[str], set[str]]:
     ids = {c for c in columns if canon(c) in (_SUBJECT, _STUDY)}
-    return [c for c in columns if c in ids or not is_metadata(c)], ids
+    return [c for c in columns if c in ids or not is_metadata(c)], set()  # ids: numbers or text, see _ids
 
 
 def side_file(label_file: Path, given: str | None, names: tuple[str, ...], what: str, option: str) -> Path:
@@ -129,7 +129,10 @@ def _ids(col: pd.Series, path: Path, name) -> np.ndarray:
     Plain Python string ops and one regex over the joined column: pandas' string
     methods cost seconds on MIMIC's 377k rows.
     """
-    vals = [v.strip() if isinstance(v, str) else v for v in col.tolist()]
+    if pd.api.types.is_integer_dtype(col.dtype):  # subject_id/study_id parsed as numbers: C-speed text
+        return col.to_numpy().astype(str).astype(object)
+    vals = [v.strip() if isinstance(v, str) else (str(int(v)) if isinstance(v, float) and v.is_integer() else v)
+            for v in col.tolist()]
     if all(isinstance(v, str) for v in vals):
         joined = "\n".join(vals)
         if "." in joined:
@@ -148,7 +151,7 @@ def _text(col: pd.Series) -> np.ndarray:
 def _read_side(path: Path, what: str, need: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, np.ndarray]:
     wanted = set(need) | set(optional)
     df = read_csv(path, lambda cols: ([c for c in cols if canon(c) in wanted],
-                                      {c for c in cols if canon(c) in wanted}), what=what)
+                                      {c for c in cols if canon(c) in wanted - {_SUBJECT, _STUDY}}), what=what)
     cols = {canon(c): c for c in df.columns}
     missing = [n for n in need if n not in cols]
     if missing:
