@@ -23,7 +23,11 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from mavl_cli import __version__, limits, render
 from mavl_cli.cli_dataset import with_dataset_options
+from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from mavl_cli.errors import MavlError
+
+BACKBONE_HELP = ("Image encoder FAMILY:ID: a timm name (the default family, e.g. vit_base_patch16_224), "
+                 "hf:HUB_ID_OR_FOLDER, open_clip:NAME_OR_hf-hub:ID, xrv:NAME; ID may be a local folder or file.")
 
 _DEBUG = {"on": os.environ.get("MAVL_DEBUG", "") not in ("", "0")}
 
@@ -158,8 +162,9 @@ def embed_images_cmd(
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels CSV whose path column lists the images (in file order)."),
     root: Optional[str] = typer.Option(None, "--root", help="Folder the CSV's paths are relative to (default: the folder argument, else the CSV's folder)."),
     path_column: Optional[str] = typer.Option(None, "--path-column", help="Name of the CSV's image path column (auto-detected)."),
-    backbone: str = typer.Option("vit_base_patch16_224", "--backbone", "-b", help="Any timm model name."),
+    backbone: str = typer.Option(DEFAULT_IMAGE_ENCODER, "--backbone", "-b", help=BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Local weights: a .safetensors/.pth file or a hub-layout folder (default: the hub)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Feature pooling: default (the family's own), cls or mean (ViT/DINOv2 patch tokens), max; see the README's encoder table."),
     random_init: bool = typer.Option(False, "--random-init", help="Untrained backbone (for tests and ablations)."),
     model_args: Optional[str] = typer.Option(None, "--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 384}\'.'),
     lrf: Optional[str] = typer.Option(None, "--lrf", help="Project features with this LRF head (writes r-dim embeddings)."),
@@ -177,7 +182,7 @@ def embed_images_cmd(
     args = _json_arg(model_args, "--model-args")
     res = embed_images_stage(list(inputs or []), _out(output), labels, root, path_column, backbone, weights, not random_init,
                              args, lrf, device, batch_size, workers, precision, skip_bad, resume, threads,
-                             progress=render.progress)
+                             progress=render.progress, pooling=pooling)
     _summary(f"embed-images -> {res.output}", res.summary)
     if res.table:
         render.warn(f"{len(res.table)} image(s) skipped: " + "; ".join(f"{r['id']}: {r['reason']}" for r in res.table[:5]))
@@ -238,7 +243,7 @@ def finetune_lrf_cmd(
     labels: str = typer.Option(..., "--labels", help="Training labels CSV (its path column lists the images)."),
     output: str = typer.Option(..., "-o", "--output", help="Output LRF head .safetensors."),
     backbone_out: str = typer.Option(..., "--backbone-out", help="Folder for the fine-tuned backbone (config.json + model.safetensors)."),
-    backbone: str = typer.Option("vit_base_patch16_224", "--backbone", "-b", help="Any timm model name."),
+    backbone: str = typer.Option(DEFAULT_IMAGE_ENCODER, "--backbone", "-b", help=BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Starting weights: file or hub-layout folder (default: the hub)."),
     random_init: bool = typer.Option(False, "--random-init", help="Start from an untrained backbone."),
     model_args: Optional[str] = typer.Option(None, "--model-args", help="Extra timm.create_model arguments as JSON."),
@@ -288,7 +293,7 @@ def finetune_lrf_cmd(
 def embed_text_cmd(
     descriptions: str = typer.Argument(..., help="labels.txt (one per line) or descriptions .json ({label: [sentences]} or {label: {aspect: sentence}})."),
     output: str = typer.Option(..., "-o", "--output", help="Output .safetensors ('-' = stdout)."),
-    text_model: str = typer.Option("emilyalsentzer/Bio_ClinicalBERT", "--text-model", "-m", help="Hugging Face model id or local folder."),
+    text_model: str = typer.Option(DEFAULT_TEXT_ENCODER, "--text-model", "-m", help="Hugging Face model id or local folder."),
     pooling: str = typer.Option("mean", "--pooling", help="mean (over real tokens only) or cls."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=limits.MAX_BATCH),

@@ -152,7 +152,7 @@ def check_precision(precision: str, device_type: str) -> None:
 
 def embed_images(
     items: list[ImageItem],
-    backbone: str,
+    backbone: Any,
     weights: str | None = None,
     pretrained: bool = True,
     model_args: dict[str, Any] | None = None,
@@ -168,8 +168,16 @@ def embed_images(
     advance: Callable[..., None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     threads: int | None = None,
+    pooling: str | None = None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> EmbedResult:
-    """Embed ``items`` with a timm backbone; see the module docstring.
+    """Embed ``items`` with an image encoder; see the module docstring.
+
+    ``backbone``: an :class:`~mavl_cli.encoders.EncoderSpec`, a ``FAMILY:ID``
+    string (with ``weights``/``pretrained``/``model_args``/``pooling``), or an
+    already built :class:`~mavl_cli.encoders.base.ImageEncoder`.
+    ``preprocessing``: a recorded recipe to use instead of the encoder's own
+    (a model file rebuilding its encoder exactly).
 
     ``lrf``: an ``lrf-head`` MavlFile; when given, features are projected to
     its r-dim low-rank space (what the fusion uses) instead of raw pooled features.
@@ -181,7 +189,9 @@ def embed_images(
     """
     import torch
 
-    from mavl_cli.models.backbone import create_backbone, quantize_int8
+    from mavl_cli.encoders import EncoderSpec, build_image_encoder
+    from mavl_cli.encoders.base import ImageEncoder
+    from mavl_cli.encoders.common import quantize_int8
     from mavl_cli.preprocess import normalize_batch
     from mavl_cli.runtime import resolve_device
 
@@ -192,7 +202,15 @@ def embed_images(
     dev = resolve_device(device)
     check_precision(precision, dev.type)
     every = max(1, int(checkpoint_every or os.environ.get("MAVL_CHECKPOINT_EVERY") or 1))
-    model, info = create_backbone(backbone, weights=weights, pretrained=pretrained, model_args=model_args)
+    if isinstance(backbone, ImageEncoder):
+        model = backbone
+    else:
+        spec = backbone if isinstance(backbone, EncoderSpec) else EncoderSpec.parse(
+            backbone, weights, pretrained=pretrained, pooling=pooling, options=model_args)
+        model = build_image_encoder(spec)
+    if preprocessing:
+        model.preprocessing = dict(preprocessing)
+    info = model.info
     head = None
     if lrf is not None:
         from mavl_cli.models.lrf import head_from_tensors
@@ -207,6 +225,8 @@ def embed_images(
     dc = info.data_config
     settings = {"backbone": info.name, "weights": info.weights, "args": info.model_args, "precision": precision,
                 "lrf": lrf.meta.get("fingerprint") if lrf else None, "preprocessing": info.data_config}
+    if model.spec.family != "timm" or model.pooling != "default":  # timm-default runs keep their old fingerprints
+        settings["encoder"] = {"spec": model.spec.name, "pooling": model.pooling, "preprocessing": dc}
     fp = inputs_fingerprint(items, settings)
     bs = batch_size or default_batch_size(dev.type)
 

@@ -188,7 +188,14 @@ def finetune_lrf(
     gen = set_seed(c.seed)
     aug_gen = torch.Generator().manual_seed(c.seed + 1)
 
-    model, info = create_backbone(backbone, weights=weights, pretrained=pretrained, model_args=model_args)
+    from mavl_cli.encoders import EncoderSpec
+
+    spec = backbone if isinstance(backbone, EncoderSpec) else EncoderSpec.parse(backbone, weights, pretrained=pretrained,
+                                                                                 options=model_args)
+    if spec.family != "timm":
+        raise MavlError(f"finetune-lrf fine-tunes timm backbones for now; {spec.name} is a {spec.family} encoder "
+                        "(embed its features with embed-images and use train-lrf)")
+    model, info = create_backbone(spec.id, weights=spec.weights, pretrained=spec.pretrained, model_args=spec.options)
     d = info.dim
     if c.rank < 1 or c.rank > d:
         raise MavlError(f"--rank {c.rank} must be between 1 and the feature size {d} of {info.name}")

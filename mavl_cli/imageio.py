@@ -301,11 +301,10 @@ def _resize(im: Image.Image, target_size: int | None) -> Image.Image:
     short = min(w, h)
     if short <= target_size:
         return im
-    scale = target_size / short
-    size = (
-        max(target_size, round(w * scale)) if w != short else target_size,
-        max(target_size, round(h * scale)) if h != short else target_size,
-    )
+    # torchvision's (and so timm's, open_clip's, transformers') rule: long side truncated, so a
+    # family transform that resizes to the same short side afterwards has nothing left to do
+    long = max(w, h)
+    size = (target_size, int(target_size * long / short)) if w <= h else (int(target_size * long / short), target_size)
     # reducing_gap lets PIL box-reduce by an integer factor first: fast, and
     # BICUBIC on the rest keeps proper antialiasing.
     return im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)

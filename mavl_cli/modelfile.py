@@ -19,7 +19,7 @@ import numpy as np
 from mavl_cli.contract import MavlFile
 from mavl_cli.errors import MavlError
 
-DEFAULT_THRESHOLD = 0.5
+from mavl_cli.defaults import DEFAULT_THRESHOLD
 
 
 def mavl_home() -> Path:
@@ -110,6 +110,7 @@ def build_model(
         "backbone_weights": image_meta.get("backbone_weights"),
         "backbone_args": image_meta.get("backbone_args", {}),
         "preprocessing": image_meta.get("preprocessing"),
+        **({"encoder": image_meta["encoder"]} if image_meta.get("encoder") else {}),
         "feature_dim": image_meta.get("feature_dim") if image_meta.get("space") != "lrf" else (lrf.tensors["proj.weight"].shape[1] if lrf else None),
         "lrf": ({"rank": lrf.meta.get("rank"), "keep": lrf.meta.get("keep"), "eta": lrf.meta.get("eta"),
                  "fingerprint": lrf.meta.get("fingerprint")} if lrf is not None else None),

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mavl_cli import contract
+from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, EncoderSpec
 from mavl_cli.errors import MavlError
 
 Advance = Callable[..., None]
@@ -86,6 +87,7 @@ def train_lrf_stage(
         "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc, "validation": val_desc,
         "uncertain": uncertain, "fingerprint": fp, "in_dim": int(d),
         **{k: emb.meta.get(k) for k in ("backbone", "backbone_weights", "backbone_args", "preprocessing", "precision")},
+        **({"encoder": emb.meta["encoder"]} if emb.meta.get("encoder") else {}),
         "train_embeddings": str(embeddings), "train_labels": str(labels),
     }
     contract.write_file(output, "lrf-head", tensors, meta)
@@ -384,7 +386,7 @@ def embed_images_stage(
     labels: str | None = None,
     root: str | None = None,
     path_column: str | None = None,
-    backbone: str = "vit_base_patch16_224",
+    backbone: Any = DEFAULT_IMAGE_ENCODER,
     weights: str | None = None,
     pretrained: bool = True,
     model_args: dict[str, Any] | None = None,
@@ -397,6 +399,7 @@ def embed_images_stage(
     resume: bool = False,
     threads: int | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
+    pooling: str | None = None,
 ) -> StageResult:
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.embed import check_precision, embed_images
@@ -422,7 +425,8 @@ def embed_images_stage(
 
         res = embed_images(items, backbone, weights=weights, pretrained=pretrained, model_args=model_args, device=device,
                            batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, lrf=head,
-                           checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start, threads=threads)
+                           checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start, threads=threads,
+                           pooling=pooling)
     res.skipped = [*({"id": m["id"], "path": "", "reason": m["reason"]} for m in missing), *res.skipped]
     res.meta["skipped"] = res.skipped
     res.meta["labels_file"] = str(labels) if labels else None

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from mavl_cli.errors import MavlError
 
-DEFAULT_TEXT_MODEL = "emilyalsentzer/Bio_ClinicalBERT"
+from mavl_cli.defaults import DEFAULT_TEXT_ENCODER as DEFAULT_TEXT_MODEL  # noqa: F401
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
 
 

@@ -1,0 +1,92 @@
+"""Test images in the formats radiographs arrive in, and feature comparison helpers (for test_encoders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def film(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth, textured float image in [0, 1] (lungs, mediastinum, ribs, noise), ``h x w``."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = y / h, x / w
+    body = np.exp(-(((x - 0.5) / 0.42) ** 2 + ((y - 0.55) / 0.5) ** 2) ** 2)
+    lungs = np.exp(-(((np.abs(x - 0.5) - 0.2) / 0.13) ** 2 + ((y - 0.45) / 0.28) ** 2))
+    ribs = 0.08 * np.sin(40 * y + 6 * np.abs(x - 0.5))
+    img = 0.75 * body - 0.45 * lungs + ribs + 0.04 * rng.standard_normal((h, w))
+    img = (img - img.min()) / (img.max() - img.min())
+    return img.astype(np.float32)
+
+
+def write_images(folder: Path) -> dict[str, Path]:
+    """8-bit PNG, 16-bit PNG, MONOCHROME1 DICOM and a large JPEG (all gray, non-square)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    out["png8"] = folder / "film8.png"
+    Image.fromarray((film(83, 71, 1) * 255).round().astype(np.uint8)).save(out["png8"])
+    out["png16"] = folder / "film16.png"
+    Image.fromarray((film(90, 77, 2) * 50000 + 3000).round().astype(np.uint16)).save(out["png16"])
+    out["dicom_m1"] = folder / "film_m1.dcm"
+    write_dicom(out["dicom_m1"], (4095 - film(96, 80, 3) * 4095).round().astype(np.uint16), "MONOCHROME1")
+    out["jpeg_large"] = folder / "film_large.jpg"
+    Image.fromarray((film(1400, 1150, 4) * 255).round().astype(np.uint8)).save(out["jpeg_large"], quality=92)
+    return out
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.PixelData = arr.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def compare(a, b) -> tuple[float, float]:
+    """(min cosine over rows, max abs difference) between two ``[N, D]`` feature arrays."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    return float(cos.min()), float(np.abs(a - b).max())
+
+
+def mavl_features(enc, images) -> np.ndarray:
+    """mavl's whole image path (family preprocessing, batching, encoder) on decoded PIL images."""
+    import torch
+
+    from mavl_cli.preprocess import preprocess_images
+
+    with torch.inference_mode():
+        return enc(preprocess_images(images, enc.preprocessing)).numpy()
+
+
+def mavl_file_features(enc, paths) -> np.ndarray:
+    """mavl's path from files: decoding (with its downscaling), family preprocessing, encoder."""
+    import torch
+
+    from mavl_cli.preprocess import load_and_prepare, normalize_batch, stack_batch
+
+    with torch.inference_mode():
+        batch = stack_batch([load_and_prepare(p, enc.preprocessing) for p in paths])
+        return enc(normalize_batch(batch, enc.preprocessing)).numpy()
+
+
+def report(family: str, case: str, cos: float, diff: float) -> None:
+    print(f"[exactness] {family:9s} {case:28s} cosine {cos:.7f}  max|diff| {diff:.3e}")
