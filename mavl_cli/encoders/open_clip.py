@@ -1,0 +1,234 @@
+"""open_clip family: CLIP-style models with aligned image and text towers (``pip install "mavl[openclip]"``).
+
+Spec (the ID is open_clip's own model name, with its schemes):
+
+- ``open_clip:hf-hub:ORG/NAME`` (e.g. BiomedCLIP): config and weights from the
+  hub (its cache when ``HF_HUB_OFFLINE`` is set);
+- ``open_clip:/path/folder`` or ``open_clip:local-dir:/path/folder``: the hub
+  layout on disk (``open_clip_config.json`` + ``open_clip_model.safetensors``
+  or ``open_clip_pytorch_model.bin``);
+- ``open_clip:ViT-B-32 --weights chexzero.pt``: a built-in architecture and an
+  OpenAI-style CLIP state dict (plain tensors, read with ``weights_only``);
+  ``--weights openai`` (a pretrained tag) asks open_clip for its own download;
+  ``open_clip:/path/model_config.json --weights file.pt`` registers a config
+  file first (``open_clip.add_model_config``) for architectures open_clip
+  does not ship.
+
+Preprocessing: ``model.visual.preprocess_cfg`` (size, mean, std,
+interpolation, resize_mode, fill colour), recorded as ``{"kind":
+"open_clip", "preprocess_cfg", "input_size"}``; mavl rebuilds open_clip's own
+eval transform from it (``image_transform_v2(PreprocessCfg(**cfg),
+is_train=False)``) and runs it on each decoded image, so features equal
+``model.encode_image(preprocess(img))``.
+
+Pooling: ``embed`` (``encode_image``: the tower's own pooling and projection
+into the space shared with the text tower). Spatial map (ViT towers):
+``visual.forward_intermediates`` of the last block with the final norm,
+``[B, width, h, w]`` (``width`` is the tower's, before the projection; see
+``spatial_dim``). ``has_text``: True; ``text_encoder()`` gives the aligned
+text tower with open_clip's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mavl_cli.encoders.base import ImageEncoder
+from mavl_cli.encoders.common import load_state_dict, looks_local, offline, plain
+from mavl_cli.encoders.spec import EncoderSpec
+from mavl_cli.errors import MavlError
+
+FAMILY = "open_clip"
+HAS_TEXT = True
+_TRANSFORMS: dict[str, Any] = {}
+_LOCK = threading.Lock()
+DROP_KEYS = ("input_resolution", "context_length", "vocab_size")  # OpenAI JIT-era extras, not tensors of the model
+
+
+class OpenCLIPEncoder(ImageEncoder):
+    family = FAMILY
+    poolings = ("embed",)
+    has_text = True
+    spatial_pools = False
+
+    def __init__(self, spec: EncoderSpec, clip: Any, model_name: str, preprocessing: dict[str, Any], **kw: Any) -> None:
+        super().__init__(spec, clip.visual, int(_embed_dim(clip)), preprocessing, **kw)
+        object.__setattr__(self, "_clip", clip)  # the whole model, for the text tower (not a submodule here)
+        self.model_name = model_name
+        ln = getattr(clip.visual, "ln_post", None)
+        self.spatial_dim = int(ln.normalized_shape[0]) if ln is not None and hasattr(ln, "normalized_shape") else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self.net, "forward_intermediates"):
+            raise MavlError(f"{self.spec.name}: this open_clip image tower gives no spatial feature map")
+        out = self.net.forward_intermediates(x, indices=1, intermediates_only=True, normalize_intermediates=True,
+                                             output_fmt="NCHW")
+        return out["image_intermediates"][-1]
+
+    def text_encoder(self) -> "OpenCLIPText":
+        return OpenCLIPText(self._clip, self.model_name, self.spec)
+
+
+class OpenCLIPText:
+    """open_clip's text tower with its own tokenizer: texts -> vectors in the image tower's space."""
+
+    def __init__(self, clip: Any, model_name: str, spec: EncoderSpec) -> None:
+        import open_clip
+
+        self.clip, self.spec = clip, spec
+        try:
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as exc:
+            raise MavlError(f"{spec.name}: cannot load its tokenizer ({plain(str(exc))})") from None
+        self.context_length = int(getattr(self.tokenizer, "context_length", 77) or 77)
+        self.dim = int(_embed_dim(clip))
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens each text needs (start/end included), to report truncation."""
+        tok = self.tokenizer
+        if hasattr(tok, "encode"):
+            return [len(tok.encode(t)) + 2 for t in texts]
+        inner = getattr(tok, "tokenizer", None)
+        if inner is not None:
+            return [len(inner(t)["input_ids"]) for t in texts]
+        return [0 for _ in texts]
+
+    def encode(self, texts: list[str], device: Any = "cpu") -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(device)
+        return self.clip.to(device).encode_text(tokens)
+
+
+def _embed_dim(clip: Any) -> int:
+    proj = getattr(clip.visual, "output_dim", None)
+    if proj:
+        return int(proj)
+    with torch.inference_mode():
+        size = clip.visual.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(clip.visual(torch.zeros(1, 3, h, w)).shape[1])
+
+
+def _model_name(spec: EncoderSpec) -> tuple[str, str | None]:
+    """(name for open_clip.create_model, pretrained tag or file or None)."""
+    ident = spec.id
+    if ident.startswith(("hf-hub:", "local-dir:")):
+        if spec.weights:
+            raise MavlError(f"{spec.name}: the folder/hub repo brings its own weights; drop --weights")
+        if ident.startswith("local-dir:") and not Path(ident[len("local-dir:"):]).is_dir():
+            raise MavlError(f"{ident[len('local-dir:'):]}: open_clip model folder not found")
+        return ident, None
+    p = Path(ident).expanduser()
+    if p.is_dir():
+        if not (p / "open_clip_config.json").exists():
+            raise MavlError(f"{p}: not an open_clip model folder (no open_clip_config.json)", path=p)
+        if spec.weights:
+            raise MavlError(f"{spec.name}: the folder brings its own weights; drop --weights")
+        return f"local-dir:{p}", None
+    if p.suffix == ".json" and p.is_file():
+        import open_clip
+
+        open_clip.add_model_config(str(p))
+        ident = p.stem
+    elif looks_local(ident):
+        raise MavlError(f"{ident}: open_clip model folder not found", path=ident)
+    return ident, spec.weights
+
+
+def load_image(spec: EncoderSpec) -> OpenCLIPEncoder:
+    import open_clip
+
+    name, weights = _model_name(spec)
+    if not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
+        raise MavlError(f"unknown open_clip model {name!r} (open_clip.list_models() lists them; or give a folder "
+                        "with open_clip_config.json)")
+    file = Path(weights).expanduser() if weights and (Path(weights).expanduser().exists() or looks_local(weights)) else None
+    try:
+        if file is not None:
+            if not file.exists():
+                raise MavlError(f"{file}: weights file not found", path=file)
+            clip = open_clip.create_model(name, pretrained=None)
+            _load_clip_state(clip, file)
+        elif name.startswith(("hf-hub:", "local-dir:")):
+            clip = open_clip.create_model(name, load_weights=spec.pretrained)
+        else:
+            if spec.pretrained and not weights:
+                raise MavlError(f"open_clip:{name} has no weights: pass --weights FILE (an OpenAI-style CLIP state dict) "
+                                "or a pretrained tag (e.g. --weights openai), or use a folder/hf-hub: id")
+            clip = open_clip.create_model(name, pretrained=weights if spec.pretrained else None)
+    except MavlError:
+        raise
+    except Exception as exc:
+        if name.startswith("hf-hub:") or (weights and file is None):
+            why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline() else plain(str(exc))
+            raise MavlError(f"cannot get open_clip:{name} weights ({why}); pass a local folder (open_clip_config.json "
+                            "+ weights) or --weights FILE") from None
+        raise MavlError(f"cannot build open_clip:{name} ({plain(str(exc))})") from None
+    clip.eval()
+    pre = transform_record(clip)
+    return OpenCLIPEncoder(spec, clip, name, pre, pooling=spec.pooling)
+
+
+def _load_clip_state(clip: Any, file: Path) -> None:
+    """An OpenAI-style (or open_clip) CLIP state dict, via open_clip's own key conversions."""
+    from open_clip.factory import convert_state_dict, resize_pos_embed
+
+    from mavl_cli.encoders.common import load_exact
+
+    state = {k: v for k, v in load_state_dict(file).items() if k not in DROP_KEYS}
+    state = convert_state_dict(clip, state)
+    if "logit_scale" in state and clip.logit_scale.ndim != state["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
+    if "logit_bias" not in state and getattr(clip, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(clip.logit_bias)
+    resize_pos_embed(state, clip)
+    load_exact(clip, state, str(file), "this open_clip architecture")
+
+
+def transform_record(clip: Any) -> dict[str, Any]:
+    cfg = dict(getattr(clip.visual, "preprocess_cfg", None) or {})
+    if not cfg:
+        size = clip.visual.image_size
+        from open_clip.transform import PreprocessCfg
+        from dataclasses import asdict
+
+        cfg = {**asdict(PreprocessCfg()), "size": size}
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    size = cfg.get("size", 224)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return {"kind": "open_clip", "preprocess_cfg": cfg, "input_size": [3, int(h), int(w)]}
+
+
+def _transform(cfg: dict[str, Any]) -> Any:
+    import json
+
+    key = json.dumps(cfg["preprocess_cfg"], sort_keys=True)
+    with _LOCK:
+        tf = _TRANSFORMS.get(key)
+        if tf is None:
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            pc = dict(cfg["preprocess_cfg"])
+            pc = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pc.items()}
+            tf = _TRANSFORMS[key] = image_transform_v2(PreprocessCfg(**pc), is_train=False)
+    return tf
+
+
+def decode_size(cfg: dict[str, Any]) -> int:
+    mode = cfg["preprocess_cfg"].get("resize_mode", "shortest")
+    interp = cfg["preprocess_cfg"].get("interpolation", "bicubic")
+    side = max(int(v) for v in cfg["input_size"][1:])
+    # PIL bicubic to the short side is exactly open_clip's Resize (torchvision on PIL); other modes start from more
+    return side if mode == "shortest" and interp == "bicubic" else 4 * side
+
+
+def prepare(img: Any, cfg: dict[str, Any]) -> np.ndarray:
+    """One decoded PIL image -> float32 ``[3, H, W]`` through open_clip's own eval transform."""
+    return _transform(cfg)(img).numpy().astype(np.float32, copy=False)
