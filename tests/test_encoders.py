@@ -401,3 +401,100 @@ def test_open_clip_refusals(clip_files, tmp_path):
         build_image_encoder("open_clip:hf-hub:someone/not-cached-clip")
     with pytest.raises(MavlError, match="weights do not fit"):
         build_image_encoder("open_clip:ViT-B-32", weights=str(clip_files["pt"]))
+
+
+# ----------------------------------------------------------------------------- xrv (torchxrayvision)
+
+TINY_DENSENET = {"growth_rate": 8, "block_config": [2, 2], "num_init_features": 16}
+
+
+@pytest.fixture(scope="module")
+def xrv_weights(tmp_path_factory):
+    """State dicts as torchxrayvision users save them: a tiny DenseNet (the DenseNet-121 code path with
+    fewer layers) and a ResNet-50 in the layout of xrv's own file (the inner torchvision model's state dict)."""
+    import torch
+    import torchxrayvision as xrv
+
+    from mavl_cli.encoders.xrv import _bare
+
+    root = tmp_path_factory.mktemp("xrv")
+    torch.manual_seed(0)
+    tiny = xrv.models.DenseNet(num_classes=18, **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_DENSENET.items()})
+    torch.save(tiny.state_dict(), root / "tiny.pt")
+    torch.save(_bare("resnet50-res512-all", {}, None).model.state_dict(), root / "resnet50.pt")  # xrv's own file layout
+    return root
+
+
+def _xrv_reference(arr: np.ndarray, resolution: int) -> np.ndarray:
+    """torchxrayvision's README pipeline on an 8-bit image array."""
+    import torchxrayvision as xrv
+
+    img = xrv.datasets.normalize(arr, 255)
+    if img.ndim == 3:
+        img = img.mean(2)
+    img = img[None, ...]
+    img = xrv.datasets.XRayCenterCrop()(img)
+    return xrv.datasets.XRayResizer(resolution)(img)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "resnet50"])
+def test_xrv_matches_torchxrayvision_transforms(xrv_weights, images, arch):
+    """mavl vs torchxrayvision's own transforms (normalize, XRayCenterCrop, XRayResizer) and features."""
+    import skimage.io
+    import torch
+    import torchxrayvision as xrv
+
+    name = "resnet50-res512-all" if arch == "resnet50" else "densenet121-res224-all"
+    opts = TINY_DENSENET if arch == "tiny" else {}
+    enc = build_image_encoder(f"xrv:{name}", weights=str(xrv_weights / f"{arch}.pt"), options=opts)
+    assert enc.input_size == ((1, 512, 512) if arch == "resnet50" else (1, 224, 224))
+    if arch == "resnet50":
+        ref = xrv.models.ResNet.__new__(xrv.models.ResNet)
+        from mavl_cli.encoders.xrv import _bare
+
+        ref = _bare(name, {}, None)
+        ref.model.load_state_dict(torch.load(xrv_weights / "resnet50.pt", weights_only=True))
+    else:
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+        ref = xrv.models.DenseNet(num_classes=18, **kw)
+        ref.load_state_dict(torch.load(xrv_weights / f"{arch}.pt", weights_only=True))
+    ref.eval()
+
+    def ref_feats(arrs):
+        x = torch.from_numpy(np.stack([_xrv_reference(a, enc.input_size[1]) for a in arrs]))
+        with torch.inference_mode():
+            return (ref.features(x) if arch == "resnet50" else ref.features2(x)).numpy()
+
+    dec = decoded(images)
+    cases = list(images) if arch == "tiny" else ["dicom_m1"]  # ResNet-50 at 512 px is slow on CPU: one case
+    for case in cases:
+        cos, diff = compare(mavl_features(enc, [dec[case]]), ref_feats([np.asarray(dec[case])]))
+        report("xrv", f"{arch} {case} (decoded)", cos, diff)
+        assert cos >= COS and diff < 1e-3 * max(1.0, float(np.abs(ref_feats([np.asarray(dec[case])])).max()))
+    for case in ("png8", "jpeg_large") if arch == "tiny" else ():
+        cos, diff = compare(mavl_file_features(enc, [images[case]]), ref_feats([skimage.io.imread(images[case])]))
+        report("xrv", f"{arch} {case} (file)", cos, diff)
+        assert cos >= (COS if case == "png8" else COS_LARGE_FILE)
+
+
+def test_xrv_preprocessing_range_and_spatial(xrv_weights, images):
+    import torch
+
+    from mavl_cli.preprocess import preprocess_images
+
+    enc = build_image_encoder("xrv:densenet121-res224-all", weights=str(xrv_weights / "tiny.pt"), options=TINY_DENSENET)
+    x = preprocess_images([decoded(images)["png8"]], enc.preprocessing)
+    assert x.shape == (1, 1, 224, 224) and -1024 <= float(x.min()) < -500 and 500 < float(x.max()) <= 1024
+    with torch.inference_mode():
+        fmap = enc.spatial(x)
+        assert fmap.shape[:2] == (1, enc.dim) and fmap.shape[2:] == (28, 28)  # /4 stem, /2 transition
+        np.testing.assert_allclose(enc(x).numpy(), enc.net.features2(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_xrv_refusals(xrv_weights):
+    with pytest.raises(MavlError, match="unknown torchxrayvision model"):
+        build_image_encoder("xrv:densenet999")
+    with pytest.raises(MavlError, match="weights do not fit"):
+        build_image_encoder("xrv:densenet121-res224-all", weights=str(xrv_weights / "tiny.pt"))
+    with pytest.raises(MavlError, match="not downloaded|cannot get its weights"):
+        build_image_encoder("xrv:densenet121-res224-nih")
