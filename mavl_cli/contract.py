@@ -546,6 +546,12 @@ SCHEMAS: dict[str, Schema] = {
         meta={"labels": ("labels", "L"),
               "fusion": ("dims", {"img_dim": "I", "txt_dim": "T", "dim": "H", "n_aspects": "A", "aggregate": AGGREGATES})},
         exact=("fusion.", "lrf."), ranges={"thresholds": (0.0, 1.0)}, nonzero="LATHI", integer=("text.mask",)),
+    # `mavl zero-shot`: aligned towers, no fusion trained (kind "model" with meta scorer "zeroshot")
+    "model/zeroshot": Schema(
+        {"text.embeddings": ("L", "A", "T"), "text.mask": ("L", "A"), "thresholds": ("L",),
+         "zeroshot.negative": ("L", "T"), "zeroshot.logit_scale": (1,)},
+        meta={"labels": ("labels", "L")}, exact=("fusion.", "lrf.", "zeroshot."), ranges={"thresholds": (0.0, 1.0)},
+        nonzero="LAT", integer=("text.mask",)),
     "scores": Schema({"scores": ("N", "L")}, optional={"thresholds": ("L",)},
                      meta={"ids": ("ids", "N"), "labels": ("labels", "L")},
                      ranges={"scores": (0.0, 1.0), "thresholds": (0.0, 1.0)}, nonzero="NL"),
@@ -556,7 +562,7 @@ def check_schema(f: MavlFile) -> None:
     """Check a file's tensors and metadata against its kind's :class:`Schema` (or, for a kind
     without one, the ranks in :data:`KINDS`); then refuse NaN/Inf. Raises one clear MavlError."""
     name, t, kind = f.path, f.tensors, f.kind
-    sch = SCHEMAS.get(kind)
+    sch = SCHEMAS.get("model/zeroshot" if kind == "model" and f.meta.get("scorer") == "zeroshot" else kind)
     what = describe_kind(kind)
     if sch is None:
         for tname, rank in KINDS[kind][2].items():
