@@ -156,7 +156,7 @@ def _path_rows(df: pd.DataFrame, path: Path, path_column: str | None, opts: Data
         source = chexpert.NAME if chexpert.claims(names) else generic.NAME
     views, view_column = _views(df)
     split_col = find_column(df, SPLIT_COLUMNS)
-    splits = None if split_col is None else df[split_col].astype("string").str.strip().fillna("").tolist()
+    splits = None if split_col is None else _stripped(df[split_col])
     return Rows(paths=paths, names=names, values=values, patients=_groups(df, patient_col, ids),
                 views=views, splits=splits, source=source, view_column=view_column, ids=ids)
 
@@ -165,38 +165,49 @@ def _views(df: pd.DataFrame) -> tuple[list[str] | None, str | None]:
     cols = [c for name in VIEW_COLUMNS for c in df.columns if canon(c) == name]
     if not cols:
         return None, None
-    first = df[cols[0]].astype("string").str.strip().fillna("")
+    first = _stripped(df[cols[0]])
     for c in cols[1:]:  # CheXpert: AP/PA, and Frontal/Lateral where AP/PA is blank (laterals)
-        first = first.mask(first == "", df[c].astype("string").str.strip().fillna(""))
-    return first.tolist(), "/".join(str(c) for c in cols)
+        first = [v or w for v, w in zip(first, _stripped(df[c]))]
+    return first, "/".join(str(c) for c in cols)
+
+
+def _stripped(col: pd.Series) -> list[str]:
+    return [v.strip() if isinstance(v, str) else "" for v in col.tolist()]
 
 
 def _filter(table: LabelTable, rows: Rows, opts: DatasetOptions, path: Path) -> LabelTable:
-    """Keep the rows ``--split`` and ``--views`` ask for; remember why the others went."""
+    """Keep the rows ``--split`` and ``--views`` ask for; remember why the others went.
+
+    Work is per distinct value (a handful of views and splits), not per row.
+    """
     if opts.split is None and opts.views is None:
         return table
     keep = np.ones(len(table), dtype=bool)
-    why: list[str | None] = [None] * len(table)
+    why = np.full(len(table), None, dtype=object)
     if opts.views is not None:
         if rows.views is None:
             raise MavlError(f"--views: {path} has no view column (looked for AP/PA, Frontal/Lateral, "
                             "View Position, ViewPosition, Projection)", path=path)
         wanted = {v.upper() for v in opts.views}
-        for k, v in enumerate(rows.views):
-            if v.upper() not in wanted:
-                keep[k] = False
-                why[k] = f"its view {v or '(blank)'} is not one of --views {','.join(opts.views)}"
+        codes, uniques = pd.factorize(pd.Series(rows.views, dtype=object))
+        out = np.array([u.upper() not in wanted for u in uniques], dtype=bool)[codes]
+        reason = np.array([f"its view {u or '(blank)'} is not one of --views {','.join(opts.views)}"
+                           for u in uniques], dtype=object)[codes]
+        keep &= ~out
+        why[out] = reason[out]
     if opts.split is not None:
         if rows.splits is None:
             raise MavlError(f"--split: {path} has no split column", path=path)
-        for k, s in enumerate(rows.splits):
-            if s.lower() != opts.split.lower():
-                if keep[k]:
-                    why[k] = f"it is in split {s or '(blank)'}, not {opts.split}"
-                keep[k] = False
+        codes, uniques = pd.factorize(pd.Series(rows.splits, dtype=object))
+        out = np.array([u.lower() != opts.split.lower() for u in uniques], dtype=bool)[codes]
+        reason = np.array([f"it is in split {u or '(blank)'}, not {opts.split}" for u in uniques], dtype=object)[codes]
+        first = out & keep  # a row left out by its view keeps that reason
+        why[first] = reason[first]
+        keep &= ~out
     if not keep.any():
         raise MavlError(f"{path}: no image is left after {opts.describe()}", path=path)
-    table.dropped.update({table.ids[k]: why[k] for k in np.flatnonzero(~keep)})
+    gone = np.flatnonzero(~keep)
+    table.dropped.update(zip([table.ids[k] for k in gone], why[gone].tolist()))
     return table.take(np.flatnonzero(keep))
 
 
