@@ -238,15 +238,16 @@ def direct_zero_shot(clip_dir: Path, ph: Path, split: str, mode: str = "pair") -
     from sklearn.metrics import roc_auc_score
 
     from mavl_cli.descriptions import read_descriptions
-    from mavl_cli.zeroshot import encode_prompts, write_prompts
+    from mavl_cli.zeroshot import write_prompts
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
     model.eval()
     rows = read_rows(ph / f"{split}.csv")
     prompts = write_prompts(read_descriptions(ROOT / "mavl_cli" / "data" / "descriptions" / "phantoms6.json"), mode)
-    emb = encode_prompts(model, tokenizer, prompts.texts())
+    texts = prompts.texts()
     with torch.inference_mode():
+        emb = dict(zip(texts, F.normalize(model.encode_text(tokenizer(texts)), dim=-1).numpy()))
         img = F.normalize(torch.cat([model.encode_image(torch.stack([preprocess(Image.open(ph / r["Path"])) for r in rows[i:i + 64]]))
                                      for i in range(0, len(rows), 64)]), dim=-1).numpy()
     scale = float(model.logit_scale.detach().exp())

@@ -117,16 +117,8 @@ def build_lrf(loaded: Any) -> nn.Module | None:
 
 def image_encoder(meta: dict[str, Any], weights: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(encoder module, preprocessing) recorded in a model file's metadata."""
-    try:
-        from mavl_cli.encoders import encoder_from_meta
-    except ImportError:  # TODO(h10b): drop once the encoder registry is on main
-        from mavl_cli.models.backbone import create_backbone
+    from mavl_cli.encoders import encoder_from_meta
 
-        w = weights or meta.get("backbone_weights")
-        pretrained = w != "random"
-        w = None if w in ("hub", "random", None) else w
-        net, info = create_backbone(meta["backbone"], weights=w, pretrained=pretrained, model_args=meta.get("backbone_args") or {})
-        return net, dict(meta.get("preprocessing") or info.data_config)
     enc = encoder_from_meta(meta, weights)
     return enc, dict(enc.preprocessing)
 

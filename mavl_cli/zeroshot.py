@@ -83,46 +83,18 @@ def write_prompts(desc: Descriptions, mode: str = "pair") -> Prompts:
 # ----------------------------------------------------------------------------- the aligned model
 
 
-def load_clip(ident: str, weights: str | None = None) -> tuple[Any, Any]:
-    """(open_clip model, tokenizer) for the ID of an ``open_clip:ID`` spec: a folder in open_clip's
-    hub layout, ``hf-hub:ORG/NAME``, or a built-in architecture name with ``weights`` (a checkpoint file)."""
-    try:
-        import open_clip
-    except ImportError:
-        raise MavlError('zero-shot needs open_clip, which is not installed; run: pip install "mavl[openclip]"') from None
+def aligned_towers(spec: Any) -> tuple[Any, Any]:
+    """(image encoder, its aligned text tower) of an ``open_clip:`` spec, from the encoder registry."""
+    from mavl_cli.encoders import build_image_encoder
 
-    local = Path(ident).expanduser()
-    if local.is_dir():
-        if not (local / "open_clip_config.json").exists():
-            raise MavlError(f"{local}: not an open_clip model folder (no open_clip_config.json)", path=local)
-        name, pretrained = f"local-dir:{local}", None
-    elif ident.startswith(("hf-hub:", "local-dir:")):
-        name, pretrained = ident, None
-    else:
-        name, pretrained = ident, weights
-        if pretrained is None:
-            raise MavlError(f"open_clip:{ident}: give the checkpoint with --weights FILE (or an open_clip folder / hf-hub: id)")
-        if pretrained is not None and not Path(pretrained).exists():
-            raise MavlError(f"{pretrained}: weights file not found", path=pretrained)
-    if weights and pretrained is None:
-        raise MavlError(f"open_clip:{ident}: a model folder carries its own weights; drop --weights")
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained)
-        tokenizer = open_clip.get_tokenizer(name)
-    except MavlError:
-        raise
-    except Exception as exc:
-        import os
-
-        off = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = " (HF_HUB_OFFLINE is set)" if off and name.startswith("hf-hub:") else ""
-        first = (str(exc).strip().splitlines() or ["unknown reason"])[0][:160]
-        raise MavlError(f"cannot load open_clip model {ident!r}{why}: {type(exc).__name__}: {first}") from None
-    return model.eval(), tokenizer
+    image = build_image_encoder(spec)
+    if not getattr(image, "has_text", False):
+        raise MavlError(f"{spec.name}: this encoder has no aligned text tower")
+    return image, image.text_encoder()
 
 
-def encode_prompts(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Text -> L2-normalised embedding with the aligned text tower."""
+def encode_prompts(text: Any, texts: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Text -> L2-normalised embedding with the aligned text tower (``text.encode(list) -> [N, D]``)."""
     import torch
     import torch.nn.functional as F
 
@@ -130,7 +102,7 @@ def encode_prompts(model: Any, tokenizer: Any, texts: list[str], batch_size: int
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
-            emb = F.normalize(model.encode_text(tokenizer(chunk)).float(), dim=-1).numpy()
+            emb = F.normalize(text.encode(chunk).float(), dim=-1).cpu().numpy()
             out.update(zip(chunk, emb))
     return out
 
@@ -155,8 +127,9 @@ def prompt_tensors(prompts: Prompts, emb: dict[str, np.ndarray]) -> tuple[np.nda
     return pos, mask, neg
 
 
-def logit_scale(model: Any) -> float:
-    return float(model.logit_scale.detach().exp().clamp(max=100.0))
+def logit_scale(text: Any) -> float:
+    """The CLIP model's own temperature, ``exp(logit_scale)`` (open_clip clamps it at 100)."""
+    return float(text.clip.logit_scale.detach().exp().clamp(max=100.0))
 
 
 # ----------------------------------------------------------------------------- the model file
@@ -174,7 +147,7 @@ class ZeroShotOptions:
 def build_zero_shot(opts: ZeroShotOptions) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(tensors, metadata, summary) of a zero-shot ``model`` file."""
     from mavl_cli.descriptions import read_descriptions
-    from mavl_cli.encoders import EncoderSpec, build_image_encoder
+    from mavl_cli.encoders import EncoderSpec
     from mavl_cli.modelfile import DEFAULT_THRESHOLD
 
     spec = EncoderSpec.parse(opts.encoder, opts.weights)
@@ -183,14 +156,13 @@ def build_zero_shot(opts: ZeroShotOptions) -> tuple[dict[str, Any], dict[str, An
                         "use an open_clip:ID encoder (a folder in open_clip's layout, hf-hub:..., or NAME --weights FILE)")
     desc = read_descriptions(opts.descriptions)
     prompts = write_prompts(desc, opts.prompts)
-    image = build_image_encoder(spec)
-    model, tokenizer = load_clip(spec.id, spec.weights)
-    emb = encode_prompts(model, tokenizer, prompts.texts())
+    image, text = aligned_towers(spec)
+    emb = encode_prompts(text, prompts.texts())
     pos, mask, neg = prompt_tensors(prompts, emb)
     if pos.shape[2] != image.dim:
         raise MavlError(f"{opts.encoder}: text embeddings are {pos.shape[2]}-d but image features {image.dim}-d; "
                         "the image encoder must pool to the aligned (projected) embedding")
-    scale = logit_scale(model)
+    scale = logit_scale(text)
     tensors = {"text.embeddings": pos, "text.mask": mask, "zeroshot.negative": neg,
                "zeroshot.logit_scale": np.array([scale], np.float32),
                "thresholds": np.full(len(prompts.labels), DEFAULT_THRESHOLD, np.float32)}
@@ -226,9 +198,8 @@ def extend_labels(loaded: Any, desc: Descriptions, thresholds: np.ndarray) -> An
     if prompts.aspects != list(meta.get("aspects") or []):
         raise MavlError(f"the new labels' prompt slots ({', '.join(prompts.aspects)}) differ from the model's "
                         f"({', '.join(meta.get('aspects') or [])}); describe them in the same form")
-    spec = EncoderSpec.from_meta(meta)
-    model, tokenizer = load_clip(spec.id, spec.weights)
-    pos, mask, neg = prompt_tensors(prompts, encode_prompts(model, tokenizer, prompts.texts()))
+    _, text = aligned_towers(EncoderSpec.from_meta(meta))
+    pos, mask, neg = prompt_tensors(prompts, encode_prompts(text, prompts.texts()))
     t = loaded.file.tensors
     return LabelText(list(loaded.labels) + prompts.labels, np.concatenate([t["text.embeddings"], pos]),
                      np.concatenate([t["text.mask"], mask]), thresholds,

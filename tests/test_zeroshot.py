@@ -9,15 +9,6 @@ import pytest
 
 open_clip = pytest.importorskip("open_clip")
 
-try:  # TODO(h10b): the open_clip image family lands with the encoder registry (h10a); then drop this
-    from mavl_cli.encoders import family_module
-
-    family_module("open_clip")
-    HAVE_FAMILY = True
-except Exception:
-    HAVE_FAMILY = False
-needs_family = pytest.mark.skipif(not HAVE_FAMILY, reason="open_clip image encoder family not on this branch yet")
-
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax"]
 
 
@@ -72,14 +63,15 @@ def test_zero_shot_head_matches_open_clip_softmax_over_pair(tiny_clip, phantom_s
 
     from mavl_cli.descriptions import parse_descriptions
     from mavl_cli.models.heads import ZeroShotHead
-    from mavl_cli.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, encode_prompts, load_clip, prompt_tensors, write_prompts
+    from mavl_cli.encoders import EncoderSpec
+    from mavl_cli.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, aligned_towers, encode_prompts, prompt_tensors, write_prompts
 
     img_path = phantom_set.root / "images" / sorted((phantom_set.root / "images").iterdir())[0].name
     want, feat = _reference(tiny_clip, img_path, LABELS, POSITIVE_TEMPLATES, NEGATIVE_TEMPLATES)
-    model, tok = load_clip(str(tiny_clip))
+    _, text = aligned_towers(EncoderSpec.parse(f"open_clip:{tiny_clip}"))
     prompts = write_prompts(parse_descriptions("\n".join(LABELS), "labels.txt"), "pair")
     assert prompts.negative[1][0] == "no pleural effusion"
-    pos, mask, neg = prompt_tensors(prompts, encode_prompts(model, tok, prompts.texts()))
+    pos, mask, neg = prompt_tensors(prompts, encode_prompts(text, prompts.texts()))
     head = ZeroShotHead(torch.from_numpy(pos), torch.from_numpy(mask), torch.from_numpy(neg), 20.0)
     with torch.no_grad():
         got = torch.sigmoid(head(torch.from_numpy(feat)[None] * 3.0))[0].numpy()  # the head normalises
@@ -92,13 +84,14 @@ def test_aspects_mode_averages_cosines_of_each_aspect(tiny_clip):
 
     from mavl_cli.descriptions import parse_descriptions
     from mavl_cli.models.heads import ZeroShotHead
-    from mavl_cli.zeroshot import encode_prompts, load_clip, prompt_tensors, write_prompts
+    from mavl_cli.encoders import EncoderSpec
+    from mavl_cli.zeroshot import aligned_towers, encode_prompts, prompt_tensors, write_prompts
 
     desc = parse_descriptions(json.dumps({"Edema": {"opacity": "hazy perihilar density", "location": "both lungs"},
                                           "Pneumothorax": {"border": "a thin pleural line"}}), "d.json")
     prompts = write_prompts(desc, "aspects")
-    model, tok = load_clip(str(tiny_clip))
-    emb = encode_prompts(model, tok, prompts.texts())
+    _, text = aligned_towers(EncoderSpec.parse(f"open_clip:{tiny_clip}"))
+    emb = encode_prompts(text, prompts.texts())
     pos, mask, neg = prompt_tensors(prompts, emb)
     assert prompts.aspects == ["opacity", "location", "border"] and mask.tolist() == [[1, 1, 0], [0, 0, 1]]
     v = np.random.default_rng(0).standard_normal((2, pos.shape[2])).astype(np.float32)
@@ -109,7 +102,6 @@ def test_aspects_mode_averages_cosines_of_each_aspect(tiny_clip):
     np.testing.assert_allclose(head(torch.from_numpy(v))[:, 0].detach().numpy(), want, rtol=0, atol=1e-5)
 
 
-@needs_family
 def test_zero_shot_command_path(tiny_clip, phantom_set, cli, tmp_path):
     """zero-shot -> predict on images; embed-images -> tune-threshold -> evaluate on the file, unchanged."""
     from mavl_cli import contract
@@ -148,7 +140,6 @@ def test_zero_shot_command_path(tiny_clip, phantom_set, cli, tmp_path):
     assert r.exit_code == 0
 
 
-@needs_family
 def test_zero_shot_refuses_encoders_without_text(cli, tmp_path, tiny_vit):
     desc = tmp_path / "labels.txt"
     desc.write_text("Edema\n")
