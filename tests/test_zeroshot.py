@@ -124,6 +124,16 @@ def test_zero_shot_command_path(tiny_clip, phantom_set, cli, tmp_path):
     # the open_clip family runs open_clip's own eval transform; predict --json rounds to 6 decimals (measured 3e-7)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
+    # a label described only in text gets prompts like the others (predict --descriptions)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("Pneumonia\n")
+    r = cli(["predict", str(img), "--model", str(zs), "--json", "--descriptions", str(extra), "--explain"])
+    assert r.exit_code == 0, r.stderr
+    found = json.loads(r.stdout)[0]["findings"]
+    assert [x["label"] for x in found] == [*FINDINGS, "Pneumonia"] and found[-1]["zero_shot"]
+    want_p, _ = _reference(tiny_clip, img, ["Pneumonia"], POSITIVE_TEMPLATES, NEGATIVE_TEMPLATES)
+    assert found[-1]["probability"] == pytest.approx(float(want_p[0]), abs=2e-6)
+
     root, splits = phantom_set.root, phantom_set.splits
     for split in ("val", "test"):
         r = cli(["embed-images", str(root), "--labels", str(splits[split]), "--backbone", f"open_clip:{tiny_clip}",
