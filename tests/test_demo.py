@@ -30,6 +30,10 @@ def test_short_demo_runs_the_real_chain(tmp_path, monkeypatch, cli):
     r = cli(f"predict {img} --json")
     assert r.exit_code == 0, r.stderr
     assert len(json.loads(r.stdout)[0]["findings"]) == 6
+    # the Python API on the real demo model (EfficientNet-Lite0 + MiniLM) gives the very same figures
+    import mavl_cli as mavl
+
+    assert mavl.load().predict([img]) == json.loads(r.stdout)
 
 
 def test_imported_backbone_gives_imagenet_features(tmp_path):
