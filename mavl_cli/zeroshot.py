@@ -21,7 +21,6 @@ verbatim. The file is an ordinary ``model`` file (``scorer: zeroshot``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
