@@ -26,8 +26,9 @@ from mavl_cli.cli_dataset import with_dataset_options
 from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from mavl_cli.errors import MavlError
 
-BACKBONE_HELP = ("Image encoder FAMILY:ID: a timm name (the default family, e.g. vit_base_patch16_224), "
-                 "hf:HUB_ID_OR_FOLDER, open_clip:NAME_OR_hf-hub:ID, xrv:NAME; ID may be a local folder or file.")
+BACKBONE_HELP = ("Image encoder as FAMILY:ID, where FAMILY is timm (the default, so a bare timm name works, e.g. "
+                 "vit_base_patch16_224), hf (hf:microsoft/rad-dino), open_clip (open_clip:hf-hub:ORG/NAME) or xrv "
+                 "(xrv:densenet121-res224-all), and ID a hub id or a local folder or file.")
 
 _DEBUG = {"on": os.environ.get("MAVL_DEBUG", "") not in ("", "0")}
 
@@ -165,6 +166,7 @@ def embed_images_cmd(
     backbone: str = typer.Option(DEFAULT_IMAGE_ENCODER, "--backbone", "-b", help=BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Local weights: a .safetensors/.pth file or a hub-layout folder (default: the hub)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Feature pooling: default (the family's own), cls or mean (ViT/DINOv2 patch tokens), max; see the README's encoder table."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="hf: allow models whose config needs their own Python code (runs that code)."),
     random_init: bool = typer.Option(False, "--random-init", help="Untrained backbone (for tests and ablations)."),
     model_args: Optional[str] = typer.Option(None, "--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 384}\'.'),
     lrf: Optional[str] = typer.Option(None, "--lrf", help="Project features with this LRF head (writes r-dim embeddings)."),
@@ -182,7 +184,8 @@ def embed_images_cmd(
     args = _json_arg(model_args, "--model-args")
     res = embed_images_stage(list(inputs or []), _out(output), labels, root, path_column, backbone, weights, not random_init,
                              args, lrf, device, batch_size, workers, precision, skip_bad, resume, threads,
-                             progress=render.progress, pooling=pooling)
+                             progress=render.progress, pooling=pooling,
+                             trust_remote_code=trust_remote_code)
     _summary(f"embed-images -> {res.output}", res.summary)
     if res.table:
         render.warn(f"{len(res.table)} image(s) skipped: " + "; ".join(f"{r['id']}: {r['reason']}" for r in res.table[:5]))
@@ -293,15 +296,16 @@ def finetune_lrf_cmd(
 def embed_text_cmd(
     descriptions: str = typer.Argument(..., help="labels.txt (one per line) or descriptions .json ({label: [sentences]} or {label: {aspect: sentence}})."),
     output: str = typer.Option(..., "-o", "--output", help="Output .safetensors ('-' = stdout)."),
-    text_model: str = typer.Option(DEFAULT_TEXT_ENCODER, "--text-model", "-m", help="Hugging Face model id or local folder."),
-    pooling: str = typer.Option("mean", "--pooling", help="mean (over real tokens only) or cls."),
+    text_model: str = typer.Option(DEFAULT_TEXT_ENCODER, "--text-model", "-m", help="Text encoder: a Hugging Face id or folder (BERT family; sentence-transformers folders keep their pooling and Normalize), or open_clip:ID (the aligned text tower)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models whose config needs their own Python code (runs that code)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="mean (over real tokens only; the default) or cls; a sentence-transformers folder uses its own pooling (and Normalize) unless this is given."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=limits.MAX_BATCH),
 ) -> None:
     """Encode label names or multi-aspect descriptions with a clinical text encoder -> [L, A, D]."""
     from mavl_cli.stages import embed_text_stage
 
-    res = embed_text_stage(descriptions, _out(output), text_model, pooling, device, batch_size, progress=render.progress)
+    res = embed_text_stage(descriptions, _out(output), text_model, pooling, device, batch_size, progress=render.progress, trust_remote_code=trust_remote_code)
     _summary(f"embed-text -> {res.output}", res.summary)
     for n in res.notes:
         render.warn(n)

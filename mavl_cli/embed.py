@@ -170,6 +170,7 @@ def embed_images(
     threads: int | None = None,
     pooling: str | None = None,
     preprocessing: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> EmbedResult:
     """Embed ``items`` with an image encoder; see the module docstring.
 
@@ -206,7 +207,8 @@ def embed_images(
         model = backbone
     else:
         spec = backbone if isinstance(backbone, EncoderSpec) else EncoderSpec.parse(
-            backbone, weights, pretrained=pretrained, pooling=pooling, options=model_args)
+            backbone, weights, pretrained=pretrained, pooling=pooling, options=model_args,
+            trust_remote_code=trust_remote_code)
         model = build_image_encoder(spec)
     if preprocessing:
         model.preprocessing = dict(preprocessing)

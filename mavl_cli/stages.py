@@ -122,8 +122,8 @@ def _same_backbone(a: contract.MavlFile, b: contract.MavlFile) -> None:
 
 
 def embed_text_stage(
-    descriptions: str, output: str, text_model: str, pooling: str = "mean", device: str = "auto",
-    batch_size: int = 32, progress: Callable[[str, int, str], Any] | None = None,
+    descriptions: str, output: str, text_model: str, pooling: str | None = None, device: str = "auto",
+    batch_size: int = 32, progress: Callable[[str, int, str], Any] | None = None, trust_remote_code: bool = False,
 ) -> StageResult:
     from mavl_cli.descriptions import read_descriptions
     from mavl_cli.text_embed import embed_descriptions
@@ -132,7 +132,8 @@ def embed_text_stage(
     desc = read_descriptions(descriptions)
     n = len(desc.flat())
     with (progress("embed-text", n, "text") if progress else nullcontext(None)) as advance:
-        te = embed_descriptions(desc, text_model, pooling=pooling, device=device, batch_size=batch_size, advance=advance)
+        te = embed_descriptions(desc, text_model, pooling=pooling, device=device, batch_size=batch_size, advance=advance,
+                                trust_remote_code=trust_remote_code)
     te.meta["descriptions_file"] = str(descriptions)
     contract.write_file(output, "text-embeddings", {"embeddings": te.embeddings, "mask": te.mask}, te.meta)
     notes = [
@@ -400,6 +401,7 @@ def embed_images_stage(
     threads: int | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
     pooling: str | None = None,
+    trust_remote_code: bool = False,
 ) -> StageResult:
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.embed import check_precision, embed_images
@@ -426,7 +428,7 @@ def embed_images_stage(
         res = embed_images(items, backbone, weights=weights, pretrained=pretrained, model_args=model_args, device=device,
                            batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, lrf=head,
                            checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start, threads=threads,
-                           pooling=pooling)
+                           pooling=pooling, trust_remote_code=trust_remote_code)
     res.skipped = [*({"id": m["id"], "path": "", "reason": m["reason"]} for m in missing), *res.skipped]
     res.meta["skipped"] = res.skipped
     res.meta["labels_file"] = str(labels) if labels else None
@@ -530,7 +532,7 @@ def _extend_labels(model: Any, descriptions: str, device: str, threshold: float 
         from mavl_cli.zeroshot import extend_labels
 
         return extend_labels(model, desc.subset(new), th), new
-    te = embed_descriptions(desc.subset(new), meta["text_model"], pooling=meta.get("pooling") or "mean", device=device)
+    te = embed_descriptions(desc.subset(new), meta["text_model"], pooling=meta.get("pooling"), device=device)
     aspects = list(meta.get("aspects") or [])
     old_t, old_m = model.file.tensors["text.embeddings"], model.file.tensors["text.mask"]
     if old_t.shape[2] != te.embeddings.shape[2]:

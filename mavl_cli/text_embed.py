@@ -21,21 +21,31 @@ class TextEmbeddings:
 def embed_descriptions(
     desc: Descriptions,
     text_model: str,
-    pooling: str = "mean",
+    pooling: str | None = None,
     device: str = "auto",
     batch_size: int = 32,
     advance: Callable[..., None] | None = None,
-    encoder: tuple[Any, Any] | None = None,
+    encoder: Any = None,
+    trust_remote_code: bool = False,
 ) -> TextEmbeddings:
-    """Encode every (label, aspect) text once; missing aspects stay zero and masked."""
-    from mavl_cli.models.text import encode_texts, load_text_encoder
-    from mavl_cli.pooling import get_pooling
+    """Encode every (label, aspect) text once; missing aspects stay zero and masked.
+
+    ``text_model``: a text spec (``[hf:]ID``, a sentence-transformers folder,
+    ``open_clip:ID``; see :mod:`mavl_cli.encoders.text`); ``pooling`` None = the
+    encoder's own default. ``encoder``: an already loaded text encoder.
+    """
+    from mavl_cli.encoders.text import load_text
     from mavl_cli.runtime import resolve_device
 
-    pool = get_pooling(pooling)
-    tokenizer, model = encoder or load_text_encoder(text_model)
+    if encoder is None:
+        encoder = load_text(text_model, pooling, trust_remote_code)
+    elif isinstance(encoder, tuple):  # (tokenizer, model) from older callers
+        from mavl_cli.encoders.text import HFText
+
+        encoder = HFText(text_model, encoder[0], encoder[1], pooling or "mean")
+    pooling = encoder.pooling
     flat = desc.flat()
-    enc = encode_texts([t for _, _, t in flat], tokenizer, model, pool, batch_size, resolve_device(device), advance)
+    enc = encoder.encode([t for _, _, t in flat], batch_size, resolve_device(device), advance)
     dim = enc.vectors.shape[1]
     emb = np.zeros((len(desc.labels), len(desc.aspects), dim), np.float32)
     mask = np.zeros((len(desc.labels), len(desc.aspects)), np.uint8)
@@ -54,6 +64,7 @@ def embed_descriptions(
         "form": desc.form,
         "text_model": text_model,
         "pooling": pooling,
+        "text_encoder": encoder.meta(),
         "text_dim": int(dim),
         "truncated": truncated,
     }

@@ -498,3 +498,96 @@ def test_xrv_refusals(xrv_weights):
         build_image_encoder("xrv:densenet121-res224-all", weights=str(xrv_weights / "tiny.pt"))
     with pytest.raises(MavlError, match="not downloaded|cannot get its weights"):
         build_image_encoder("xrv:densenet121-res224-nih")
+
+
+# ----------------------------------------------------------------------------- text families
+
+TEXTS = ["Cardiomegaly", "the heart is enlarged with a cardiothoracic ratio above one half",
+         "fluid in the pleural space blunting the costophrenic angle"]
+
+
+@pytest.fixture(scope="module")
+def st_folders(tmp_path_factory, tiny_bert):
+    """sentence-transformers folders saved by sentence-transformers itself: mean+Normalize, cls+Dense."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+
+    root = tmp_path_factory.mktemp("st")
+    torch.manual_seed(0)
+    out = {}
+    word = models.Transformer(str(tiny_bert), max_seq_length=12)
+    SentenceTransformer(modules=[word, models.Pooling(32, "mean"), models.Normalize()]).save(str(root / "mean_norm"))
+    out["mean_norm"] = root / "mean_norm"
+    word = models.Transformer(str(tiny_bert), max_seq_length=64)
+    dense = models.Dense(64, 8, activation_function=torch.nn.Tanh())
+    SentenceTransformer(modules=[word, models.Pooling(32, pooling_mode_cls_token=True, pooling_mode_mean_tokens=True,
+                                                    pooling_mode_max_tokens=False), dense]).save(str(root / "cls_dense"))
+    out["cls_dense"] = root / "cls_dense"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mean_norm", "cls_dense"])
+def test_sentence_transformers_folder_matches_its_library(st_folders, kind):
+    from sentence_transformers import SentenceTransformer
+
+    from mavl_cli.encoders.text import load_text
+
+    folder = st_folders[kind]
+    ref = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    enc = load_text(str(folder))
+    got = enc.encode(TEXTS)
+    cos, diff = compare(got.vectors, ref)
+    report("text", f"sentence-transformers {kind}", cos, diff)
+    assert cos >= COS and diff < 1e-5
+    if kind == "mean_norm":
+        np.testing.assert_allclose(np.linalg.norm(got.vectors, axis=1), 1.0, atol=1e-5)
+        assert any(t["kept"] == 12 for t in got.truncated)  # its max_seq_length, reported
+
+
+def test_hf_text_and_remote_code_refusal(tiny_bert, tmp_path):
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from mavl_cli.encoders.text import load_text
+
+    tok, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert).eval()
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    ref = ((hidden * m).sum(1) / m.sum(1)).numpy()
+    for spec in (str(tiny_bert), f"hf:{tiny_bert}"):
+        got = load_text(spec).encode(TEXTS).vectors
+        cos, diff = compare(got, ref)
+        assert cos >= COS and diff < 1e-5
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_bert, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_x.XModel"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MavlError, match="--trust-remote-code"):
+        load_text(str(remote))
+    with pytest.raises(MavlError, match="image encoders only"):
+        load_text("xrv:densenet121-res224-all")
+
+
+def test_open_clip_text_spec(clip_files):
+    import open_clip
+    import torch
+
+    from mavl_cli.encoders.text import load_text
+
+    enc = load_text(f"open_clip:{clip_files['folder']}")
+    ref, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_files['folder']}")
+    tok = open_clip.get_tokenizer(f"local-dir:{clip_files['folder']}")
+    with torch.inference_mode():
+        theirs = ref.eval().encode_text(tok(TEXTS)).numpy()
+    got = enc.encode(TEXTS)
+    cos, diff = compare(got.vectors, theirs)
+    report("text", "open_clip text tower (spec)", cos, diff)
+    assert cos >= COS and diff < 1e-5
+    long = enc.encode([" ".join(TEXTS * 3)])  # longer than context_length 24: reported, not hidden
+    assert long.truncated and long.truncated[0]["kept"] == 24 and long.truncated[0]["tokens"] > 24

@@ -23,8 +23,12 @@ class Encoded:
     truncated: list[dict[str, Any]] = field(default_factory=list)  # {"index", "tokens", "kept"}
 
 
-def load_text_encoder(name_or_path: str) -> tuple[Any, Any]:
-    """(tokenizer, model) from a hub id or a local folder, with clear errors."""
+def load_text_encoder(name_or_path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(tokenizer, model) from a hub id or a local folder, with clear errors.
+
+    Models whose config asks for their own Python code (``auto_map``) are
+    refused unless ``trust_remote_code``.
+    """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -38,14 +42,26 @@ def load_text_encoder(name_or_path: str) -> tuple[Any, Any]:
             raise MavlError(f"{local}: not a Hugging Face model folder (no config.json)", path=local)
         if not any((local / f).exists() for f in TOKENIZER_FILES):
             raise MavlError(f"{local}: model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}...)", path=local)
+        import json
+
+        try:
+            auto_map = json.loads((local / "config.json").read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            auto_map = None
+        if auto_map and not trust_remote_code:
+            raise MavlError(f"{local}: this text model needs its own Python code (auto_map in config.json); mavl does "
+                            "not run it unless you pass --trust-remote-code", path=local)
     elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise MavlError(f"{name_or_path}: text model folder not found", path=name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        model = AutoModel.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except MavlError:
         raise
     except Exception as exc:
+        if "trust_remote_code" in str(exc):
+            raise MavlError(f"text model {name_or_path!r} needs its own Python code; mavl does not run it unless you "
+                            "pass --trust-remote-code") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         if local.exists():
             raise MavlError(f"{local}: cannot load text model ({str(exc).splitlines()[0][:160]})", path=local) from None
