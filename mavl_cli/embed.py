@@ -202,6 +202,7 @@ def embed_images(
         raise MavlError("no images to embed")
     dev = resolve_device(device)
     check_precision(precision, dev.type)
+    env_threads = _env_threads()  # a bad MAVL_THREADS fails before the model is built
     every = max(1, int(checkpoint_every or os.environ.get("MAVL_CHECKPOINT_EVERY") or 1))
     if isinstance(backbone, ImageEncoder):
         model = backbone
@@ -240,7 +241,7 @@ def embed_images(
         bs = int(recorded.get("batch_size") or bs)
     tuner = None
     if dev.type == "cpu":
-        tuner = ThreadTuner(threads or _env_threads())
+        tuner = ThreadTuner(threads or env_threads)
         with torch.inference_mode():
             model(torch.zeros(1, *dc["input_size"]))  # warm-up: allocator, thread pool, kernel selection
             if recorded.get("threads"):
