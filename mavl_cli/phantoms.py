@@ -247,6 +247,7 @@ def render_phantom(
     findings: dict[str, float],
     size: int = 256,
     anatomy: dict | None = None,
+    masks: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Render one film; ``findings`` maps finding names to severities in (0, 1].
 
@@ -255,6 +256,9 @@ def render_phantom(
     None the anatomy is drawn from ``rng`` first. The number of draws from
     ``rng`` does not depend on ``findings``. Returns a uint8 [size, size] image
     and geometry facts in output pixels (heart and thorax widths, lung boxes).
+    With ``masks`` the geometry also holds ``"masks"``: for each finding drawn,
+    a boolean ``[size, size]`` array of where its sign is (see :data:`MASK_SIGNS`).
+    Masks draw nothing from ``rng``, so the film is the same either way.
     """
     unknown = set(findings) - set(FINDINGS)
     if unknown:
@@ -379,6 +383,7 @@ def render_phantom(
     # ---- findings, as density changes on top of the normal film
     extra = np.zeros_like(x)
     geo_ptx = None
+    fields: dict[str, np.ndarray] = {}  # finding -> soft 0..1 region of its sign, at work size
 
     s = sev["Pneumothorax"]
     if s > 0:
@@ -394,6 +399,8 @@ def render_phantom(
         markings *= 1.0 - rim
         pleura = np.exp((dist * (1.0 / (1.1 * cv.px))) ** 2 * -1.0) * inside
         extra += -(0.1 + 0.08 * s) * rim + (0.14 + 0.1 * s) * pleura + 0.04 * s * collapsed * inside
+        if masks:
+            fields["Pneumothorax"] = np.maximum(rim, pleura)
         geo_ptx = {"side": "left" if ptx_side < 0 else "right", "shrink": shrink}
 
     s = sev["Pleural Effusion"]
@@ -409,6 +416,8 @@ def render_phantom(
             fluid = _ramp(top - y, 0.04) * np.clip(0.75 + (y - top) * 2.5, 0.0, 1.0) * lungs[i] * notc
             extra += fluid * (air + 0.1)
             markings *= 1.0 - fluid
+            if masks:
+                fields["Pleural Effusion"] = np.maximum(fields.get("Pleural Effusion", 0.0), fluid)
 
     s = sev["Consolidation"]
     if s > 0:
@@ -436,6 +445,8 @@ def render_phantom(
         strength = 0.6 + 0.4 * s
         extra += strength * opac * ((air + 0.05) - 0.3 * bronch)
         markings *= 1.0 - 0.8 * opac
+        if masks:
+            fields["Consolidation"] = opac
 
     s = sev["Edema"]
     if s > 0:
@@ -455,6 +466,8 @@ def render_phantom(
                 kerley.append((x0, ly, x0 - sd * k.uniform(0.05, 0.09), ly + k.normal(0, 0.006), 0.014))
         kl = cv.lines(kerley) * lung
         extra += strength * (air * 0.8 * haze + 0.3 * kl)
+        if masks:  # the perihilar bat-wing haze, where the oedema is densest
+            fields["Edema"] = np.clip(wing, 0.0, 1.0) * lung
 
     if s_atl > 0:
         k = frng["Atelectasis"]
@@ -475,6 +488,8 @@ def render_phantom(
         opac = layer * lungs[i] * notc
         extra += strength * opac * (air + 0.05)
         markings *= 1.0 - 0.7 * opac
+        if masks:
+            fields["Atelectasis"] = opac
 
     # ---- compose density, expose, upsample, add quantum noise, blur
     extra = np.minimum(extra, air + 0.12)  # overlapping opacities cannot exceed solid tissue
@@ -499,6 +514,9 @@ def render_phantom(
         pil = pil.resize((size, size), Image.Resampling.BILINEAR)
     arr = _add_grain(np.asarray(pil), np.random.default_rng(noise_seed), noise_sd)
 
+    if masks and s_cm > 0:
+        fields["Cardiomegaly"] = heart  # the enlarged heart's silhouette
+
     # ---- geometry facts in output pixels
     out = _Canvas(size, tx, ty, rot, zoom, grids=False)
     pxu = size * zoom * 0.5
@@ -519,7 +537,28 @@ def render_phantom(
     for cx, cy, a, b in shapes:
         (l, t_), (r, bt) = out.to_px(cx - a, cy - b), out.to_px(cx + a, cp + 0.03)
         geom["lungs"].append((min(l, r), t_, max(l, r), bt))
+    if masks:
+        geom["masks"] = {f: _binary_mask(fields[f], size) for f in FINDINGS if f in fields}
     return arr, geom
+
+
+#: What each finding's mask covers (``mavl phantoms --masks``).
+MASK_SIGNS: dict[str, str] = {
+    "Cardiomegaly": "the enlarged heart's silhouette",
+    "Pleural Effusion": "the fluid below the meniscus",
+    "Pneumothorax": "the air rim between the collapsed lung's pleural line and the chest wall",
+    "Consolidation": "the airspace opacity patch",
+    "Edema": "the perihilar (bat-wing) haze",
+    "Atelectasis": "the collapsed wedge or plate-like band",
+}
+
+
+def _binary_mask(field: np.ndarray, size: int) -> np.ndarray:
+    """A soft work-size field -> boolean ``[size, size]``: where the sign is at least half drawn."""
+    f = np.asarray(field, dtype=np.float32)
+    if f.shape[0] != size:
+        f = np.asarray(Image.fromarray(f, mode="F").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return f >= 0.5
 
 
 # ---------------------------------------------------------------------- data set
@@ -578,8 +617,13 @@ def generate_phantoms(
     size: int = 256,
     split: tuple[float, float, float] = (0.6, 0.2, 0.2),
     progress: Callable[[int], None] | None = None,
+    masks: bool = False,
 ) -> PhantomSet:
     """Write ``n`` phantom films, labels.csv and per-patient train/val/test CSVs.
+
+    With ``masks`` also ``masks/<stem>.<label>.png`` (0/255, the film's size) for
+    every finding drawn in a film, uncertain ones included; the films, CSVs and
+    their bytes are the same with and without masks.
 
     Patients get 1-3 studies sharing one anatomy; findings are drawn per study.
     The output is byte-identical for a given seed. ``progress`` is called after
@@ -609,7 +653,7 @@ def generate_phantoms(
 
         raise MavlError(f"{out_dir}: cannot create folder ({exc.strerror or exc})", path=out_dir) from None
     try:
-        return _generate(out_dir, n, seed, size, split, progress, written)
+        return _generate(out_dir, n, seed, size, split, progress, written, masks)
     except BaseException:
         # a failed or interrupted run leaves no half-made folder: remove what this run wrote
         for p in written:
@@ -630,7 +674,12 @@ def _write_image(path: Path, data: bytes) -> None:
 
 
 def _generate(out_dir: Path, n: int, seed: int, size: int, split: tuple[float, float, float],
-              progress: Callable[[int], None] | None, written: list[Path]) -> PhantomSet:
+              progress: Callable[[int], None] | None, written: list[Path], masks: bool = False) -> PhantomSet:
+    mask_dir = out_dir / "masks"
+    if masks:
+        from mavl_cli.maps import mask_name
+
+        mask_dir.mkdir(exist_ok=True)
     master = np.random.default_rng(seed)
     rows: list[list[str]] = []
     row_patient: list[str] = []
@@ -645,13 +694,20 @@ def _generate(out_dir: Path, n: int, seed: int, size: int, split: tuple[float, f
             srng = np.random.default_rng(prng.integers(0, 2**63 - 1))
             findings = _draw_findings(srng)
             blanks = srng.random(len(FINDINGS)) < BLANK_PROB
-            arr, _ = render_phantom(srng, findings, size=size, anatomy=anat)
+            arr, geom = render_phantom(srng, findings, size=size, anatomy=anat, masks=masks)
             rel = f"images/{patient}_study{study}.png"
             buf = io.BytesIO()
             Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=1)
             if not (out_dir / rel).exists():
                 written.append(out_dir / rel)
             _write_image(out_dir / rel, buf.getvalue())
+            for finding, region in geom.get("masks", {}).items():
+                mpath = mask_dir / mask_name(f"{patient}_study{study}", finding)
+                mbuf = io.BytesIO()
+                Image.fromarray(region.astype(np.uint8) * 255, mode="L").save(mbuf, format="PNG", compress_level=1)
+                if not mpath.exists():
+                    written.append(mpath)
+                _write_image(mpath, mbuf.getvalue())
             rows.append([rel, patient, *(_label(findings, f, b) for f, b in zip(FINDINGS, blanks))])
             row_patient.append(patient)
             if progress is not None:
