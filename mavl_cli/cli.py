@@ -465,6 +465,9 @@ def predict_cmd(
             render.show(t)
     for s in skipped:
         render.warn(f"skipped {s['path']}: {s['reason']}")
+    if heatmap is not None and not as_json:
+        n = sum(len(v) for v in (pred.peaks or {}).values())
+        render.info(f"{n} {heatmap_method} map(s) -> {heatmap}")
 
 
 @app.command("info")
