@@ -448,13 +448,21 @@ def predict_cmd(
     descriptions: Optional[str] = typer.Option(None, "--descriptions", help="Extra labels described in text (scored zero-shot)."),
     device: str = typer.Option("auto", "--device"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of stopping."),
+    heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Write DIR/<stem>.<label>.png overlays and DIR/<stem>.maps.safetensors: where each finding is."),
+    heatmap_labels: str = typer.Option("positive", "--heatmap-labels", help="Which findings get a map: positive, all, or A,B."),
+    heatmap_method: str = typer.Option("similarity", "--heatmap-method", help="similarity (patches vs. aspect text, no gradients) or gradcam."),
 ) -> None:
     """Print the findings of one or more radiographs."""
     from mavl_cli.report_view import prediction_json, prediction_tables
     from mavl_cli.stages import predict_stage
 
+    hm = None
+    if heatmap is not None:
+        from mavl_cli.heatmaps import HeatmapOptions
+
+        hm = HeatmapOptions(heatmap, heatmap_labels, heatmap_method)
     pred, skipped = predict_stage(images, model, weights, device, threshold, descriptions, explain, skip_bad=skip_bad,
-                                  scores_out=out, progress=render.progress, json_out="-" if as_json else None)
+                                  scores_out=out, progress=render.progress, json_out="-" if as_json else None, heatmap=hm)
     if as_json:
         from mavl_cli.contract import write_stdout
 
@@ -491,14 +499,16 @@ def phantoms_cmd(
     n: int = typer.Option(600, "-n", min=3, max=limits.MAX_PHANTOMS, help="Number of images."),
     seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
     size: int = typer.Option(256, "--size", min=64, max=limits.MAX_PHANTOM_SIZE, help="Image side in pixels."),
+    masks: bool = typer.Option(False, "--masks", help="Also write masks/<stem>.<label>.png: where each drawn finding is (ground truth for `mavl evaluate-maps`)."),
 ) -> None:
     """Generate synthetic chest radiograph phantoms with labelled findings (for demos and tests)."""
     from mavl_cli.phantoms import FINDINGS, generate_phantoms
 
     with render.progress("phantoms", n, "img") as advance:
-        ps = generate_phantoms(out_dir, n=n, seed=seed, size=size, progress=lambda _done: advance(1))
+        ps = generate_phantoms(out_dir, n=n, seed=seed, size=size, progress=lambda _done: advance(1), masks=masks)
     _summary(f"phantoms -> {ps.root}", {"images": ps.n_images, "findings": ", ".join(FINDINGS),
-                                        **{f"{k} split": str(v) for k, v in ps.splits.items()}})
+                                        **{f"{k} split": str(v) for k, v in ps.splits.items()},
+                                        **({"masks": str(ps.root / "masks")} if masks else {})})
 
 
 @app.command("demo")

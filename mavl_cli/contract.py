@@ -43,6 +43,7 @@ KINDS: dict[str, tuple[str, str, dict[str, int]]] = {
     "lrf-head": ("a low-rank (LRF) head", "mavl train-lrf", {"proj.weight": 2, "classifier.weight": 2}),
     "model": ("a fused model", "mavl fuse", {"text.embeddings": 3, "text.mask": 2, "thresholds": 1}),
     "scores": ("prediction scores", "mavl predict --out", {"scores": 2}),
+    "maps": ("explanation maps", "mavl predict --heatmap", {"maps": 3}),
 }
 
 #: metadata keys whose values are JSON (lists, dicts, numbers); the rest stay strings.
@@ -530,7 +531,8 @@ _LRF = {"norm.weight": ("D",), "norm.bias": ("D",), "proj.weight": ("R", "D"), "
         "classifier.bias": ("K",)}
 _MLP = lambda p, i: {f"{p}.0.weight": ("H", i), f"{p}.0.bias": ("H",), f"{p}.2.weight": ("H", "H"), f"{p}.2.bias": ("H",)}  # noqa: E731
 NOUN = {"N": "images", "D": "feature dimensions", "L": "labels", "A": "aspects", "T": "text dimensions",
-        "R": "rank", "K": "labels", "H": "fusion dimensions", "I": "fusion input dimensions"}
+        "R": "rank", "K": "labels", "H": "fusion dimensions", "I": "fusion input dimensions",
+        "Y": "map rows", "X": "map columns"}
 
 SCHEMAS: dict[str, Schema] = {
     "image-embeddings": Schema({"features": ("N", "D")}, meta={"ids": ("ids", "N")}, nonzero="ND"),
@@ -552,6 +554,7 @@ SCHEMAS: dict[str, Schema] = {
          "zeroshot.negative": ("L", "T"), "zeroshot.logit_scale": (1,)},
         meta={"labels": ("labels", "L")}, exact=("fusion.", "lrf.", "zeroshot."), ranges={"thresholds": (0.0, 1.0)},
         nonzero="LAT", integer=("text.mask",)),
+    "maps": Schema({"maps": ("L", "Y", "X")}, meta={"labels": ("labels", "L")}, nonzero="LYX"),
     "scores": Schema({"scores": ("N", "L")}, optional={"thresholds": ("L",)},
                      meta={"ids": ("ids", "N"), "labels": ("labels", "L")},
                      ranges={"scores": (0.0, 1.0), "thresholds": (0.0, 1.0)}, nonzero="NL"),
@@ -634,6 +637,19 @@ def check_schema(f: MavlFile) -> None:
         for tname, (lo, hi) in sch.ranges.items():
             if tname in t and t[tname].size and ((t[tname] < lo) | (t[tname] > hi)).any():
                 raise MavlError(f"{name}: tensor {tname!r} must lie in [{lo:g}, {hi:g}]")
+    if kind == "maps":
+        _check_maps(f)
+
+
+def _check_maps(f: MavlFile) -> None:
+    """``maps``: float32 ``[L, H, W]`` in the original image's pixels, its size and method recorded."""
+    name, m, size = f.path, f.tensors["maps"], f.meta.get("image_size")
+    if m.dtype != np.float32:
+        raise MavlError(f"{name}: maps must be float32, got {m.dtype}")
+    if not isinstance(size, list) or len(size) != 2 or [v for v in size] != [m.shape[2], m.shape[1]]:
+        raise MavlError(f"{name}: image_size {size} does not match the maps' {m.shape[2]}x{m.shape[1]} pixels")
+    if f.meta.get("method") not in ("similarity", "gradcam"):
+        raise MavlError(f"{name}: unknown map method {f.meta.get('method')!r}")
 
 
 def read_file(path: str | Path, expect: str | tuple[str, ...] | None = None) -> MavlFile:

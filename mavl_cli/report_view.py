@@ -49,6 +49,9 @@ def prediction_json(pred: Any) -> list[dict[str, Any]]:
             if pred.aspect_cos is not None:
                 item["aspects"] = {a: round(float(pred.aspect_cos[i, j, k]), 4)
                                    for k, a in enumerate(pred.aspects) if pred.aspect_mask[j, k]}
+            peak = (getattr(pred, "peaks", None) or {}).get(image, {}).get(name)
+            if peak is not None:
+                item["peak"] = {"x": int(peak[0]), "y": int(peak[1])}
             findings.append(item)
         out.append({"image": image, "findings": findings,
                     "positive": [f["label"] for f in findings if f["positive"]]})

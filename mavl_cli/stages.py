@@ -458,15 +458,18 @@ class Prediction:
     aspect_cos: np.ndarray | None = None  # [N, L, A]
     aspect_mask: np.ndarray | None = None
     new_labels: list[str] = field(default_factory=list)
+    peaks: dict[str, dict[str, tuple[int, int]]] | None = None  # --heatmap: image id -> label -> (x, y) original pixels
 
 
 def predict_stage(
     images: list[str], model_path: str | None = None, weights: str | None = None, device: str = "auto",
     threshold: float | None = None, descriptions: str | None = None, explain: bool = False,
     batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
-    progress: Callable[[str, int, str], Any] | None = None, json_out: str | None = None,
+    progress: Callable[[str, int, str], Any] | None = None, json_out: str | None = None, heatmap: Any = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
-    """Score images through the whole model (:class:`mavl_cli.mavlmodel.MavlModel`)."""
+    """Score images through the whole model (:class:`mavl_cli.mavlmodel.MavlModel`).
+
+    ``heatmap``: a :class:`mavl_cli.heatmaps.HeatmapOptions` to also write explanation maps."""
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.mavlmodel import score_images
     from mavl_cli.modelfile import find_model, load_model
@@ -480,6 +483,8 @@ def predict_stage(
     w = weights or meta.get("backbone_weights")
     if w not in ("hub", "random", None) and not Path(w).exists():
         raise MavlError(f"{model.file.path}: its backbone weights {w} are not on this machine; pass --weights FILE_OR_FOLDER")
+    if heatmap is not None:
+        heatmap.check(list(model.labels))
     items, _ = collect_inputs(images)
     if scores_out:
         contract.check_output_path(scores_out, [it.path for it in items])  # `--out a.png` must not replace the image
@@ -500,6 +505,14 @@ def predict_stage(
         with torch.no_grad():
             cos = module.head.cpu().aspect_cosines(torch.from_numpy(res.head_inputs)).numpy()
     pred = Prediction(res.ids, names, res.probabilities, th, aspects, cos, np.asarray(mask).astype(bool), new)
+    if heatmap is not None:
+        from mavl_cli.heatmaps import predict_heatmaps
+
+        where = {it.id: it.path for it in items}
+        text = label_text.text if label_text is not None else model.file.tensors["text.embeddings"]
+        with (progress("heatmaps", len(res.ids), "img") if progress and len(res.ids) > 2 else nullcontext(None)) as advance:
+            pred.peaks = predict_heatmaps(model, [where[i] for i in res.ids], res.ids, res.probabilities, th, names, text, mask,
+                                          heatmap, weights, device, advance, label_text=label_text)
     if scores_out:
         contract.write_file(scores_out, "scores", {"scores": res.probabilities, "thresholds": th},
                             {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold")})

@@ -1,0 +1,383 @@
+"""Per-finding explanation maps: where on the film the model sees each finding.
+
+Two methods, one spatial adapter per image-encoder family:
+
+- ``similarity`` (gradient-free): every location of the encoder's last
+  spatial feature map (a CNN's final map, a ViT's final patch tokens) goes
+  through the model's own LRF head and fusion image projector, and its cosine
+  with each aspect's projected text embedding is aggregated over aspects the
+  way the fusion aggregates (``FusionModel.similarity``): one map per finding.
+- ``gradcam``: Grad-CAM on the finding's logit. The activation is the CNN's
+  last feature map, or a ViT's patch tokens entering its last block (the last
+  block's output patch tokens do not reach a class-token pooled feature, so
+  their gradient would be zero), reshaped to the patch grid. Only the part of
+  the network after that activation is re-run with gradients, so a map costs
+  one forward pass plus a backward pass through the head.
+
+Grad-CAM is written here rather than taken from the ``grad-cam`` package:
+that package hooks one module and needs a per-architecture reshape transform
+and a model whose forward returns the logits; mavl's logits come from a
+backbone, an LRF head, and a fusion that also takes text, and the ViT case
+needs the token split above. Computing the map on the activation tensor the
+adapter hands out serves every family in one function; the tests check it
+against the package on a timm CNN, where the package does apply cleanly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mavl_cli.errors import MavlError
+from mavl_cli.maps import METHODS
+
+LABEL_CHOICES = ("positive", "all")
+
+
+@dataclass
+class HeatmapOptions:
+    """What `mavl predict --heatmap` asked for."""
+
+    folder: Path
+    labels: str = "positive"  # positive | all | comma-separated label names
+    method: str = "similarity"
+
+    def check(self, names: list[str]) -> list[str] | None:
+        """Validate before any work; the explicit label list (None for positive/all)."""
+        if self.method not in METHODS:
+            raise MavlError(f"--heatmap-method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        from mavl_cli.contract import check_folder
+
+        check_folder(self.folder, create=True, what="heatmap folder")
+        if self.labels in LABEL_CHOICES:
+            return None
+        wanted = [s.strip() for s in self.labels.split(",") if s.strip()]
+        unknown = [w for w in wanted if w not in names]
+        if not wanted or unknown:
+            raise MavlError(f"--heatmap-labels: unknown label(s) {', '.join(unknown) or repr(self.labels)}; "
+                            f"use positive, all, or some of: {', '.join(names)}")
+        return wanted
+
+
+# ------------------------------------------------------------------ adapters
+
+
+@dataclass
+class SpatialPass:
+    """One image's forward pass, kept for both methods."""
+
+    local: Any  # [h, w, D] features in the pooled feature space, per location (for similarity)
+    act: Any = None  # Grad-CAM activation leaf, shape depends on the adapter
+    pooled: Any = None  # [1, D] pooled features computed from ``act`` (with a graph)
+    cam_grid: Callable[[Any], Any] | None = None  # activation-shaped tensor -> [h, w, C]
+
+
+class SpatialAdapter:
+    """Where a timm encoder's spatial map comes from."""
+
+    def __init__(self, model: Any, name: str = "?", input_size: tuple[int, ...] | None = None) -> None:
+        self.model, self.name = model, name
+        self.input_size = tuple(input_size) if input_size else None
+        self.kind = self._detect()
+
+    def _detect(self) -> str:
+        import torch
+
+        m = self.model
+        if all(hasattr(m, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")) and len(m.blocks) > 0:
+            return "vit"
+        if not hasattr(m, "forward_features") or not hasattr(m, "forward_head"):
+            raise MavlError(f"backbone {self.name!r} has no spatial feature map mavl can read; heatmaps need a CNN or a ViT")
+        from timm.data import resolve_model_data_config
+
+        size = self.input_size or tuple(resolve_model_data_config(m)["input_size"])
+        try:
+            with torch.no_grad():
+                out = m.forward_features(torch.zeros(1, *size))
+        except Exception as exc:  # noqa: BLE001 - any failure means no usable map
+            raise MavlError(f"backbone {self.name!r}: cannot read a spatial feature map ({str(exc).splitlines()[0][:120]})") from None
+        if out.ndim == 4 and out.shape[1] == m.num_features:
+            return "nchw"
+        if out.ndim == 4 and out.shape[-1] == m.num_features:
+            return "nhwc"
+        raise MavlError(f"backbone {self.name!r} gives {tuple(out.shape)} features, not a spatial map; "
+                        "heatmaps need a CNN (feature map) or a ViT (patch tokens)")
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        gs = tuple(getattr(self.model.patch_embed, "grid_size", ()) or ())
+        if len(gs) == 2 and gs[0] * gs[1] == n:
+            return int(gs[0]), int(gs[1])
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise MavlError(f"backbone {self.name!r}: {n} patch tokens do not form a square grid")
+        return side, side
+
+    def run(self, x: Any, grad: bool) -> SpatialPass:
+        import torch
+
+        m = self.model
+        if self.kind == "vit":
+            captured: dict[str, Any] = {}
+            hook = m.blocks[-1].register_forward_pre_hook(lambda _mod, args: captured.__setitem__("x", args[0]))
+            try:
+                with torch.no_grad():
+                    tokens = m.forward_features(x)
+            finally:
+                hook.remove()
+            npt = int(m.num_prefix_tokens)
+            patches = tokens[:, npt:]
+            fc_norm = getattr(m, "fc_norm", None)
+            if fc_norm is not None and getattr(m, "global_pool", "token") != "token":
+                with torch.no_grad():
+                    patches = fc_norm(patches)
+            gh, gw = self._grid(patches.shape[1])
+            local = patches[0].reshape(gh, gw, -1)
+            if not grad:
+                return SpatialPass(local)
+            act = captured["x"].detach().requires_grad_(True)
+            pooled = m.forward_head(m.norm(m.blocks[-1](act)), pre_logits=True)
+            return SpatialPass(local, act, pooled, lambda t: t[0, npt:].reshape(gh, gw, -1))
+        with torch.no_grad():
+            fmap = m.forward_features(x)
+        local = fmap[0].permute(1, 2, 0) if self.kind == "nchw" else fmap[0]
+        if not grad:
+            return SpatialPass(local)
+        act = fmap.detach().requires_grad_(True)
+        pooled = m.forward_head(act, pre_logits=True)
+        grid = (lambda t: t[0].permute(1, 2, 0)) if self.kind == "nchw" else (lambda t: t[0])
+        return SpatialPass(local, act, pooled, grid)
+
+
+class EncoderAdapter:
+    """Any registry encoder (:mod:`mavl_cli.encoders`) through its own ``spatial`` map ``[B, C, h, w]``.
+
+    Similarity needs the map in the pooled feature space; Grad-CAM needs the pooled features
+    to be the map's mean (``spatial_pools``), so the logit can be re-run from the map.
+    """
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder, self.name, self.kind = encoder, getattr(encoder, "name", "?"), "encoder"
+
+    def run(self, x: Any, grad: bool) -> SpatialPass:
+        import torch
+
+        enc = self.encoder
+        try:
+            with torch.no_grad():
+                fmap = enc.spatial(x)
+        except MavlError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a family without a map
+            raise MavlError(f"{self.name}: this encoder gives no spatial feature map ({str(exc).splitlines()[0][:100]})") from None
+        if fmap.shape[1] != enc.dim:
+            raise MavlError(f"{self.name}: its spatial map has {fmap.shape[1]} channels but its features {enc.dim}; "
+                            "heatmaps need the map in the pooled feature space")
+        local = fmap[0].permute(1, 2, 0)
+        if not grad:
+            return SpatialPass(local)
+        if not enc.spatial_pools:
+            raise MavlError(f"{self.name}: its pooled features are not the mean of its spatial map, so Grad-CAM cannot "
+                            "re-run the logit from the map; use --heatmap-method similarity")
+        act = fmap.detach().requires_grad_(True)
+        return SpatialPass(local, act, enc.pool_spatial(act), lambda t: t[0].permute(1, 2, 0))
+
+
+def spatial_adapter(encoder: Any) -> Any:
+    """timm networks with their own pooling get :class:`SpatialAdapter` (ViT Grad-CAM at the last block);
+    every other registry encoder its own ``spatial`` map."""
+    net = getattr(encoder, "net", None)
+    if getattr(encoder, "family", None) == "timm" and getattr(encoder, "pooling", "default") == "default" and net is not None:
+        return SpatialAdapter(net, getattr(encoder, "name", "?"), tuple(encoder.preprocessing["input_size"]))
+    if hasattr(encoder, "spatial"):
+        return EncoderAdapter(encoder)
+    return SpatialAdapter(encoder, "?")
+
+
+# ------------------------------------------------------------------ the maps
+
+
+@dataclass
+class MapModel:
+    """Backbone + LRF head + fusion + label text: everything a map needs."""
+
+    adapter: SpatialAdapter
+    head: Any  # LRFHead or None (fusion on raw backbone features)
+    fusion: Any
+    text: Any  # [L, A, T]
+    mask: Any  # [L, A] bool
+    data_config: dict[str, Any]
+    device: Any = "cpu"
+
+    def embed(self, feats: Any) -> Any:
+        return feats if self.head is None else self.head.embed(feats)
+
+    def logits(self, pooled: Any) -> Any:
+        return self.fusion(self.embed(pooled), self.text, self.mask)
+
+    def similarity_maps(self, sp: SpatialPass) -> Any:
+        """``[L, h, w]`` aggregated cosine of each location with each label's aspects."""
+        import torch
+
+        h, w, d = sp.local.shape
+        with torch.no_grad():
+            sim = self.fusion.similarity(self.embed(sp.local.reshape(h * w, d)), self.text, self.mask)
+        return sim.T.reshape(-1, h, w)
+
+    def gradcam_maps(self, sp: SpatialPass, labels: list[int]) -> tuple[Any, Any]:
+        """``[len(labels), h, w]`` Grad-CAM maps and the logits ``[L]``."""
+        import torch
+
+        logits = self.logits(sp.pooled)[0]
+        act = sp.cam_grid(sp.act)
+        out = []
+        for k, j in enumerate(labels):
+            (g,) = torch.autograd.grad(logits[j], sp.act, retain_graph=k < len(labels) - 1)
+            gg = sp.cam_grid(g)
+            weights = gg.mean(dim=(0, 1))
+            out.append(torch.relu((act * weights).sum(-1)).detach())
+        return (torch.stack(out) if out else act.new_zeros((0, *act.shape[:2]))), logits.detach()
+
+    def maps(self, x: Any, method: str, labels: list[int]) -> np.ndarray:
+        """``[len(labels), h, w]`` maps on the input crop's grid for one normalised input ``[1, 3, H, W]``."""
+        sp = self.adapter.run(x, grad=method == "gradcam")
+        if method == "similarity":
+            return self.similarity_maps(sp)[labels].float().cpu().numpy()
+        cams, _ = self.gradcam_maps(sp, labels)
+        return cams.float().cpu().numpy()
+
+
+def build_map_model(model: Any, encoder: Any, data_config: dict[str, Any], text: np.ndarray | None = None,
+                    mask: np.ndarray | None = None, device: Any = "cpu", bias: np.ndarray | None = None) -> MapModel:
+    """A :class:`MapModel` from a loaded model file and its image encoder (a registry encoder or a timm model)."""
+    import torch
+
+    from mavl_cli.models.lrf import head_from_tensors
+
+    if (model.meta.get("scorer") or "fusion") != "fusion":
+        raise MavlError(f"{model.file.path}: a {model.meta.get('scorer')} model has no fusion image projector; "
+                        "heatmaps need a fused model (`mavl fuse`)")
+    lrf = model._lrf_tensors()
+    head = head_from_tensors(lrf).to(device) if lrf else None
+    fusion = model.fusion().to(device)
+    t = torch.from_numpy(np.array(model.file.tensors["text.embeddings"] if text is None else text, np.float32))
+    m = torch.from_numpy(np.array(model.file.tensors["text.mask"] if mask is None else mask).astype(bool))
+    extra = t.shape[0] - fusion.aspect_logits.shape[0]
+    with torch.no_grad():
+        if bias is not None:
+            fusion.bias = torch.nn.Parameter(torch.from_numpy(np.asarray(bias, np.float32)))
+        if extra > 0:  # labels added from text (predict --descriptions): uniform aspect weights, as scoring does
+            pad = torch.zeros(extra, fusion.aspect_logits.shape[1])
+            fusion.aspect_logits = torch.nn.Parameter(torch.cat([fusion.aspect_logits, pad]))
+    encoder = encoder.to(device).eval()
+    for p in [*encoder.parameters(), *fusion.parameters(), *(head.parameters() if head is not None else [])]:
+        p.requires_grad_(False)
+    adapter = spatial_adapter(encoder) if hasattr(encoder, "preprocessing") else SpatialAdapter(
+        encoder, "?", tuple(data_config["input_size"]))
+    return MapModel(adapter, head, fusion, t.to(device), m.to(device), data_config, device)
+
+
+# ----------------------------------------------------------------- one image
+
+
+@dataclass
+class ImageMaps:
+    id: str
+    labels: list[str]
+    maps: np.ndarray  # [L, H, W] original pixels
+    peaks: list[tuple[int, int]]
+    film: Any = None  # PIL image as displayed
+    size: tuple[int, int] = (0, 0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def image_input(path: str | Path, data_config: dict[str, Any]) -> tuple[Any, np.ndarray, Any]:
+    """(film as displayed at full resolution, the model's uint8 input crop, its CropGeometry)."""
+    from mavl_cli.imageio import load_radiograph
+    from mavl_cli.maps import crop_geometry
+    from mavl_cli.preprocess import prepare_image, target_geometry
+
+    film = load_radiograph(path)
+    scale, _, _ = target_geometry(data_config)
+    small = load_radiograph(path, target_size=scale)  # exactly what embed-images and predict decode
+    crop = prepare_image(small, data_config)
+    return film, crop, crop_geometry(film.size, small.size, data_config)
+
+
+def maps_for_image(mm: MapModel, path: str | Path, method: str, labels: list[int]) -> tuple[np.ndarray, Any, Any]:
+    """Maps in original pixels ``[len(labels), H, W]``, the film, and the crop geometry."""
+    from mavl_cli.maps import to_original
+    from mavl_cli.preprocess import normalize_batch, stack_batch
+
+    film, crop, geom = image_input(path, mm.data_config)
+    x = normalize_batch(stack_batch([crop]), mm.data_config, mm.device).contiguous()
+    grid = mm.maps(x, method, labels)
+    return to_original(grid, geom), film, geom
+
+
+def write_image_maps(folder: Path, stem: str, names: list[str], maps: np.ndarray, film: Any, method: str,
+                     image: str, extra: dict[str, Any]) -> list[tuple[int, int]]:
+    """Overlays ``<stem>.<label>.png`` and ``<stem>.maps.safetensors``; returns the peaks."""
+    import io
+
+    from mavl_cli.contract import atomic_write_bytes
+    from mavl_cli.maps import MAPS_SUFFIX, mask_name, maps_meta, overlay, peak, write_maps
+
+    peaks = [peak(m) for m in maps]
+    for name, m in zip(names, maps):
+        buf = io.BytesIO()
+        overlay(film, m).save(buf, format="PNG")
+        atomic_write_bytes(folder / mask_name(stem, name), buf.getvalue())
+    write_maps(folder / f"{stem}{MAPS_SUFFIX}", maps, maps_meta(names, method, image, film.size, peaks, extra))
+    return peaks
+
+
+# ------------------------------------------------------------ predict --heatmap
+
+
+def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.ndarray, thresholds: np.ndarray,
+                     names: list[str], text: np.ndarray, mask: np.ndarray, opts: HeatmapOptions,
+                     weights: str | None = None, device: str = "auto", advance: Callable[..., None] | None = None,
+                     label_text: Any = None) -> dict[str, dict[str, tuple[int, int]]]:
+    """Write overlays and a maps file per image; ``{image id: {label: (x, y) peak}}``."""
+    import torch
+
+    from mavl_cli.mavlmodel import image_encoder
+    from mavl_cli.runtime import resolve_device
+
+    wanted = opts.check(names)
+    stems = [Path(p).stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise MavlError(f"--heatmap: several inputs are named {dup[0]!r}; their overlays would overwrite each other "
+                        "(run them separately, or rename)")
+    dev = resolve_device(device)
+    encoder, prep = image_encoder(model.meta, weights)
+    mm = build_map_model(model, encoder, prep, text, mask, dev, getattr(label_text, "bias", None))
+    folder = Path(opts.folder)
+    folder.mkdir(exist_ok=True)
+    extra = {"model": str(model.file.path), "backbone": model.meta.get("backbone"), "aggregate": model.meta["fusion"].get("aggregate"),
+             "grid": None}
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for i, (path, image_id, stem) in enumerate(zip(paths, ids, stems)):
+        if wanted is not None:
+            chosen = [names.index(w) for w in wanted]
+        elif opts.labels == "all":
+            chosen = list(range(len(names)))
+        else:
+            chosen = [j for j in range(len(names)) if scores[i, j] >= thresholds[j]]
+        if chosen:
+            with torch.enable_grad() if opts.method == "gradcam" else torch.no_grad():
+                maps, film, _ = maps_for_image(mm, path, opts.method, chosen)
+            labs = [names[j] for j in chosen]
+            meta = {**extra, "id": image_id, "scores": [round(float(scores[i, j]), 6) for j in chosen]}
+            meta.pop("grid")
+            peaks = write_image_maps(folder, stem, labs, maps, film, opts.method, str(path), meta)
+            out[image_id] = dict(zip(labs, peaks))
+        else:
+            out[image_id] = {}
+        if advance:
+            advance(1)
+    return out
