@@ -478,6 +478,34 @@ def predict_cmd(
         render.info(f"{n} {heatmap_method} map(s) -> {heatmap}")
 
 
+@app.command("evaluate-maps")
+def evaluate_maps_cmd(
+    maps_dir: Path = typer.Argument(..., help="Folder of *.maps.safetensors (from `mavl predict --heatmap`)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of <stem>.<label>.png binary masks (e.g. `mavl phantoms --masks`)."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="NIH-format box CSV: Image Index, Finding Label, Bbox [x, y, w, h]."),
+    top_k: float = typer.Option(10.0, "--top-k", help="IoU of the map's top K percent of pixels with the region."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Only these findings (comma-separated)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Patient-bootstrap resamples for the CIs (0 = none)."),
+    patient_pattern: str = typer.Option(r"^(.+?)_", "--patient-pattern", help="Regex whose first group is the patient in a file stem."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+) -> None:
+    """Score explanation maps against masks or boxes: pointing-game hit rate and top-k% IoU."""
+    from mavl_cli.mapeval import MapEvalOptions, report_table
+    from mavl_cli.stages import evaluate_maps_stage
+
+    opts = MapEvalOptions(masks=masks, boxes=boxes, top_k=top_k, bootstrap=bootstrap, seed=seed, patient_pattern=patient_pattern,
+                          labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None)
+    rep = evaluate_maps_stage(maps_dir, opts)
+    if as_json:
+        render.claim_stdout()
+        sys.stdout.write(json.dumps(rep.to_json(), indent=2) + "\n")
+    else:
+        render.show(report_table(rep))
+    for note in rep.notes:
+        render.warn(note)
+
+
 @app.command("info")
 def info_cmd(file: str = typer.Argument(..., help="Any mavl .safetensors file ('-' = stdin).")) -> None:
     """Show what a mavl file is: kind, tensors, labels and provenance."""

@@ -357,7 +357,7 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
     encoder, prep = image_encoder(model.meta, weights)
     mm = build_map_model(model, encoder, prep, text, mask, dev, getattr(label_text, "bias", None))
     folder = Path(opts.folder)
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     extra = {"model": str(model.file.path), "backbone": model.meta.get("backbone"), "aggregate": model.meta["fusion"].get("aggregate"),
              "grid": None}
     out: dict[str, dict[str, tuple[int, int]]] = {}

@@ -519,6 +519,13 @@ def predict_stage(
     return pred, res.skipped
 
 
+def evaluate_maps_stage(maps_dir: str | Path, opts: Any) -> Any:
+    """`mavl evaluate-maps`: see :mod:`mavl_cli.mapeval`."""
+    from mavl_cli.mapeval import evaluate_maps
+
+    return evaluate_maps(maps_dir, opts)
+
+
 def _extend_labels(model: Any, descriptions: str, device: str, threshold: float | None = None) -> tuple[Any, list[str]]:
     """Add labels described only in text: embed them with the model's own text encoder.
 

@@ -1,0 +1,222 @@
+"""Do the explanation maps point at the findings? Pointing game and IoU on held-out phantoms.
+
+The model is the demo's: 600 phantoms (seed 0, 256 px, now with ``--masks``),
+ImageNet EfficientNet-Lite0 features, MiniLM-L6 aspect text, ``train-lrf`` +
+``fuse`` + ``tune-threshold`` exactly as ``mavl demo`` runs them
+(``mavl_cli.demo.demo_commands``). Then, for both methods, the very commands
+a user types:
+
+    mavl predict TEST_IMAGES... --model model_tuned.safetensors --heatmap maps/METHOD --heatmap-labels all
+    mavl evaluate-maps maps/METHOD --masks phantoms/masks --json
+
+so `mavl evaluate-maps` reproduces every figure here from the written maps.
+Every finding drawn in a test film (its mask exists) is one case, whether or
+not the model called it positive.
+
+Timing: on ``--time-images`` test films, one pooled forward pass (what a
+prediction costs) against one map of all six findings (its own forward pass,
+the head, and the mapping back to original pixels), on CPU, median of runs.
+
+Writes ``--work``/pointing_game.json and, with ``--figure``, a grid of example
+overlays (film with the true region outlined, similarity, Grad-CAM).
+
+    python benchmarks/pointing_game.py [--work DIR] [--n 600] [--epochs 100] [--figure docs/heatmaps.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+METHODS = ("similarity", "gradcam")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cli(args: list) -> str:
+    """Run one mavl command in-process; its stdout."""
+    from typer.testing import CliRunner
+
+    from mavl_cli.cli import app
+
+    args = [str(a) for a in args]
+    log("$ mavl " + " ".join(a if len(a) < 60 else a[:57] + "..." for a in args[:12]) + (" ..." if len(args) > 12 else ""))
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    if r.exit_code != 0:
+        raise SystemExit(f"mavl {args[0]} failed: {r.stderr}")
+    return r.stdout
+
+
+def train(work: Path, n: int, epochs: int, seed: int) -> Path:
+    from mavl_cli.demo import DEMO_BACKBONE, demo_commands
+    from mavl_cli.modelfile import mavl_home
+    from mavl_cli.weights import ensure_demo_backbone, minilm_folder
+
+    model = work / "model_tuned.safetensors"
+    if model.exists() and (work / "phantoms" / "masks").is_dir():
+        log(f"reusing {model}")
+        return model
+    cli(["phantoms", work / "phantoms", "-n", n, "--seed", seed, "--size", 256, "--masks"])
+    weights = ensure_demo_backbone(mavl_home() / "weights" / DEMO_BACKBONE)
+    for cmd in demo_commands(work, weights, minilm_folder(), epochs, seed):
+        if cmd[0] == "evaluate":
+            cmd = [c for c in cmd if c not in ("--plot", work / "report.png")]
+        cli(cmd)
+    return model
+
+
+def test_images(work: Path) -> list[Path]:
+    with open(work / "phantoms" / "test.csv", newline="") as fh:
+        return [work / "phantoms" / r["Path"] for r in csv.DictReader(fh)]
+
+
+def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
+    import torch
+
+    from mavl_cli.heatmaps import build_map_model, image_input
+    from mavl_cli.maps import to_original
+    from mavl_cli.modelfile import load_model
+    from mavl_cli.models.backbone import create_backbone
+    from mavl_cli.preprocess import normalize_batch, stack_batch
+
+    model = load_model(model_path)
+    net, info = create_backbone(model.meta["backbone"], weights=model.meta["backbone_weights"])
+    mm = build_map_model(model, net, info)
+    labels = list(range(len(model.labels)))
+    t = {"forward": [], **{m: [] for m in METHODS}}
+    for path in images:
+        _, crop, geom = image_input(path, mm.data_config)
+        x = normalize_batch(stack_batch([crop]), mm.data_config).contiguous()
+        with torch.no_grad():
+            net(x)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                mm.logits(net(x))
+            t["forward"].append(time.perf_counter() - t0)
+            for method in METHODS:
+                t0 = time.perf_counter()
+                with torch.enable_grad() if method == "gradcam" else torch.no_grad():
+                    to_original(mm.maps(x, method, labels), geom)
+                t[method].append(time.perf_counter() - t0)
+    fwd = float(np.median(t["forward"]))
+    out = {"threads": torch.get_num_threads(), "images": len(images), "repeats": repeats, "forward_ms": 1000 * fwd}
+    for method in METHODS:
+        med = float(np.median(t[method]))
+        out[f"{method}_ms"] = 1000 * med
+        out[f"{method}_x_forward"] = med / fwd
+    return out
+
+
+def figure(work: Path, out: Path, per_label: int = 1) -> None:
+    """Rows: examples of different findings; columns: film + true region, similarity, Grad-CAM."""
+    from PIL import Image, ImageDraw
+
+    from mavl_cli import contract
+    from mavl_cli.maps import label_slug, overlay
+
+    masks = work / "phantoms" / "masks"
+    ph = work / "phantoms"
+    rows = []
+    seen: dict[str, int] = {}
+    for img in test_images(work):
+        for m in sorted(masks.glob(f"{img.stem}.*.png")):
+            lab_slug = m.name[len(img.stem) + 1 : -4]
+            if seen.get(lab_slug, 0) >= per_label:
+                continue
+            files = {meth: work / "maps" / meth / f"{img.stem}.maps.safetensors" for meth in METHODS}
+            if not all(f.exists() for f in files.values()):
+                continue
+            seen[lab_slug] = seen.get(lab_slug, 0) + 1
+            rows.append((img, m, lab_slug, files))
+    film_size = 256
+    label_h = 18
+    sheet = Image.new("RGB", (3 * film_size, len(rows) * (film_size + label_h) + label_h), "white")
+    d = ImageDraw.Draw(sheet)
+    for j, title in enumerate(("film, true region outlined", "similarity", "gradcam")):
+        d.text((j * film_size + 6, 3), title, fill="black")
+    for i, (img, mpath, lab_slug, files) in enumerate(rows):
+        top = label_h + i * (film_size + label_h)
+        film = Image.open(img).convert("L")
+        region = np.asarray(Image.open(mpath)) > 0
+        edge = region & ~(np.roll(region, 1, 0) & np.roll(region, -1, 0) & np.roll(region, 1, 1) & np.roll(region, -1, 1))
+        base = np.stack([np.asarray(film)] * 3, -1).copy()
+        base[edge] = (0, 255, 0)
+        tiles = [Image.fromarray(base)]
+        for meth in METHODS:
+            f = contract.read_file(files[meth], expect="maps")
+            k = [label_slug(lab) for lab in f.labels()].index(lab_slug)
+            ov = np.asarray(overlay(film, f.tensors["maps"][k])).copy()
+            ov[edge] = (0, 255, 0)
+            tiles.append(Image.fromarray(ov))
+        for j, t in enumerate(tiles):
+            sheet.paste(t.resize((film_size, film_size)), (j * film_size, top + label_h))
+        d.text((6, top + 3), f"{lab_slug.replace('_', ' ')} - {img.stem}", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    log(f"figure -> {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mavl-pointing")
+    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--time-images", type=int, default=5)
+    ap.add_argument("--time-repeats", type=int, default=3)
+    ap.add_argument("--figure", type=Path, default=None)
+    a = ap.parse_args()
+    import torch
+
+    torch.manual_seed(a.seed)
+    work = a.work
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = train(work, a.n, a.epochs, a.seed)
+    images = test_images(work)
+    result: dict = {"model": str(model), "test_images": len(images), "methods": {}}
+    for method in METHODS:
+        out = work / "maps" / method
+        t1 = time.perf_counter()
+        if not (out.is_dir() and len(list(out.glob("*.maps.safetensors"))) == len(images)):
+            cli(["predict", *images, "--model", model, "--heatmap", out, "--heatmap-labels", "all",
+                 "--heatmap-method", method, "--json"])
+        rep = json.loads(cli(["evaluate-maps", out, "--masks", work / "phantoms" / "masks", "--json",
+                              "--bootstrap", a.bootstrap, "--seed", a.seed]))
+        rep["seconds"] = time.perf_counter() - t1
+        result["methods"][method] = rep
+    result["timing"] = timing(model, images[: a.time_images], a.time_repeats)
+    result["seconds"] = time.perf_counter() - t0
+    (work / "pointing_game.json").write_text(json.dumps(result, indent=2))
+    print(f"\n{'finding':<18}" + "".join(f"{m + ' hit':>18}{m + ' IoU':>16}" for m in METHODS))
+    labels = list(result["methods"]["similarity"]["per_label"])
+    for lab in labels + ["overall"]:
+        cells = []
+        for m in METHODS:
+            r = result["methods"][m]["per_label"].get(lab) if lab != "overall" else result["methods"][m]["overall"]
+            ci = r.get("hit_rate_ci", [float("nan")] * 2)
+            cells.append(f"{r['hit_rate']:.2f} [{ci[0]:.2f},{ci[1]:.2f}]".rjust(18) + f"{r['iou']:.3f}".rjust(16))
+        n = (result["methods"]["similarity"]["per_label"].get(lab) or result["methods"]["similarity"]["overall"])["images"]
+        print(f"{lab + f' ({n})':<18}" + "".join(cells))
+    print(json.dumps(result["timing"], indent=2))
+    if a.figure:
+        figure(work, a.figure)
+    log(f"done in {result['seconds']:.0f} s; {work / 'pointing_game.json'}")
+
+
+if __name__ == "__main__":
+    main()
