@@ -68,11 +68,15 @@ def train(work: Path, n: int, epochs: int, seed: int) -> Path:
     if model.exists() and (work / "phantoms" / "masks").is_dir():
         log(f"reusing {model}")
         return model
-    cli(["phantoms", work / "phantoms", "-n", n, "--seed", seed, "--size", 256, "--masks"])
+    if not (work / "phantoms" / "masks").is_dir():
+        cli(["phantoms", work / "phantoms", "-n", n, "--seed", seed, "--size", 256, "--masks"])
     weights = ensure_demo_backbone(mavl_home() / "weights" / DEMO_BACKBONE)
     for cmd in demo_commands(work, weights, minilm_folder(), epochs, seed):
         if cmd[0] == "evaluate":
             cmd = [c for c in cmd if c not in ("--plot", work / "report.png")]
+        elif Path(cmd[cmd.index("-o") + 1]).exists():  # an interrupted run resumes where it stopped
+            log(f"reusing {cmd[cmd.index('-o') + 1]}")
+            continue
         cli(cmd)
     return model
 

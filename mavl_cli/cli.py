@@ -498,8 +498,10 @@ def evaluate_maps_cmd(
                           labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None)
     rep = evaluate_maps_stage(maps_dir, opts)
     if as_json:
+        from mavl_cli.contract import write_stdout
+
         render.claim_stdout()
-        sys.stdout.write(json.dumps(rep.to_json(), indent=2) + "\n")
+        write_stdout(json.dumps(rep.to_json(), indent=2) + "\n", "--json")
     else:
         render.show(report_table(rep))
     for note in rep.notes:
