@@ -91,13 +91,13 @@ def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
 
     from mavl_cli.heatmaps import build_map_model, image_input
     from mavl_cli.maps import to_original
+    from mavl_cli.mavlmodel import image_encoder
     from mavl_cli.modelfile import load_model
-    from mavl_cli.models.backbone import create_backbone
     from mavl_cli.preprocess import normalize_batch, stack_batch
 
     model = load_model(model_path)
-    net, info = create_backbone(model.meta["backbone"], weights=model.meta["backbone_weights"])
-    mm = build_map_model(model, net, info)
+    net, prep = image_encoder(model.meta)
+    mm = build_map_model(model, net, prep)
     labels = list(range(len(model.labels)))
     t = {"forward": [], **{m: [] for m in METHODS}}
     for path in images:
@@ -180,6 +180,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--max-images", type=int, default=0, help="Only the first N test films (0: all).")
     ap.add_argument("--time-images", type=int, default=5)
     ap.add_argument("--time-repeats", type=int, default=3)
     ap.add_argument("--figure", type=Path, default=None)
@@ -192,6 +193,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model = train(work, a.n, a.epochs, a.seed)
     images = test_images(work)
+    if a.max_images:
+        images = images[: a.max_images]
     result: dict = {"model": str(model), "test_images": len(images), "methods": {}}
     for method in METHODS:
         out = work / "maps" / method

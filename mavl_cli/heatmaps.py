@@ -297,13 +297,12 @@ def image_input(path: str | Path, data_config: dict[str, Any]) -> tuple[Any, np.
     """(film as displayed at full resolution, the model's uint8 input crop, its CropGeometry)."""
     from mavl_cli.imageio import load_radiograph
     from mavl_cli.maps import crop_geometry
-    from mavl_cli.preprocess import prepare_image, target_geometry
+    from mavl_cli.preprocess import decode_size, prepare_image
 
     film = load_radiograph(path)
-    scale, _, _ = target_geometry(data_config)
-    small = load_radiograph(path, target_size=scale)  # exactly what embed-images and predict decode
-    crop = prepare_image(small, data_config)
-    return film, crop, crop_geometry(film.size, small.size, data_config)
+    small = load_radiograph(path, target_size=decode_size(data_config))  # exactly what embed-images and predict decode
+    geom = crop_geometry(film.size, small.size, data_config)
+    return film, prepare_image(small, data_config), geom
 
 
 def maps_for_image(mm: MapModel, path: str | Path, method: str, labels: list[int]) -> tuple[np.ndarray, Any, Any]:

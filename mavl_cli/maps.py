@@ -69,19 +69,32 @@ class CropGeometry:
 
 
 def crop_geometry(orig_size: tuple[int, int], decoded_size: tuple[int, int], data_config: dict[str, Any]) -> CropGeometry:
-    """The geometry :func:`mavl_cli.preprocess.prepare_image` applies.
+    """The geometry :func:`mavl_cli.preprocess.prepare_image` applies (timm-style recipes).
 
     ``orig_size``: (width, height) of the film at full resolution;
     ``decoded_size``: the size the decoder handed to the preprocessing (it may
     have downscaled already; both are rescalings of the whole frame).
     """
-    from mavl_cli.preprocess import target_geometry
+    import math
 
+    from mavl_cli.preprocess import kind, target_geometry
+
+    if kind(data_config) != "timm":
+        raise MavlError(f"heatmaps map back through timm-style resize-and-crop preprocessing only; "
+                        f"this encoder's preprocessing is {kind(data_config)!r}")
     scale, h, w = target_geometry(data_config)
     iw, ih = decoded_size
-    r = scale / min(iw, ih)
-    nw, nh = max(w, round(iw * r)), max(h, round(ih * r))
-    return CropGeometry(int(orig_size[0]), int(orig_size[1]), nw, nh, (nw - w) // 2, (nh - h) // 2, w, h)
+    if data_config.get("crop_mode") == "squash":
+        crop_pct = float(data_config.get("crop_pct", 1.0) or 1.0)
+        nw, nh = int(math.floor(w / crop_pct)), int(math.floor(h / crop_pct))
+    elif iw <= ih:
+        nw, nh = scale, int(scale * ih / iw)
+    else:
+        nw, nh = int(scale * iw / ih), scale
+    # torchvision's CenterCrop: rounded offsets; a crop larger than the image pads it, centred
+    left = -((w - nw) // 2) if w > nw else int(round((nw - w) / 2.0))
+    top = -((h - nh) // 2) if h > nh else int(round((nh - h) / 2.0))
+    return CropGeometry(int(orig_size[0]), int(orig_size[1]), nw, nh, left, top, w, h)
 
 
 def _axis_weights(n_out: int, n_grid: int, scale: float, offset: float, extent: int) -> tuple[np.ndarray, np.ndarray]:

@@ -78,6 +78,14 @@ def test_geometry_matches_the_preprocessing_and_cut_away_pixels_never_peak() -> 
     g = crop_geometry((400, 300), (400, 300), DC_224)
     assert (g.resized_w, g.resized_h, g.crop_w, g.crop_h) == (341, 256, 224, 224) and (g.left, g.top) == (58, 16)
     assert g.to_crop(199.5, 149.5) == pytest.approx((341 / 2 - 58, 128 - 16))
+    from PIL import Image as PILImage
+
+    from mavl_cli.preprocess import prepare_image
+
+    ramp = PILImage.fromarray(np.tile(np.arange(400) * 255 // 399, (300, 1)).astype(np.uint8))
+    crop = prepare_image(ramp, DC_224).astype(float)  # the real preprocessing agrees on where column 112 came from
+    src = (112 + 0.5 + g.left) * 400 / g.resized_w - 0.5
+    assert crop[112, 112] == pytest.approx(src * 255 / 399, abs=1.5)
     # a map hottest at its left edge: pixels left of the crop take the map's minimum, so the peak stays inside
     grid = np.tile(np.linspace(1.0, 0.0, 7, dtype=np.float32), (7, 1))
     out = to_original(grid, g)
