@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from mavl_cli import __version__, limits, render
 from mavl_cli.cli_dataset import with_dataset_options
-from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, EncoderSpec
 from mavl_cli.errors import MavlError
 
 BACKBONE_HELP = ("Image encoder as FAMILY:ID, where FAMILY is timm (the default, so a bare timm name works, e.g. "
@@ -182,10 +182,11 @@ def embed_images_cmd(
     from mavl_cli.stages import embed_images_stage
 
     args = _json_arg(model_args, "--model-args")
-    res = embed_images_stage(list(inputs or []), _out(output), labels, root, path_column, backbone, weights, not random_init,
-                             args, lrf, device, batch_size, workers, precision, skip_bad, resume, threads,
-                             progress=render.progress, pooling=pooling,
-                             trust_remote_code=trust_remote_code)
+    encoder = EncoderSpec.parse(backbone, weights, pretrained=not random_init, pooling=pooling, options=args,
+                                trust_remote_code=trust_remote_code)
+    res = embed_images_stage(list(inputs or []), _out(output), labels, root, path_column, encoder, lrf=lrf, device=device,
+                             batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, resume=resume,
+                             threads=threads, progress=render.progress)
     _summary(f"embed-images -> {res.output}", res.summary)
     if res.table:
         render.warn(f"{len(res.table)} image(s) skipped: " + "; ".join(f"{r['id']}: {r['reason']}" for r in res.table[:5]))
@@ -283,8 +284,8 @@ def finetune_lrf_cmd(
     names = [s.strip() for s in only.split(",") if s.strip()] if only else None
     config = LRFConfig(rank=rank, keep=keep, eta=eta, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                        patience=patience, seed=seed)
-    res = finetune_stage(images_root, labels, _out(output), backbone_out, backbone, weights, not random_init,
-                         _json_arg(model_args, "--model-args"), config, names, val_labels, val_split, _check_uncertain(uncertain),
+    encoder = EncoderSpec.parse(backbone, weights, pretrained=not random_init, options=_json_arg(model_args, "--model-args"))
+    res = finetune_stage(images_root, labels, _out(output), backbone_out, encoder, None, True, None, config, names, val_labels, val_split, _check_uncertain(uncertain),
                          _read_map(label_map), path_column, backbone_lr, device, batch_size, workers, precision,
                          not no_augment, skip_bad, grad_checkpointing, progress=render.progress)
     _summary(f"finetune-lrf -> {res.output}", res.summary)

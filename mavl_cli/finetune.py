@@ -388,7 +388,7 @@ def finetune_stage(
     labels: str,
     output: str,
     backbone_out: str,
-    backbone: str,
+    backbone: Any,  # an EncoderSpec, or a timm name with weights/pretrained/model_args
     weights: str | None = None,
     pretrained: bool = True,
     model_args: dict[str, Any] | None = None,

@@ -387,7 +387,7 @@ def embed_images_stage(
     labels: str | None = None,
     root: str | None = None,
     path_column: str | None = None,
-    backbone: Any = DEFAULT_IMAGE_ENCODER,
+    backbone: Any = DEFAULT_IMAGE_ENCODER,  # an EncoderSpec (the CLI's), or FAMILY:ID with the four below
     weights: str | None = None,
     pretrained: bool = True,
     model_args: dict[str, Any] | None = None,
