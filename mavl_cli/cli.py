@@ -177,6 +177,9 @@ def embed_images_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 (default); fp16/bf16: GPU autocast (refused on CPU: far slower there); int8: CPU dynamic quantisation of Linear layers (~1.8x faster ViTs)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (listed in the output's metadata) instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUTPUT.partial."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: embed only shard K (0-based) of N, whole batches of the input list; join the parts with `mavl merge`."),
+    pipeline: str = typer.Option("auto", "--pipeline", help="auto (CUDA: device, else threads), threads (PIL in decoder threads), device (JPEG decoded and resized on the GPU, DataLoader workers for the rest)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the backbone (falls back to eager if it fails; recorded in the metadata)."),
 ) -> None:
     """Turn radiographs into pooled backbone feature vectors [N, D]."""
     from mavl_cli.stages import embed_images_stage
@@ -186,7 +189,8 @@ def embed_images_cmd(
                                 trust_remote_code=trust_remote_code)
     res = embed_images_stage(list(inputs or []), _out(output), labels, root, path_column, encoder, lrf=lrf, device=device,
                              batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, resume=resume,
-                             threads=threads, progress=render.progress)
+                             threads=threads, progress=render.progress, shard=shard, pipeline=pipeline,
+                             compile_model=compile_model)
     _summary(f"embed-images -> {res.output}", res.summary)
     if res.table:
         render.warn(f"{len(res.table)} image(s) skipped: " + "; ".join(f"{r['id']}: {r['reason']}" for r in res.table[:5]))
@@ -452,6 +456,7 @@ def predict_cmd(
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Write DIR/<stem>.<label>.png overlays and DIR/<stem>.maps.safetensors: where each finding is."),
     heatmap_labels: str = typer.Option("positive", "--heatmap-labels", help="Which findings get a map: positive, all, or A,B."),
     heatmap_method: str = typer.Option("similarity", "--heatmap-method", help="similarity (patches vs. aspect text, no gradients) or gradcam."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: score only shard K (0-based) of N of the images; join --out files with `mavl merge`."),
 ) -> None:
     """Print the findings of one or more radiographs."""
     from mavl_cli.report_view import prediction_json, prediction_tables
@@ -463,7 +468,8 @@ def predict_cmd(
 
         hm = HeatmapOptions(heatmap, heatmap_labels, heatmap_method)
     pred, skipped = predict_stage(images, model, weights, device, threshold, descriptions, explain, skip_bad=skip_bad,
-                                  scores_out=out, progress=render.progress, json_out="-" if as_json else None, heatmap=hm)
+                                  scores_out=out, progress=render.progress, json_out="-" if as_json else None, heatmap=hm,
+                                  shard=shard)
     if as_json:
         from mavl_cli.contract import write_stdout
 
@@ -507,6 +513,18 @@ def evaluate_maps_cmd(
         render.show(report_table(rep))
     for note in rep.notes:
         render.warn(note)
+
+
+@app.command("merge")
+def merge_cmd(
+    parts: List[str] = typer.Argument(..., help="Shard files from `embed-images --shard K/N` or `predict --shard K/N --out`."),
+    output: str = typer.Option(..., "-o", "--output", help="The merged file ('-' = stdout)."),
+) -> None:
+    """Join shard files into the file an unsharded run would have written (byte for byte)."""
+    from mavl_cli.shards import merge_stage
+
+    res = merge_stage(list(parts), _out(output))
+    _summary(f"merge -> {res.output}", res.summary)
 
 
 @app.command("info")

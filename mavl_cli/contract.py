@@ -72,14 +72,20 @@ def describe_kind(kind: str) -> str:
     return f"{name} (from `{maker}`)"
 
 
-_COMMAND: dict[str, str | None] = {"line": None}
+_COMMAND: dict[str, Any] = {"line": None, "args": None}
 
 
 def set_command(args: list[str]) -> None:
     """Record the mavl invocation being run (the CLI calls this; in-process runs too)."""
     import shlex
 
+    _COMMAND["args"] = [str(a) for a in args]
     _COMMAND["line"] = "mavl " + " ".join(shlex.quote(str(a)) for a in args)
+
+
+def command_args() -> list[str] | None:
+    """The arguments of the invoking mavl command (None when not run through the CLI)."""
+    return list(_COMMAND["args"]) if _COMMAND["args"] is not None else None
 
 
 def command_line() -> str:
@@ -627,6 +633,8 @@ def check_schema(f: MavlFile) -> None:
                         raise MavlError(f"{name}: metadata {key}.{sub} must be a whole number, got {v!r}")
                     bind(sym, v, f"metadata {key}.{sub}")
         for sym in sch.nonzero:
+            if sym == "N" and isinstance(f.meta.get("shard"), dict):
+                continue  # a shard part may be empty (more shards than batches); `mavl merge` checks the whole
             if sym in sizes and sizes[sym][0] < 1:
                 raise MavlError(f"{name}: holds no {NOUN.get(sym, sym)} ({sizes[sym][1]} is empty)")
     for tname, arr in t.items():

@@ -100,6 +100,13 @@ def prefetch_batches(
 ) -> Iterator[tuple[list[ImageItem], np.ndarray, list[int], list[dict[str, str]]]]:
     """Decode batches in ``workers`` threads, ``workers + ahead`` batches in flight, yielded in order."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    yield from prefetch_chunks(chunks, data_config, workers, ahead)
+
+
+def prefetch_chunks(
+    chunks: list[list[ImageItem]], data_config: dict[str, Any], workers: int, ahead: int = 2
+) -> Iterator[tuple[list[ImageItem], np.ndarray, list[int], list[dict[str, str]]]]:
+    """:func:`prefetch_batches` for batches already cut (of any sizes, e.g. one rank's slices)."""
     if workers <= 0:
         for ch in chunks:
             yield (ch, *_decode_batch(ch, data_config))
@@ -171,6 +178,9 @@ def embed_images(
     pooling: str | None = None,
     preprocessing: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    shard: Any = None,
+    pipeline: str = "auto",
+    compile_model: bool = False,
 ) -> EmbedResult:
     """Embed ``items`` with an image encoder; see the module docstring.
 
@@ -180,6 +190,10 @@ def embed_images(
     ``preprocessing``: a recorded recipe to use instead of the encoder's own
     (a model file rebuilding its encoder exactly).
 
+    ``shard`` (:class:`mavl_cli.shards.Shard`): embed only that slice of
+    ``items`` (whole batches, see :mod:`mavl_cli.shards`); the fingerprint
+    stays the full list's and ``meta["shard"]`` says which slice this is.
+
     ``lrf``: an ``lrf-head`` MavlFile; when given, features are projected to
     its r-dim low-rank space (what the fusion uses) instead of raw pooled features.
     ``checkpoint_every``: batches between checkpoint appends (default 1, or the
@@ -187,6 +201,8 @@ def embed_images(
     On resume the batch size of the interrupted run is kept, so results match.
     ``threads``: CPU threads for the forward pass (default: tuned while running,
     see :class:`ThreadTuner`; or the ``MAVL_THREADS`` environment variable).
+    ``pipeline`` (auto | threads | device) and ``compile_model``: see
+    :mod:`mavl_cli.fastpath`; what was used is recorded in ``meta["pipeline"]``.
     """
     import torch
 
@@ -225,13 +241,23 @@ def embed_images(
     if precision == "int8":
         model = quantize_int8(model)
     model = model.to(dev)
+    from mavl_cli.fastpath import choose_pipeline, device_batches, maybe_compile
+
+    pipe = choose_pipeline(pipeline, dev, model, compile_model, info.data_config)
+    if pipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    eager = model
+    model = maybe_compile(model, pipe)
     dc = info.data_config
     settings = {"backbone": info.name, "weights": info.weights, "args": info.model_args, "precision": precision,
                 "lrf": lrf.meta.get("fingerprint") if lrf else None, "preprocessing": info.data_config}
-    if model.spec.family != "timm" or model.pooling != "default":  # timm-default runs keep their old fingerprints
-        settings["encoder"] = {"spec": model.spec.name, "pooling": model.pooling, "preprocessing": dc}
+    if eager.spec.family != "timm" or eager.pooling != "default":  # timm-default runs keep their old fingerprints
+        settings["encoder"] = {"spec": eager.spec.name, "pooling": eager.pooling, "preprocessing": dc}
+    if pipe.kind != "threads":
+        settings["pipeline"] = pipe.kind
     fp = inputs_fingerprint(items, settings)
     bs = batch_size or default_batch_size(dev.type)
+    total = len(items)
 
     log: CheckpointLog | None = None
     done = CheckpointState()
@@ -239,18 +265,43 @@ def embed_images(
     if checkpoint is not None and resume and checkpoint.exists():
         recorded = read_checkpoint_header(checkpoint)
         bs = int(recorded.get("batch_size") or bs)
+    autocast = None
+    if precision in ("fp16", "bf16"):
+        autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+    def forward(x: Any) -> Any:
+        nonlocal model
+        try:
+            if autocast is not None:
+                with autocast:
+                    return model(x)
+            return model(x)
+        except Exception as exc:
+            if model is eager:
+                raise
+            model = eager  # torch.compile failed on the first batch: run eager, and say so in the metadata
+            pipe.compile = False
+            pipe.notes.append(f"--compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}); ran eager")
+            return forward(x)
+
     tuner = None
     if dev.type == "cpu":
         tuner = ThreadTuner(threads or env_threads)
         with torch.inference_mode():
-            model(torch.zeros(1, *dc["input_size"]))  # warm-up: allocator, thread pool, kernel selection
+            forward(torch.zeros(1, *dc["input_size"]))  # warm-up: allocator, thread pool, kernel selection
             if recorded.get("threads"):
                 tuner.fix(int(recorded["threads"]))  # the interrupted run's setting: identical features
             else:
                 probe = torch.zeros(min(bs, 4), *dc["input_size"])
-                tuner.calibrate(lambda: model(probe))
+                tuner.calibrate(lambda: forward(probe))
+    if shard is not None:
+        from mavl_cli.shards import shard_range
+
+        lo, hi = shard_range(total, bs, shard)
+        items = items[lo:hi]
     if checkpoint is not None:
-        log = CheckpointLog(checkpoint, {"fingerprint": fp, "batch_size": bs, "total": len(items),
+        log_fp = fp if shard is None else f"{fp}:{shard}"
+        log = CheckpointLog(checkpoint, {"fingerprint": log_fp, "batch_size": bs, "total": len(items),
                                          "threads": tuner.current if tuner else None}, resume)
         done = log.state
         check_resumed(done, items, head.proj.out_features if head is not None else info.dim, checkpoint)
@@ -259,17 +310,20 @@ def embed_images(
     if on_start:
         on_start(start, len(items))
 
-    autocast = None
-    if precision in ("fp16", "bf16"):
-        autocast = torch.autocast(dev.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-
     t0 = time.perf_counter()
     position = start
     buf: tuple[list[np.ndarray], list[str], list[dict[str, str]]] = ([], [], [])
     since = 0
     try:
+        rest = items[start:]
+        if pipe.kind == "device":
+            source = device_batches([rest[i : i + bs] for i in range(0, len(rest), bs)], dc, _workers(workers, dev.type),
+                                    dev, pipe)
+        else:
+            source = prefetch_batches(rest, dc, bs, _workers(workers, dev.type))
+
         with torch.inference_mode():
-            for chunk, batch, ok, bad in prefetch_batches(items[start:], dc, bs, _workers(workers, dev.type)):
+            for chunk, batch, ok, bad in source:
                 if bad and not skip_bad:
                     first = bad[0]
                     kept = f"; add --resume to keep the {position} images already embedded" if log and position else ""
@@ -279,13 +333,8 @@ def embed_images(
                 if ok:
                     if tuner:
                         tuner.start()
-                    x = normalize_batch(batch, dc, dev)
-                    if autocast is not None:
-                        with autocast:
-                            f = model(x)
-                    else:
-                        f = model(x)
-                    f = f.float()
+                    x = batch if torch.is_tensor(batch) else normalize_batch(batch, dc, dev)
+                    f = forward(x).float()
                     if head is not None:
                         f = head.embed(f)
                     f_np = f.cpu().numpy()
@@ -333,7 +382,7 @@ def embed_images(
     dim = head.proj.out_features if head is not None else info.dim
     feats_parts = [p for p in feats_parts if len(p)]
     feats = np.concatenate(feats_parts, axis=0) if feats_parts else np.zeros((0, dim), np.float32)
-    if feats.shape[0] == 0:
+    if feats.shape[0] == 0 and shard is None:
         raise MavlError("no image could be embedded (all skipped as unreadable)")
     meta = {
         **info.to_meta(),
@@ -345,10 +394,16 @@ def embed_images(
         "inputs_fingerprint": fp,
         "batch_size": bs,
         "threads": tuner.current if tuner else None,  # features depend on it in the last bits; --resume reuses it
+        "pipeline": pipe.to_meta(),
     }
     if lrf is not None:
         meta["lrf_fingerprint"] = lrf.meta.get("fingerprint")
         meta["labels"] = lrf.labels()
+    if shard is not None:
+        from mavl_cli.contract import command_args
+        from mavl_cli.shards import shard_meta
+
+        meta["shard"] = shard_meta(shard, lo, hi, total, fp, len(skipped), command_args())
     return EmbedResult(features=feats.astype(np.float32, copy=False), ids=ids, skipped=skipped, meta=meta,
                        seconds=seconds, resumed_from=start, threads=tuner.current if tuner else None)
 

@@ -33,9 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mavl_cli.errors import MavlError
-
-TRAIN_PRECISIONS = ("fp32", "fp16", "bf16")
-
+from mavl_cli.trainloop import TRAIN_PRECISIONS, check_train_precision  # noqa: F401  (re-exported)
 
 @dataclass
 class FinetuneResult:
@@ -58,15 +56,8 @@ class FinetuneResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def check_train_precision(precision: str, device_type: str) -> None:
-    """fp16/bf16 autocast only on CUDA: CPUs have no fast half-precision training path."""
-    if precision not in TRAIN_PRECISIONS:
-        raise MavlError(f"unknown training precision {precision!r}; use one of {', '.join(TRAIN_PRECISIONS)}")
-    if precision != "fp32" and device_type != "cuda":
-        raise MavlError(f"--precision {precision} for fine-tuning needs a CUDA GPU; on {device_type} use fp32")
-
-
-def augment_batch(x: Any, gen: Any, max_shift: float = 0.06, scale: tuple[float, float] = (0.9, 1.1)) -> Any:
+def augment_batch(x: Any, gen: Any, max_shift: float = 0.06, scale: tuple[float, float] = (0.9, 1.1),
+                  total: int | None = None, offset: int = 0) -> Any:
     """Random zoom (``scale``) and shift (up to ``max_shift`` of the side) per image, one vectorised resample.
 
     Deliberately no horizontal flip: chest films are not mirror-symmetric.
@@ -77,19 +68,39 @@ def augment_batch(x: Any, gen: Any, max_shift: float = 0.06, scale: tuple[float,
     ignore laterality. No rotation beyond what the shift gives, either:
     positioning variation in real films is mostly translation and scale.
     Borders are filled by edge replication. ``gen``: a CPU torch.Generator.
+    Under DDP, ``total`` is the global batch and ``offset`` this rank's first
+    row in it: every rank draws the whole batch's parameters and uses its
+    rows, so each image is augmented as in one process.
     """
     import torch
     import torch.nn.functional as F
 
     b = x.shape[0]
-    zoom = torch.empty(b).uniform_(scale[0], scale[1], generator=gen)
-    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * (2 * max_shift)  # grid coordinates span 2 per side
+    t = b if total is None else total
+    zoom = torch.empty(t).uniform_(scale[0], scale[1], generator=gen)[offset : offset + b]
+    shift = ((torch.rand(t, 2, generator=gen) * 2 - 1) * (2 * max_shift))[offset : offset + b]  # grid spans 2 per side
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = 1 / zoom
     theta[:, 1, 1] = 1 / zoom
     theta[:, :, 2] = shift
     grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _net(backbone: Any, head: Any, train_backbone: bool, half: bool) -> Any:
+    """Backbone + head as one module (what DDP wraps): images -> (logits, low-rank features)."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.head = backbone, head
+
+        def forward(self, x: Any) -> Any:
+            feats = self.backbone(x) if train_backbone else _frozen(self.backbone, x)
+            return self.head(feats.float() if not half else feats)
+
+    return Net()
 
 
 def _cpu_state(module: Any) -> dict[str, Any]:
@@ -163,14 +174,17 @@ def finetune_lrf(
     same seed gives identical weights. ``advance(1, **epoch_record)`` per epoch.
     """
     import torch
+    import torch.nn.functional as F
 
-    from mavl_cli.embed import default_workers
+    from mavl_cli import distributed
+    from mavl_cli.embed import default_workers, prefetch_chunks
     from mavl_cli.losses import masked_bce_with_logits, truncated_nuclear_norm
     from mavl_cli.models.backbone import create_backbone
     from mavl_cli.models.lrf import LRFHead
     from mavl_cli.preprocess import normalize_batch
     from mavl_cli.runtime import resolve_device, set_seed
-    from mavl_cli.train import BestEpoch, LRFConfig, masked_macro_auroc, split_validation
+    from mavl_cli.train import LRFConfig, masked_macro_auroc
+    from mavl_cli.trainloop import Amp, Stepper, check_rank_keep, choose_validation, fit
 
     c = config or LRFConfig()
     y = np.asarray(y, np.float32)
@@ -183,7 +197,8 @@ def finetune_lrf(
         raise MavlError("--batch-size must be at least 2 for fine-tuning (batch statistics, nuclear norm)")
     if backbone_lr < 0:
         raise MavlError(f"--backbone-lr must be >= 0, got {backbone_lr}")
-    dev = resolve_device(device)
+    dist = distributed.setup(device)
+    dev = resolve_device(dist.device if dist.active else device)
     check_train_precision(precision, dev.type)
     gen = set_seed(c.seed)
     aug_gen = torch.Generator().manual_seed(c.seed + 1)
@@ -197,22 +212,18 @@ def finetune_lrf(
                         "(embed its features with embed-images and use train-lrf)")
     model, info = create_backbone(spec.id, weights=spec.weights, pretrained=spec.pretrained, model_args=spec.options)
     d = info.dim
-    if c.rank < 1 or c.rank > d:
-        raise MavlError(f"--rank {c.rank} must be between 1 and the feature size {d} of {info.name}")
-    if not 0 <= c.keep <= c.rank:
-        raise MavlError(f"--keep {c.keep} must be between 0 and --rank {c.rank}")
+    check_rank_keep(c.rank, c.keep, d, info.name)
     head = LRFHead(d, c.rank, len(names), c.dropout)
 
+    choice = choose_validation(len(items), f"{len(val[0])} validation images" if val is not None else None,
+                               val_split, c.seed, groups)
     if val is not None:
         v_items, v_y, v_mask = val[0], np.asarray(val[1], np.float32), np.asarray(val[2], bool)
-        tr_idx = np.arange(len(items))
-        validation = f"{len(v_items)} validation images"
-    elif val_split > 0:
-        tr_idx, va_idx = split_validation(len(items), val_split, c.seed, groups)
-        v_items, v_y, v_mask = [items[i] for i in va_idx], y[va_idx], mask[va_idx]
-        validation = f"{len(va_idx)} held-out images ({'by patient' if groups else 'random'})"
+    elif choice.val is not None:
+        v_items, v_y, v_mask = [items[i] for i in choice.val], y[choice.val], mask[choice.val]
     else:
-        tr_idx, v_items, v_y, v_mask, validation = np.arange(len(items)), None, None, None, "none"
+        v_items, v_y, v_mask = None, None, None
+    tr_idx = choice.train
     tr_items = [items[i] for i in tr_idx]
     tr_y, tr_m = torch.from_numpy(y[tr_idx]), torch.from_numpy(mask[tr_idx])
     n = len(tr_items)
@@ -230,83 +241,112 @@ def finetune_lrf(
     if train_backbone:
         groups_opt.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": backbone_lr})
     opt = torch.optim.AdamW(groups_opt, lr=c.lr, weight_decay=c.weight_decay)
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    amp = Amp(precision, dev.type)
+    net = _net(model, head, train_backbone, amp.half)
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
 
-    def autocast() -> Any:
-        return torch.autocast(dev.type, dtype=half) if half is not None else nullcontext()
-
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        # rank 0's weights are broadcast by DDP; dropout draws its own masks on each rank from here on
+        net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        torch.manual_seed(c.seed + 7919 * dist.rank)
+    step = Stepper(opt, amp)
     dc = info.data_config
     nw = default_workers(dev.type) if workers is None else workers
-
-    from mavl_cli.embed import prefetch_batches
-
-    tracker = BestEpoch(c.patience if v_items is not None else 0)
-    best_states: tuple[dict[str, Any], dict[str, Any]] | None = None
-    history: list[dict[str, float]] = []
     skipped: dict[str, dict[str, str]] = {}
-    for epoch in range(1, c.epochs + 1):
+
+    def run_epoch(epoch: int) -> dict[str, float]:
         model.train(train_backbone)
         head.train()
         perm = torch.randperm(n, generator=gen).numpy()
-        order = [tr_items[i] for i in perm]
+        # each global batch of --batch-size images is cut into world contiguous slices, one per rank
+        mine = [_rank_slice(list(range(i, min(i + batch_size, n))), dist.rank, dist.world) for i in range(0, n, batch_size)]
+        chunks = [[tr_items[perm[p]] for p in sl] for sl in mine]
         tot_bce = tot_reg = 0.0
         seen = 0
-        for pos, (chunk, batch, ok, bad) in enumerate(prefetch_batches(order, dc, batch_size, nw)):
+        for sl, (chunk, batch, ok, bad) in zip(mine, prefetch_chunks(chunks, dc, nw)):
             if bad:
                 if not skip_bad:
                     raise _decode_error(bad)
                 skipped.update({b["id"]: b for b in bad})
-            if len(ok) < 2:  # a lone image: no batch statistics, nothing for the nuclear norm
-                continue
-            rows = torch.from_numpy(perm[[pos * batch_size + i for i in ok]])
+            rows = torch.from_numpy(perm[[sl[i] for i in ok]]) if ok else torch.zeros(0, dtype=torch.long)
             yb, mb = tr_y[rows].to(dev), tr_m[rows].to(dev)
-            x = normalize_batch(batch, dc, dev)
-            if augment:
-                x = augment_batch(x, aug_gen)
-            with autocast():
-                feats = model(x) if train_backbone else _frozen(model, x)
-                logits, z = head(feats.float() if half is None else feats)
-            bce = masked_bce_with_logits(logits.float(), yb, mb)
-            reg = truncated_nuclear_norm(z.float(), c.keep) if c.eta > 0 else torch.zeros((), device=dev)
-            loss = bce + c.eta * reg
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            counts = distributed.exchange_counts(dist, [len(ok), int(mb.sum())], dev)
+            g_ok, g_mask = sum(r[0] for r in counts), sum(r[1] for r in counts)
+            if g_ok < 2:  # a lone image: no batch statistics, nothing for the nuclear norm
+                continue
+            if ok:
+                x = normalize_batch(batch, dc, dev)
+                if augment:
+                    x = augment_batch(x, aug_gen, total=g_ok, offset=sum(r[0] for r in counts[: dist.rank]))
+            else:  # nothing readable here this step: a stand-in image with zero loss keeps DDP's hooks in step
+                x = torch.zeros(1, *dc["input_size"], device=dev)
+                if augment:  # draw the global batch's parameters like the other ranks
+                    x = augment_batch(x, aug_gen, total=g_ok)
+            with amp.autocast():
+                logits, z = net(x)
+            if not dist.active:
+                bce = masked_bce_with_logits(logits.float(), yb, mb)
+                reg = truncated_nuclear_norm(z.float(), c.keep) if c.eta > 0 else torch.zeros((), device=dev)
+                step.step(bce + c.eta * reg)
+                tot_bce += float(bce.detach()) * len(ok)
             else:
-                loss.backward()
-                opt.step()
-            tot_bce += float(bce.detach()) * len(ok)
-            tot_reg += float(reg.detach()) * len(ok)
-            seen += len(ok)
+                # the mean BCE of the global batch, scaled so that DDP's average of the ranks' gradients is its gradient
+                lsum = (F.binary_cross_entropy_with_logits(logits.float()[: len(ok)], yb, reduction="none") * mb).sum()
+                zero = 0.0 * (logits.float().sum() + z.float().sum())  # every parameter takes part, also in a stand-in step
+                zg = distributed.gather_rows_with_grad(dist, z.float()[: len(ok)], [r[0] for r in counts])
+                reg = truncated_nuclear_norm(zg, c.keep) if c.eta > 0 else torch.zeros((), device=dev)
+                step.step(lsum * (dist.world / max(g_mask, 1)) + c.eta * reg + zero)
+                tot_bce += float(lsum.detach()) / max(g_mask, 1) * g_ok
+            tot_reg += float(reg.detach()) * g_ok
+            seen += g_ok
+        if dist.active:
+            tot_bce = float(distributed.all_reduce_sum(dist, torch.tensor([tot_bce], dtype=torch.float64, device=dev)).item())
         if seen == 0:
             raise MavlError("no training batch had two readable images; nothing was trained")
         model.eval()
         head.eval()
-        rec: dict[str, float] = {"epoch": epoch, "bce": tot_bce / seen, "tnn": tot_reg / seen}
+        rec = {"bce": tot_bce / seen, "tnn": tot_reg / seen}
         if not math.isfinite(rec["bce"]):
             raise MavlError(f"training diverged at epoch {epoch} (loss {rec['bce']}); lower --backbone-lr or --lr"
                             + (", or use --precision bf16/fp32" if precision == "fp16" else ""))
-        if v_items is not None:
-            s, ok_rows = _score(model, head, v_items, dc, dev, batch_size, nw, autocast, skip_bad)
-            rec["val_auroc"] = masked_macro_auroc(v_y[ok_rows], s, v_mask[ok_rows])
-        history.append(rec)
-        if tracker.update(epoch, rec):
-            best_states = (_cpu_state(head), _cpu_state(model))
-        if advance:
-            advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
-        if tracker.stop():
-            break
-    best_epoch = tracker.epoch
-    head_state, backbone_state = best_states or (_cpu_state(head), _cpu_state(model))
-    va = history[best_epoch - 1].get("val_auroc", float("nan")) if best_epoch else float("nan")
+        return rec
+
+    validate = None
+    if v_items is not None:
+        v_lo, v_hi = _rank_bounds(len(v_items), dist.rank, dist.world)
+
+        def validate() -> float:
+            s, ok_rows = _score(model, head, v_items[v_lo:v_hi], dc, dev, batch_size, nw, amp.autocast, skip_bad)
+            if dist.active:  # each rank scored its slice of the validation set
+                got = distributed.all_gather_object(dist, (s, [v_lo + r for r in ok_rows]), "during validation")
+                s = np.concatenate([g[0] for g in got]) if got else s
+                ok_rows = [r for g in got for r in g[1]]
+            return masked_macro_auroc(v_y[ok_rows], s, v_mask[ok_rows])
+
+    res = fit(c.epochs, run_epoch, lambda: (_cpu_state(head), _cpu_state(model)), validate, patience=c.patience,
+              advance=advance)
+    head_state, backbone_state = res.best_state
+    if dist.active:
+        for part in distributed.all_gather_object(dist, skipped, "after training"):
+            skipped.update(part)
     return FinetuneResult(
         head_state=head_state, backbone_state=backbone_state, info=copy.deepcopy(info), names=list(names), config=c,
-        best_epoch=best_epoch, epochs_run=len(history), history=history, val_auroc=va, validation=validation,
-        backbone_lr=backbone_lr, precision=precision, augment=augment, images=n, skipped=list(skipped.values()),
+        best_epoch=res.best_epoch, epochs_run=res.epochs_run, history=res.history, val_auroc=res.val_auroc,
+        validation=choice.description, backbone_lr=backbone_lr, precision=precision, augment=augment, images=n,
+        skipped=list(skipped.values()),
     )
+
+
+def _rank_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[lo, hi)`` of rank's contiguous share of ``n`` rows (the first ``n % world`` ranks get one more)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _rank_slice(rows: list[int], rank: int, world: int) -> list[int]:
+    lo, hi = _rank_bounds(len(rows), rank, world)
+    return rows[lo:hi]
 
 
 def _frozen(model: Any, x: Any) -> Any:
@@ -377,7 +417,7 @@ def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path,
         "preprocessing": info.data_config, "precision": "fp32",
         "finetuned": True, "backbone_fingerprint": tensor_fingerprint(backbone_np), "backbone_source": info.weights,
         "backbone_lr": result.backbone_lr, "train_precision": result.precision, "augment": result.augment,
-        "train_images": result.images, "skipped": len(result.skipped),
+        "train_images": result.images, "skipped": len(result.skipped), "history": result.history,
         **(extras or {}),
     }
     contract.write_file(lrf_out, "lrf-head", tensors, meta)
@@ -430,13 +470,27 @@ def finetune_stage(
     if val_labels:
         v_items, v_table = labelled_items(images_root, val_labels, tr_table.names, uncertain, label_map, path_column, skip_bad)
         val = (v_items, v_table.y, v_table.mask)
+    from mavl_cli import distributed
+
+    dist = distributed.setup(device)
+    if dist.active and not dist.main:
+        progress = None  # one progress bar per job, on rank 0
     with (progress("train-lrf --finetune", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
         res = finetune_lrf(tr_items, tr_table.y, tr_table.mask, tr_table.names, backbone, weights, pretrained, model_args,
                            config, groups=tr_table.groups, backbone_lr=backbone_lr, val=val, val_split=val_split,
                            device=device, batch_size=batch_size, workers=workers, precision=precision, augment=augment,
                            skip_bad=skip_bad, grad_checkpointing=grad_checkpointing, advance=advance)
-    save_finetuned(res, output, Path(backbone_out), {"uncertain": uncertain, "train_labels": str(labels),
-                                                      "train_images_root": str(images_root)})
+    error = None
+    if dist.main:  # rank 0 alone writes the head and the backbone
+        try:
+            save_finetuned(res, output, Path(backbone_out), {"uncertain": uncertain, "train_labels": str(labels),
+                                                              "train_images_root": str(images_root),
+                                                              **({"ranks": dist.world} if dist.active else {})})
+        except MavlError as exc:
+            if not dist.active:
+                raise
+            error = f"rank 0: {exc}"
+    distributed.agree(dist, error)
     notes = [f"embed images with: mavl embed-images ... --backbone {res.info.name} --weights {backbone_out}"]
     if res.skipped:
         notes.append(f"{len(res.skipped)} unreadable image(s) skipped")

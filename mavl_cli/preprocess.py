@@ -120,7 +120,8 @@ def normalize_batch(batch: np.ndarray, data_config: dict[str, Any], device: Any 
     """
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+    x = batch if torch.is_tensor(batch) else torch.from_numpy(np.ascontiguousarray(batch))  # tensors: pinned by a DataLoader
+    x = x.to(device, non_blocking=True)
     if x.dtype != torch.uint8:
         return x.float()
     if x.ndim == 3:

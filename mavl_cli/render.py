@@ -139,6 +139,9 @@ class Advance:
     def resume_at(self, n: int) -> None:
         self.bar.reset(self.task, completed=n)
 
+    def set_total(self, n: int) -> None:
+        self.bar.update(self.task, total=n)
+
 
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "it", enabled: bool = True) -> Iterator[Any]:

@@ -49,6 +49,7 @@ def train_lrf_stage(
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import tensor_fingerprint
     from mavl_cli.train import LRFConfig, train_lrf
+    from mavl_cli.trainloop import check_rank_keep, choose_validation
 
     config = config or LRFConfig()
     rank, keep, seed = config.rank, config.keep, config.seed
@@ -57,25 +58,18 @@ def train_lrf_stage(
     if emb.meta.get("space") == "lrf":
         raise MavlError(f"{embeddings}: these embeddings are already LRF-projected; train-lrf needs backbone features")
     d = emb.tensors["features"].shape[1]
-    if rank < 1 or rank > d:
-        raise MavlError(f"--rank {rank} must be between 1 and the feature size {d} of {embeddings}")
-    if not 0 <= keep <= rank:
-        raise MavlError(f"--keep {keep} must be between 0 and --rank {rank}")
+    check_rank_keep(rank, keep, d, str(embeddings))
     data = load_labelled(emb, labels, names=only, uncertain=uncertain, label_map=label_map)
+    choice = choose_validation(len(data.ids), str(val) if val is not None else None, val_split, seed, data.groups)
+    val_desc = choice.description
     if val is not None:
         vemb = contract.read_file(val, expect="image-embeddings")
         _same_backbone(emb, vemb)
-        vdata = load_labelled(vemb, val_labels or labels, names=data.names, uncertain=uncertain, label_map=label_map)
-        tr, va = data, vdata
-        val_desc = str(val)
-    elif val_split > 0:
-        from mavl_cli.train import split_validation
-
-        i_tr, i_va = split_validation(len(data.ids), val_split, seed, data.groups)
-        tr, va = data.subset(i_tr), data.subset(i_va)
-        val_desc = f"{len(i_va)} held-out images ({'by patient' if data.groups else 'random'})"
+        tr, va = data, load_labelled(vemb, val_labels or labels, names=data.names, uncertain=uncertain, label_map=label_map)
+    elif choice.val is not None:
+        tr, va = data.subset(choice.train), data.subset(choice.val)
     else:
-        tr, va, val_desc = data, None, "none"
+        tr, va = data, None
     with (progress("train-lrf", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
         res = train_lrf(tr.split(), va.split() if va else None, config, advance=advance)
     tensors = {k: v.numpy() for k, v in res.state.items()}
@@ -103,7 +97,7 @@ def train_lrf_stage(
         summary={"images": len(tr.ids), "validation": val_desc, "labels": len(data.names), "rank": rank, "keep": keep,
                  "eta": config.eta, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_macro_auroc": res.val_auroc},
         table=res.history,
-        notes=[*data.notes, *(vdata.notes if val is not None else [])],
+        notes=[*data.notes, *(va.notes if val is not None else [])],
     )
 
 
@@ -402,11 +396,28 @@ def embed_images_stage(
     progress: Callable[[str, int, str], Any] | None = None,
     pooling: str | None = None,
     trust_remote_code: bool = False,
+    shard: str | None = None,
+    pipeline: str = "auto",
+    compile_model: bool = False,
 ) -> StageResult:
+    """Embed images into one file; with ``shard`` one part of it; under torchrun every rank
+    embeds its shard on its own device and rank 0 merges the parts (see :mod:`mavl_cli.shards`)."""
+    from mavl_cli import distributed
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.embed import check_precision, embed_images
     from mavl_cli.runtime import resolve_device
+    from mavl_cli.shards import Shard, parse_shard
 
+    part = parse_shard(shard)
+    dist = distributed.setup(device)
+    if dist.active:
+        if part is not None:
+            raise MavlError("--shard and torchrun both split the images; use one (under torchrun each rank takes its own shard)")
+        if output == "-":
+            raise MavlError("under torchrun, write the embeddings to a file (-o FILE), not to stdout")
+        part, device = Shard(dist.rank, dist.world), dist.device
+        if not dist.main:
+            progress = None  # one progress bar per job, on rank 0
     contract.check_output_path(output, [lrf, labels])
     check_precision(precision, resolve_device(device).type)
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
@@ -415,34 +426,76 @@ def embed_images_stage(
     if missing and not skip_bad:
         shown = ", ".join(m["id"] for m in missing[:3])
         raise MavlError(f"{labels}: {len(missing)} image(s) listed in the label file were not found under the image root (e.g. {shown}); use --skip-bad to skip them")
-    checkpoint = Path(str(output) + ".partial") if output != "-" else None
-    if checkpoint is not None and checkpoint.exists() and not resume:
-        raise MavlError(f"{checkpoint}: a checkpoint of an interrupted run exists; add --resume to continue it, or delete it")
+    checkpoint = None
+    if output != "-":
+        checkpoint = Path(f"{output}.partial" + (f".rank{dist.rank}-of-{dist.world}" if dist.active else ""))
     state = {"start": 0}
-    with (progress("embed-images", len(items), "img") if progress else nullcontext(None)) as advance:
-        def on_start(start: int, total: int) -> None:
-            state["start"] = start
-            if advance and start:
-                advance.resume_at(start)
+    error = None
+    try:
+        if checkpoint is not None and checkpoint.exists() and not resume:
+            raise MavlError(f"{checkpoint}: a checkpoint of an interrupted run exists; add --resume to continue it, or delete it")
+        with (progress("embed-images", len(items), "img") if progress else nullcontext(None)) as advance:
+            def on_start(start: int, total: int) -> None:
+                state["start"] = start
+                state["total"] = total
+                if advance and part is not None and hasattr(advance, "set_total"):
+                    advance.set_total(total)
+                if advance and start:
+                    advance.resume_at(start)
 
-        res = embed_images(items, backbone, weights=weights, pretrained=pretrained, model_args=model_args, device=device,
-                           batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, lrf=head,
-                           checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start, threads=threads,
-                           pooling=pooling, trust_remote_code=trust_remote_code)
+            res = embed_images(items, backbone, weights=weights, pretrained=pretrained, model_args=model_args, device=device,
+                               batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, lrf=head,
+                               checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start, threads=threads,
+                               pooling=pooling, trust_remote_code=trust_remote_code, shard=part, pipeline=pipeline,
+                               compile_model=compile_model)
+    except MavlError as exc:
+        if not dist.active:
+            raise
+        error = f"rank {dist.rank}: {exc}"
+    distributed.agree(dist, error)  # one failed rank stops them all, with its message, before anything is merged
+    if part is not None and part.index > 0:
+        missing = []  # label-file rows without an image are listed once, by shard 0
     res.skipped = [*({"id": m["id"], "path": "", "reason": m["reason"]} for m in missing), *res.skipped]
     res.meta["skipped"] = res.skipped
     res.meta["labels_file"] = str(labels) if labels else None
-    contract.write_file(output, "image-embeddings", {"features": res.features}, res.meta)
+    rows = len(res.ids)
+    if dist.active:
+        rows = _merge_ranks(dist, output, res)
+    else:
+        contract.write_file(output, "image-embeddings", {"features": res.features}, res.meta)
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
-    return StageResult(
-        output,
-        {"images": len(res.ids), "skipped": len(res.skipped), "dim": int(res.features.shape[1]), "backbone": res.meta["backbone"],
-         "precision": precision, "seconds": round(res.seconds, 2),
-         "images_per_s": round((len(items) - state["start"]) / res.seconds, 2) if res.seconds else None,
-         "resumed_from": state["start"], "threads": res.threads},
-        [{"id": s["id"], "reason": s["reason"]} for s in res.skipped],
-    )
+    summary = {"images": rows, "skipped": len(res.skipped), "dim": int(res.features.shape[1]), "backbone": res.meta["backbone"],
+               "precision": precision, "seconds": round(res.seconds, 2),
+               "images_per_s": round((state.get("total", len(items)) - state["start"]) / res.seconds, 2) if res.seconds else None,
+               "resumed_from": state["start"], "threads": res.threads}
+    if part is not None:
+        sh = res.meta["shard"]
+        summary["shard"] = f"{part} (inputs {sh['start']}..{sh['stop']} of {sh['total']})"
+    if dist.active:
+        summary["ranks"] = dist.world
+        summary["device"] = str(device)
+    return StageResult(output, summary, [{"id": s["id"], "reason": s["reason"]} for s in res.skipped])
+
+
+def _merge_ranks(dist: Any, output: str, res: Any) -> int:
+    """Rank 0 gathers every rank's part and writes the merged file; every rank learns whether it worked."""
+    from mavl_cli import distributed
+    from mavl_cli.shards import merge_parts
+
+    parts = distributed.gather_to_main(dist, (res.features, res.meta))
+    rows, error = 0, None
+    if dist.main:
+        try:
+            files = [contract.MavlFile("image-embeddings", {"features": f}, dict(m), f"rank {r}")
+                     for r, (f, m) in enumerate(parts or [])]
+            merged = merge_parts(files, output)
+            contract.write_file(output, merged.kind, merged.tensors, merged.meta)
+            rows = merged.rows
+        except MavlError as exc:
+            error = f"rank 0: {exc}"
+    distributed.agree(dist, error)
+    return rows if dist.main else len(res.ids)
 
 
 # ---------------------------------------------------------------- predict
@@ -466,6 +519,7 @@ def predict_stage(
     threshold: float | None = None, descriptions: str | None = None, explain: bool = False,
     batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
     progress: Callable[[str, int, str], Any] | None = None, json_out: str | None = None, heatmap: Any = None,
+    shard: str | None = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
     """Score images through the whole model (:class:`mavl_cli.mavlmodel.MavlModel`).
 
@@ -473,6 +527,9 @@ def predict_stage(
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.mavlmodel import score_images
     from mavl_cli.modelfile import find_model, load_model
+    from mavl_cli.shards import parse_shard
+
+    part = parse_shard(shard)
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
@@ -488,6 +545,15 @@ def predict_stage(
     items, _ = collect_inputs(images)
     if scores_out:
         contract.check_output_path(scores_out, [it.path for it in items])  # `--out a.png` must not replace the image
+    all_items, lo, hi = items, 0, len(items)
+    if part is not None:  # whole batches of the list, as embed-images --shard does
+        from mavl_cli.embed import default_batch_size
+        from mavl_cli.runtime import resolve_device
+        from mavl_cli.shards import shard_range
+
+        batch_size = batch_size or default_batch_size(resolve_device(device).type)
+        lo, hi = shard_range(len(items), batch_size, part)
+        items = items[lo:hi]
     label_text, new = None, []
     aspects = list(meta.get("aspects") or [])
     if descriptions:
@@ -495,11 +561,16 @@ def predict_stage(
     module = model.module(weights, label_text=label_text)
     names = list(module.labels)
     th = module.thresholds.numpy() if threshold is None else np.full(len(names), threshold, np.float32)
-    with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
-        res = score_images(module, items, device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)
+    if items or part is None:
+        with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
+            res = score_images(module, items, device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)
+    else:  # an empty shard (more shards than batches)
+        from mavl_cli.mavlmodel import ImageScores
+
+        res = ImageScores([], np.zeros((0, len(names)), np.float32), np.zeros((0, 0), np.float32), [])
     mask = label_text.mask if label_text is not None else model.file.tensors["text.mask"]
     cos = None
-    if explain:
+    if explain and res.ids:
         import torch
 
         with torch.no_grad():
@@ -514,8 +585,15 @@ def predict_stage(
             pred.peaks = predict_heatmaps(model, [where[i] for i in res.ids], res.ids, res.probabilities, th, names, text, mask,
                                           heatmap, weights, device, advance, label_text=label_text)
     if scores_out:
-        contract.write_file(scores_out, "scores", {"scores": res.probabilities, "thresholds": th},
-                            {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold")})
+        smeta = {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold")}
+        if part is not None:
+            from mavl_cli.contract import command_args
+            from mavl_cli.embed import inputs_fingerprint
+            from mavl_cli.shards import shard_meta
+
+            fp = inputs_fingerprint(all_items, {"model": meta.get("fingerprint") or str(model.file.path), "batch_size": batch_size})
+            smeta["shard"] = shard_meta(part, lo, hi, len(all_items), fp, len(res.skipped), command_args())
+        contract.write_file(scores_out, "scores", {"scores": res.probabilities, "thresholds": th}, smeta)
     return pred, res.skipped
 
 

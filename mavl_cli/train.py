@@ -8,13 +8,16 @@ same seed gives byte-identical weights.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from mavl_cli.errors import MavlError
+from mavl_cli.trainloop import BestEpoch, check_rank_keep, fit, split_validation
+
+__all__ = ["BestEpoch", "FusionConfig", "LRFConfig", "Split", "TrainResult", "lrf_embed", "lrf_features",
+           "masked_macro_auroc", "split_validation", "train_fusion", "train_lrf"]
 
 
 @dataclass
@@ -62,37 +65,6 @@ class TrainResult:
     val_auroc: float = float("nan")
 
 
-class BestEpoch:
-    """Which epoch to keep, and when to stop.
-
-    With validation: the best macro AUROC (ties broken by lower training BCE;
-    an undefined AUROC ranks below any defined one). Without: the lowest
-    training BCE. ``stop`` says when ``patience`` epochs passed without a new best.
-    """
-
-    def __init__(self, patience: int = 0) -> None:
-        self.patience = patience
-        self.key = (-math.inf, -math.inf)
-        self.epoch = 0
-        self.bad = 0
-
-    def update(self, epoch: int, rec: dict[str, float]) -> bool:
-        """Record an epoch's figures; True when it is the new best."""
-        if "val_auroc" in rec:
-            va = rec["val_auroc"]
-            key = (va if not math.isnan(va) else -1.0, -rec["bce"])
-        else:
-            key = (-rec["bce"], 0.0)
-        if key > self.key:
-            self.key, self.epoch, self.bad = key, epoch, 0
-            return True
-        self.bad += 1
-        return False
-
-    def stop(self) -> bool:
-        return self.patience > 0 and self.bad >= self.patience
-
-
 def masked_macro_auroc(y: np.ndarray, s: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Mean AUROC over labels where both classes are present (masked entries dropped)."""
     from mavl_cli.metrics import binary_auroc
@@ -104,29 +76,6 @@ def masked_macro_auroc(y: np.ndarray, s: np.ndarray, mask: np.ndarray | None = N
         if yj.size and 0 < yj.sum() < yj.size:
             vals.append(binary_auroc(yj, sj))
     return float(np.mean(vals)) if vals else float("nan")
-
-
-def split_validation(
-    n: int, fraction: float, seed: int, groups: list[str] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation row indices; whole patients go to one side when groups are known."""
-    if not 0 < fraction < 1:
-        raise MavlError(f"--val-split must be between 0 and 1, got {fraction}")
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        uniq = np.array(sorted(set(groups)))
-        rng.shuffle(uniq)
-        n_val = max(1, int(round(len(uniq) * fraction)))
-        val_groups = set(uniq[:n_val].tolist())
-        is_val = np.array([g in val_groups for g in groups])
-    else:
-        perm = rng.permutation(n)
-        is_val = np.zeros(n, bool)
-        is_val[perm[: max(1, int(round(n * fraction)))]] = True
-    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    if len(tr) == 0 or len(va) == 0:
-        raise MavlError("too few images (or patients) to hold out a validation split; pass --val FILE or more data")
-    return tr, va
 
 
 def _batches(n: int, batch: int, gen: Any) -> list[Any]:
@@ -171,23 +120,21 @@ def train_lrf(
     from mavl_cli.losses import masked_bce_with_logits, truncated_nuclear_norm
     from mavl_cli.models.lrf import LRFHead
     from mavl_cli.runtime import set_seed
+    from mavl_cli.trainloop import Stepper
 
     c = config
-    rank, keep, eta, seed, patience = c.rank, c.keep, c.eta, c.seed, c.patience
+    rank, keep, eta, seed = c.rank, c.keep, c.eta, c.seed
     n, d = train.x.shape
-    if rank < 1 or rank > d:
-        raise MavlError(f"--rank {rank} must be between 1 and the feature size {d}")
-    if keep < 0 or keep > rank:
-        raise MavlError(f"--keep {keep} must be between 0 and --rank {rank}")
+    check_rank_keep(rank, keep, d)
     gen = set_seed(seed)
     model = LRFHead(d, rank, train.y.shape[1], c.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    step = Stepper(opt)
     x = torch.from_numpy(train.x)
     y = torch.from_numpy(train.y)
     m = torch.from_numpy(train.mask)
-    tracker = BestEpoch(patience if val is not None else 0)
-    best_state, history = None, []
-    for epoch in range(1, c.epochs + 1):
+
+    def run_epoch(epoch: int) -> dict[str, float]:
         model.train()
         tot_bce = tot_reg = 0.0
         for idx in _batches(n, c.batch_size, gen):
@@ -195,28 +142,22 @@ def train_lrf(
             bce = masked_bce_with_logits(logits, y[idx], m[idx])
             # at eta = 0 the penalty is still measured (on a detached Z) so the log shows the real tail
             reg = truncated_nuclear_norm(z if eta > 0 else z.detach(), keep)
-            loss = bce + eta * reg if eta > 0 else bce
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step.step(bce + eta * reg if eta > 0 else bce)
             tot_bce += float(bce.detach()) * len(idx)
             tot_reg += float(reg.detach()) * len(idx)
         model.eval()
-        rec = {"epoch": epoch, "bce": tot_bce / n, "tnn": tot_reg / n}
-        if val is not None:
-            s = _predict(lambda t: model(t)[0], val.x)
-            rec["val_auroc"] = masked_macro_auroc(val.y, s, val.mask)
-        history.append(rec)
-        if tracker.update(epoch, rec):
-            best_state = copy.deepcopy(model.state_dict())
-        if advance:
-            advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
-        if tracker.stop():
-            break
-    best_epoch = tracker.epoch
-    state = {k: v.detach().clone() for k, v in (best_state or model.state_dict()).items()}
-    va = history[best_epoch - 1].get("val_auroc", float("nan")) if best_epoch else float("nan")
-    return TrainResult(state=state, best_epoch=best_epoch, epochs_run=len(history), history=history, val_auroc=va)
+        return {"bce": tot_bce / n, "tnn": tot_reg / n}
+
+    validate = None
+    if val is not None:
+        def validate() -> float:
+            return masked_macro_auroc(val.y, _predict(lambda t: model(t)[0], val.x), val.mask)
+
+    res = fit(c.epochs, run_epoch, lambda: copy.deepcopy(model.state_dict()), validate, patience=c.patience,
+              advance=advance)
+    state = {k: v.detach().clone() for k, v in res.best_state.items()}
+    return TrainResult(state=state, best_epoch=res.best_epoch, epochs_run=res.epochs_run, history=res.history,
+                       val_auroc=res.val_auroc)
 
 
 def lrf_embed(tensors: dict[str, np.ndarray], x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -230,6 +171,8 @@ def lrf_embed(tensors: dict[str, np.ndarray], x: np.ndarray, batch: int = 4096) 
     with torch.no_grad():
         for i in range(0, len(x), batch):
             out.append(head.embed(torch.from_numpy(x[i : i + batch])).numpy())
+    if not out:  # an empty shard
+        return np.zeros((0, head.proj.out_features), np.float32)
     return np.concatenate(out).astype(np.float32)
 
 
@@ -280,6 +223,7 @@ def train_fusion(
     from mavl_cli.losses import masked_bce_with_logits
     from mavl_cli.models.fusion import FusionModel
     from mavl_cli.runtime import set_seed
+    from mavl_cli.trainloop import Stepper
 
     c = config
     gen = set_seed(c.seed)
@@ -292,34 +236,29 @@ def train_fusion(
         prev = np.clip(pos / cnt, 1e-3, 1 - 1e-3)
         model.bias.copy_(torch.from_numpy(np.log(prev / (1 - prev)).astype(np.float32)))
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+    step = Stepper(opt)
     x = torch.from_numpy(train.x)
     y = torch.from_numpy(train.y)
     m = torch.from_numpy(train.mask)
     t = torch.from_numpy(text)
     tm = torch.from_numpy(text_mask.astype(bool))
-    tracker = BestEpoch()
-    best_state, best_epoch, history = None, 0, []
-    for epoch in range(1, c.epochs + 1):
+
+    def run_epoch(epoch: int) -> dict[str, float]:
         model.train()
         total = 0.0
         for idx in _batches(n, c.batch_size, gen):
             loss = masked_bce_with_logits(model(x[idx], t, tm), y[idx], m[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step.step(loss)
             total += float(loss.detach()) * len(idx)
         model.eval()
-        rec = {"epoch": epoch, "bce": total / n, "scale": float(model.scale().detach())}
-        if val is not None:
-            s = _predict(lambda b: model(b, t, tm), val.x)
-            rec["val_auroc"] = masked_macro_auroc(val.y, s, val.mask)
-            if tracker.update(epoch, rec):
-                best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
-        history.append(rec)
-        if advance:
-            advance(1, **{k: v for k, v in rec.items() if k != "epoch"})
-    if best_state is None:
-        best_state, best_epoch = model.state_dict(), c.epochs
-    state = {k: v.detach().clone() for k, v in best_state.items()}
-    va = history[best_epoch - 1].get("val_auroc", float("nan")) if history else float("nan")
-    return TrainResult(state=state, best_epoch=best_epoch, epochs_run=len(history), history=history, val_auroc=va)
+        return {"bce": total / n, "scale": float(model.scale().detach())}
+
+    validate = None
+    if val is not None:
+        def validate() -> float:
+            return masked_macro_auroc(val.y, _predict(lambda b: model(b, t, tm), val.x), val.mask)
+
+    res = fit(c.epochs, run_epoch, lambda: copy.deepcopy(model.state_dict()), validate, without_val="last", advance=advance)
+    state = {k: v.detach().clone() for k, v in res.best_state.items()}
+    return TrainResult(state=state, best_epoch=res.best_epoch, epochs_run=res.epochs_run, history=res.history,
+                       val_auroc=res.val_auroc)
