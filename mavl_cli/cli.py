@@ -413,13 +413,14 @@ def evaluate_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override: one threshold for all labels."),
     uncertain: str = _uncertain("ignore"),
     label_map: Optional[str] = _label_map_opt(),
+    ood_threshold: Optional[float] = typer.Option(None, "--ood-threshold", help="Flag images whose distance to the training features exceeds this percentile of the reference (validation) distances (default 99)."),
 ) -> None:
     """Per-label precision, recall, specificity, F1, AUROC, AUPRC; macro/micro F1, Hamming loss."""
     from mavl_cli.stages import evaluate_stage
 
     report, warnings, sc = evaluate_stage(model, embeddings, labels, scores, bootstrap, seed, _check_uncertain(uncertain),
                                           _read_map(label_map), threshold, plot, csv_out=csv_out,
-                                          json_out="-" if as_json else None)
+                                          json_out="-" if as_json else None, ood_threshold=ood_threshold)
     for w in warnings:
         (render.alarm if w.startswith("ALARM") else render.warn)(w.replace("ALARM: ", ""))
     from mavl_cli.contract import write_csv, write_stdout
@@ -428,6 +429,10 @@ def evaluate_cmd(
         render.claim_stdout()
         doc = report.to_dict()
         doc["warnings"] = [w.replace("ALARM: ", "") for w in warnings]
+        from mavl_cli.provenance import SYNTHETIC_WARNING
+
+        doc["synthetic_training_data"] = SYNTHETIC_WARNING in warnings
+        doc["ood"] = sc.ood.to_dict() if sc.ood is not None else None
         write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n", "--json")
     if csv_out:
         write_csv(_out(csv_out), report.to_rows())
@@ -435,6 +440,11 @@ def evaluate_cmd(
 
     for t in report_tables(report, f"{len(sc.ids)} images, {len(sc.names)} labels"):
         render.show(t)
+    if sc.ood is not None:
+        from mavl_cli.trust_view import ood_eval_table
+
+        t = ood_eval_table(sc.ood, report)
+        render.show(t) if t is not None else render.info(sc.ood.note or "")
     for n in report.notes:
         render.info(n)
     if plot:
@@ -457,6 +467,7 @@ def predict_cmd(
     heatmap_labels: str = typer.Option("positive", "--heatmap-labels", help="Which findings get a map: positive, all, or A,B."),
     heatmap_method: str = typer.Option("similarity", "--heatmap-method", help="similarity (patches vs. aspect text, no gradients) or gradcam."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: score only shard K (0-based) of N of the images; join --out files with `mavl merge`."),
+    ood_threshold: Optional[float] = typer.Option(None, "--ood-threshold", help="Flag images whose distance to the training features exceeds this percentile of the reference (validation) distances (default 99)."),
 ) -> None:
     """Print the findings of one or more radiographs."""
     from mavl_cli.report_view import prediction_json, prediction_tables
@@ -469,15 +480,24 @@ def predict_cmd(
         hm = HeatmapOptions(heatmap, heatmap_labels, heatmap_method)
     pred, skipped = predict_stage(images, model, weights, device, threshold, descriptions, explain, skip_bad=skip_bad,
                                   scores_out=out, progress=render.progress, json_out="-" if as_json else None, heatmap=hm,
-                                  shard=shard)
+                                  shard=shard, ood_threshold=ood_threshold)
+    from mavl_cli import trust_view
+
+    trust_view.show_trust_warnings(pred.warnings)
+    if pred.ood is None:
+        from mavl_cli.ood import OLD_MODEL_NOTE
+
+        render.info(OLD_MODEL_NOTE)
     if as_json:
         from mavl_cli.contract import write_stdout
 
         render.claim_stdout()
-        write_stdout(json.dumps(prediction_json(pred), indent=2) + "\n", "--json")
+        write_stdout(json.dumps(trust_view.prediction_document(pred, prediction_json(pred)), indent=2) + "\n", "--json")
     else:
+        trust_view.show_provenance(pred.model_info)
         for t in prediction_tables(pred):
             render.show(t)
+        trust_view.show_notice()
     for s in skipped:
         render.warn(f"skipped {s['path']}: {s['reason']}")
     if heatmap is not None and not as_json:
@@ -540,6 +560,12 @@ def info_cmd(file: str = typer.Argument(..., help="Any mavl .safetensors file ('
         s = v if isinstance(v, str) else json.dumps(v)
         rows.append([k, s if len(s) < 160 else s[:157] + "..."])
     render.show(render.table(str(file), ["field", "value"], rows, numeric=False))
+    if f.kind == "model":
+        from mavl_cli.modelfile import LoadedModel
+        from mavl_cli.provenance import model_provenance
+        from mavl_cli.trust_view import provenance_table
+
+        render.show(provenance_table(model_provenance(LoadedModel(f), str(file), "given"), "provenance"))
 
 
 @app.command("phantoms")

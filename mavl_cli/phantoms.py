@@ -720,4 +720,7 @@ def _generate(out_dir: Path, n: int, seed: int, size: int, split: tuple[float, f
     for name in ("train", "val", "test"):
         splits[name] = out_dir / f"{name}.csv"
         _write_csv(splits[name], [r for r, p in zip(rows, row_patient) if assign[p] == name])
+    from mavl_cli.provenance import write_marker  # a sidecar: the CSVs and images stay as they were
+
+    write_marker(out_dir, [labels_csv.name, *(p.name for p in splits.values())], {"seed": seed, "n": n, "size": size})
     return PhantomSet(root=out_dir, labels_csv=labels_csv, splits=splits, n_images=len(rows))

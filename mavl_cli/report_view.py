@@ -53,9 +53,28 @@ def prediction_json(pred: Any) -> list[dict[str, Any]]:
             if peak is not None:
                 item["peak"] = {"x": int(peak[0]), "y": int(peak[1])}
             findings.append(item)
-        out.append({"image": image, "findings": findings,
-                    "positive": [f["label"] for f in findings if f["positive"]]})
+        rec = {"image": image, "findings": findings, "positive": [f["label"] for f in findings if f["positive"]]}
+        rec.update(_ood_fields(pred, i))
+        out.append(rec)
     return out
+
+
+def _ood_fields(pred: Any, i: int) -> dict[str, Any]:
+    a = getattr(pred, "ood", None)
+    if a is None:
+        return {"ood": None, "ood_score": None}
+    return {"ood": bool(a.flag[i]), "ood_score": round(float(a.score[i]), 2), "ood_distance": round(float(a.distance[i]), 4)}
+
+
+OOD_MARK = "OOD"
+
+
+def _ood_caption(pred: Any) -> str | None:
+    a = getattr(pred, "ood", None)
+    if a is None or not a.flag.any():
+        return None
+    return (f"{OOD_MARK}: unlike the model's training images (distance above the {a.percentile:g}th percentile "
+            "of its reference images); its findings are not to be trusted")
 
 
 def prediction_summary(pred: Any) -> Table:
@@ -65,6 +84,9 @@ def prediction_summary(pred: Any) -> Table:
     for name in pred.names:
         t.add_column(name + (" *" if name in pred.new_labels else ""), justify="right")
     t.add_column("positive findings", justify="left")
+    has_ood = getattr(pred, "ood", None) is not None
+    if has_ood:
+        t.add_column("ood score", justify="right")
     for i, image in enumerate(pred.ids):
         cells = []
         for j in range(len(pred.names)):
@@ -72,9 +94,20 @@ def prediction_summary(pred: Any) -> Table:
             pos = p >= pred.thresholds[j]
             cells.append(Text(f"{p:.2f}", style="bold red" if pos else "dim"))
         positive = [n for j, n in enumerate(pred.names) if pred.scores[i, j] >= pred.thresholds[j]]
-        t.add_row(image, *cells, ", ".join(positive) or "-")
+        extra = []
+        if has_ood:
+            flag = bool(pred.ood.flag[i])
+            extra = [Text(f"{OOD_MARK} {pred.ood.score[i]:.1f}" if flag else f"{pred.ood.score[i]:.1f}",
+                          style="bold yellow" if flag else "dim")]
+        t.add_row(Text(image + (f" [{OOD_MARK}]" if has_ood and pred.ood.flag[i] else ""),
+                       style="bold yellow" if has_ood and pred.ood.flag[i] else ""), *cells, ", ".join(positive) or "-", *extra)
+    captions = []
     if pred.new_labels:
-        t.caption = "* scored from its text description alone (zero-shot, experimental)"
+        captions.append("* scored from its text description alone (zero-shot, experimental)")
+    if _ood_caption(pred):
+        captions.append(_ood_caption(pred))
+    if captions:
+        t.caption = "\n".join(captions)
     return t
 
 
@@ -83,7 +116,14 @@ def prediction_tables(pred: Any) -> list[Table]:
         return [prediction_summary(pred)]
     tables = []
     for rec in prediction_json(pred):
-        t = Table(title=rec["image"], header_style="bold cyan")
+        title: Any = rec["image"]
+        if rec.get("ood"):
+            title = Text.assemble(rec["image"], (f"  [{OOD_MARK}: unlike the training images, ood score {rec['ood_score']:.1f}]", "bold yellow"))
+        elif rec.get("ood_score") is not None:
+            title = f"{rec['image']}  (ood score {rec['ood_score']:.1f})"
+        t = Table(title=title, header_style="bold cyan")
+        if rec.get("ood"):
+            t.caption = _ood_caption(pred)
         for c in ("finding", "probability", "threshold", "call"):
             t.add_column(c, justify="left" if c == "finding" else "right")
         if pred.aspect_cos is not None:

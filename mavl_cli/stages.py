@@ -83,6 +83,7 @@ def train_lrf_stage(
         **{k: emb.meta.get(k) for k in ("backbone", "backbone_weights", "backbone_args", "preprocessing", "precision")},
         **({"encoder": emb.meta["encoder"]} if emb.meta.get("encoder") else {}),
         "train_embeddings": str(embeddings), "train_labels": str(labels),
+        "synthetic": _synthetic(labels, emb.meta),
     }
     contract.write_file(output, "lrf-head", tensors, meta)
     if embed_out is not None:
@@ -194,7 +195,12 @@ def fuse_stage(
     extra = {"seed": config.seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
              "images": len(data.ids), **asdict(config), "best_epoch": res.best_epoch,
              "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
+    extra.update(_trust_meta(data, labels, embeddings, emb, head))
     tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
+    from mavl_cli import ood
+
+    ood_tensors, meta["ood"] = ood.fit(data.x, vdata.x if vdata is not None else None, seed=config.seed)
+    tensors.update(ood_tensors)
     blob = contract.to_bytes("model", tensors, meta)
     contract.atomic_write_bytes(output, blob)
     notes = [*data.notes, *(vdata.notes if vdata else [])]
@@ -204,6 +210,22 @@ def fuse_stage(
     return StageResult(output, {"images": len(data.ids), "labels": len(names), "aspects": int(t_emb.shape[1]),
                                 "aggregate": aggregate, "best_epoch": res.best_epoch, "final_bce": last.get("bce"),
                                 "scale": last.get("scale"), "val_macro_auroc": res.val_auroc}, res.history, notes)
+
+
+def _synthetic(labels: str, *upstream: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The synthetic-data record of a stage's inputs: its label file's marker, else what upstream files carry."""
+    from mavl_cli.provenance import chain_synthetic, synthetic_source
+
+    return chain_synthetic(synthetic_source(labels), *upstream)
+
+
+def _trust_meta(data: Any, labels: str, embeddings: str, emb: contract.MavlFile, head: contract.MavlFile | None) -> dict[str, Any]:
+    """What a model records about its training data (provenance, synthetic mark)."""
+    from mavl_cli.provenance import training_record
+
+    syn = _synthetic(labels, emb.meta, head.meta if head is not None else None)
+    return {"training_data": training_record(data.ids, labels, embeddings, syn),
+            "synthetic_training_data": bool(syn), "synthetic_source": syn}
 
 
 def _fusion_features(emb: contract.MavlFile, head: contract.MavlFile | None) -> np.ndarray:
@@ -226,6 +248,8 @@ class Scored:
     mask: np.ndarray | None = None
     groups: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    x: np.ndarray | None = None  # the fusion input the scores came from
+    ood: dict[str, Any] | None = None  # evaluate: share flagged, metrics without them
 
 
 def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> tuple[Any, Scored]:
@@ -239,7 +263,7 @@ def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str
     _check_model_backbone(model, emb)
     x = model.to_fusion_input(emb)
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map, x=x)
-    return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups, data.notes)
+    return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups, data.notes, x=x)
 
 
 def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> Scored:
@@ -255,7 +279,7 @@ def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, labe
     res = score_images(model.module(), items)
     emb = contract.MavlFile("image-embeddings", {"features": res.probabilities}, {"ids": res.ids}, str(root))
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map)
-    return Scored(data.ids, data.names, data.x, data.y, data.mask, data.groups)
+    return Scored(data.ids, data.names, data.x, data.y, data.mask, data.groups, data.notes, x=res.head_inputs)  # rows in res.ids order
 
 
 def _check_model_backbone(model: Any, emb: contract.MavlFile) -> None:
@@ -318,8 +342,9 @@ def evaluate_stage(
     model_path: str | None, embeddings: str | None, labels: str, scores_file: str | None = None,
     bootstrap: int = 0, seed: int = 0, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
     threshold: float | None = None, plot: str | None = None, csv_out: str | None = None, json_out: str | None = None,
+    ood_threshold: float | None = None,
 ) -> tuple[Any, list[str], Scored]:
-    """Returns (Report, warnings, scored data)."""
+    """Returns (Report, warnings, scored data); ``sc.ood`` holds the OOD share and metrics without flagged images."""
     from mavl_cli.datasets import read_labels
     from mavl_cli.metrics import evaluate
 
@@ -346,11 +371,16 @@ def evaluate_stage(
         sc = Scored(table.ids, names, sf.tensors["scores"].astype(np.float32), table.y, table.mask, table.groups)
         th = np.asarray(sf.tensors.get("thresholds", np.full(len(names), 0.5, np.float32)), np.float32)
         tuned = (sf.meta.get("threshold") or {}).get("tuned_on")
+        warnings.extend(_trust_warnings(sf))
     else:
         if model_path is None or embeddings is None:
             raise MavlError("evaluate needs MODEL and EMBEDDINGS, or --scores FILE")
+        from mavl_cli.ood import check_percentile
+
+        check_percentile(ood_threshold)
         model, sc = score_labelled(model_path, embeddings, labels, uncertain, label_map)
         th = model.thresholds
+        warnings.extend(_trust_warnings(model))
         tuned = (model.meta.get("threshold") or {}).get("tuned_on")
         if (model.meta.get("threshold") or {}).get("method", "default") == "default" and threshold is None:
             warnings.append("thresholds are the untuned default 0.5; run `mavl tune-threshold` on validation data first")
@@ -365,11 +395,22 @@ def evaluate_stage(
     warnings.extend(sc.notes)
     groups = np.asarray(sc.groups) if sc.groups is not None else None
     report = evaluate(sc.y, sc.scores, th, sc.names, mask=sc.mask, bootstrap=bootstrap, seed=seed, groups=groups)
+    if scores_file is None:
+        from mavl_cli.ood import evaluate_split
+
+        sc.ood = evaluate_split(model, sc, th, ood_threshold, bootstrap=bootstrap, seed=seed)
     if plot:
         from mavl_cli.plots import plot_report
 
         plot_report(Path(plot), sc.y, sc.scores, th, sc.names, mask=sc.mask)
     return report, warnings, sc
+
+
+def _trust_warnings(model: Any) -> list[str]:
+    """Warnings every run with this model must show (synthetic training data)."""
+    from mavl_cli.provenance import SYNTHETIC_WARNING
+
+    return [SYNTHETIC_WARNING] if model.meta.get("synthetic_training_data") else []
 
 
 # ---------------------------------------------------------------- embed-images
@@ -458,6 +499,9 @@ def embed_images_stage(
     res.skipped = [*({"id": m["id"], "path": "", "reason": m["reason"]} for m in missing), *res.skipped]
     res.meta["skipped"] = res.skipped
     res.meta["labels_file"] = str(labels) if labels else None
+    from mavl_cli.provenance import synthetic_source
+
+    res.meta["synthetic"] = synthetic_source(labels, [it.path for it in items])
     rows = len(res.ids)
     if dist.active:
         rows = _merge_ranks(dist, output, res)
@@ -512,6 +556,9 @@ class Prediction:
     aspect_mask: np.ndarray | None = None
     new_labels: list[str] = field(default_factory=list)
     peaks: dict[str, dict[str, tuple[int, int]]] | None = None  # --heatmap: image id -> label -> (x, y) original pixels
+    model_info: dict[str, Any] = field(default_factory=dict)  # provenance of the model (provenance.model_provenance)
+    ood: Any = None  # ood.Assessment, None when the model has no OOD statistics
+    warnings: list[str] = field(default_factory=list)
 
 
 def predict_stage(
@@ -520,6 +567,7 @@ def predict_stage(
     batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
     progress: Callable[[str, int, str], Any] | None = None, json_out: str | None = None, heatmap: Any = None,
     shard: str | None = None,
+    ood_threshold: float | None = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
     """Score images through the whole model (:class:`mavl_cli.mavlmodel.MavlModel`).
 
@@ -533,6 +581,9 @@ def predict_stage(
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
+    from mavl_cli import ood, provenance
+
+    ood.check_percentile(ood_threshold)
     model_file = find_model(model_path)
     contract.check_outputs({"--json": json_out, "--out": scores_out}, [model_file, weights, descriptions])
     model = load_model(model_file)
@@ -576,6 +627,9 @@ def predict_stage(
         with torch.no_grad():
             cos = module.head.cpu().aspect_cosines(torch.from_numpy(res.head_inputs)).numpy()
     pred = Prediction(res.ids, names, res.probabilities, th, aspects, cos, np.asarray(mask).astype(bool), new)
+    pred.model_info = provenance.model_provenance(model, model_file, provenance.model_choice(model_path))
+    pred.ood = ood.assess_model(model, res.head_inputs, ood_threshold)
+    pred.warnings = _trust_warnings(model)
     if heatmap is not None:
         from mavl_cli.heatmaps import predict_heatmaps
 
@@ -585,7 +639,8 @@ def predict_stage(
             pred.peaks = predict_heatmaps(model, [where[i] for i in res.ids], res.ids, res.probabilities, th, names, text, mask,
                                           heatmap, weights, device, advance, label_text=label_text)
     if scores_out:
-        smeta = {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold")}
+        smeta = {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold"),
+                 "synthetic_training_data": bool(meta.get("synthetic_training_data"))}
         if part is not None:
             from mavl_cli.contract import command_args
             from mavl_cli.embed import inputs_fingerprint

@@ -103,7 +103,7 @@ def aspect_model(chain, tiny_bert, tmp_path_factory):
 def test_predict_explain_json_has_per_aspect_cosines(cli, chain, aspect_model):
     r = cli(["predict", _first_test_image(chain), "--model", aspect_model, "--explain", "--json"])
     assert r.exit_code == 0, r.stderr
-    (rec,) = json.loads(r.stdout)
+    (rec,) = json.loads(r.stdout)["images"]
     described = json.loads(descriptions_path("phantoms6.json").read_text())
     assert [f["label"] for f in rec["findings"]] == list(described)
     for f in rec["findings"]:
@@ -118,7 +118,7 @@ def test_predict_descriptions_adds_zero_shot_labels(cli, chain, aspect_model):
     for model in (chain["dir"] / "tuned.st", aspect_model):  # single-slot (names) and multi-aspect models
         r = cli(["predict", image, "--model", model, "--descriptions", descriptions_path("extra.json"), "--explain", "--json"])
         assert r.exit_code == 0, r.stderr
-        (rec,) = json.loads(r.stdout)
+        (rec,) = json.loads(r.stdout)["images"]
         by = {f["label"]: f for f in rec["findings"]}
         assert set(extra) <= set(by)
         assert all(by[n]["zero_shot"] for n in extra)

@@ -29,11 +29,13 @@ def test_short_demo_runs_the_real_chain(tmp_path, monkeypatch, cli):
     img = next((work / "phantoms" / "images").iterdir())
     r = cli(f"predict {img} --json")
     assert r.exit_code == 0, r.stderr
-    assert len(json.loads(r.stdout)[0]["findings"]) == 6
+    doc = json.loads(r.stdout)
+    assert len(doc["images"][0]["findings"]) == 6
+    assert doc["synthetic_training_data"] is True and doc["model"]["chosen_by"] == "default"  # phantoms: marked
     # the Python API on the real demo model (EfficientNet-Lite0 + MiniLM) gives the very same figures
     import mavl_cli as mavl
 
-    assert mavl.load().predict([img]) == json.loads(r.stdout)
+    assert mavl.load().predict([img]) == doc["images"]
 
 
 def test_imported_backbone_gives_imagenet_features(tmp_path):

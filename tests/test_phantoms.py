@@ -137,7 +137,7 @@ def test_generation_is_deterministic_per_seed(tmp_path: Path) -> None:
     c = generate_phantoms(tmp_path / "c", n=40, seed=12, size=64)
     files_a = sorted(p.relative_to(a.root) for p in a.root.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b.root) for p in b.root.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 40 + 4
+    assert files_a == files_b and len(files_a) == 40 + 4 + 1  # images, 4 CSVs, the synthetic-data marker
     for rel in files_a:
         assert (a.root / rel).read_bytes() == (b.root / rel).read_bytes(), rel
     assert a.labels_csv.read_bytes() != c.labels_csv.read_bytes()

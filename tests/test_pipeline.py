@@ -131,7 +131,7 @@ def test_predict_table_json_and_scores_file(chain, cli, tmp_path):
     assert "finding" in r.stdout and "POSITIVE" in r.stdout or "negative" in r.stdout
     r = cli(f"predict {img.parent} --model {d/'tuned.st'} --json --out {tmp_path/'scores.st'}")
     assert r.exit_code == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = json.loads(r.stdout)["images"]
     assert len(out) == ph.n_images
     f0 = out[0]["findings"]
     assert [f["label"] for f in f0] == list(FINDINGS)
