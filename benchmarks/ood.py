@@ -185,13 +185,14 @@ def embed_folder(folder: Path, out: Path, weights: Path) -> Path:
     return out
 
 
-def flag_rate(model_path: Path, emb_path: Path, percentile: float | None = None) -> dict[str, Any]:
+def flag_rate(model_path: Path, emb_paths: Path | list[Path], percentile: float | None = None) -> dict[str, Any]:
     from mavl_cli import contract, ood
     from mavl_cli.modelfile import load_model
 
     model = load_model(model_path)
-    emb = contract.read_file(emb_path, expect="image-embeddings")
-    a = ood.assess_model(model, model.to_fusion_input(emb), percentile)
+    files = [contract.read_file(p, expect="image-embeddings") for p in (emb_paths if isinstance(emb_paths, list) else [emb_paths])]
+    x = np.concatenate([model.to_fusion_input(f) for f in files])
+    a = ood.assess_model(model, x, percentile)
     if a is None:
         raise SystemExit(f"{model_path}: no OOD statistics")
     return {"n": int(len(a.flag)), "flagged": int(a.flag.sum()), "rate": float(a.flag.mean()),
@@ -227,25 +228,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "natural photos": natural_images(sets / "natural", size),
         "corner crops": derived(sets / "phantom_corner", ph_test, corner),
     }
-    if have_nih:
-        kinds = {"real NIH films": data / "nih-cxr14-64px" / "images", **kinds}
-    emb = {k: embed_folder(v, work / f"emb_{v.name}.safetensors", weights) for k, v in kinds.items()}
+    emb: dict[str, Any] = {k: embed_folder(v, work / f"emb_{v.name}.safetensors", weights) for k, v in kinds.items()}
+    nih = nih_model(work, data, weights, text_model, args.seed) if have_nih else None
+    if nih is not None:  # the real NIH films: all 749, i.e. the three split files the NIH model is trained from
+        emb = {"real NIH films": [work / f"nih_{s}_img.safetensors" for s in ("train", "val", "test")], **emb}
     r1: dict[str, Any] = {"model": str(model), "in_distribution": {"held-out phantoms (test split)": flag_rate(model, demo / "test_img.safetensors")}}
     r1["out_of_distribution"] = {k: flag_rate(model, e) for k, e in emb.items()}
     results["models"]["demo (phantoms)"] = r1
 
-    # ---- 2. a model trained on NIH films
-    if have_nih:
-        nmodel, ntest_emb, ntest = nih_model(work, data, weights, text_model, args.seed)
-        nkinds = {
-            "inverted": derived(sets / "nih_inverted", ntest, lambda a: 255 - a),
-            "rotated 90°": derived(sets / "nih_rotated", ntest, lambda a: np.rot90(a).copy()),
-            "blank": blank_images(sets / "blank64", 64),
-            "noise": noise_images(sets / "noise64", 64),
-            "natural photos": natural_images(sets / "natural64", 64),
-            "phantoms": derived(sets / "phantom_test", ph_test, lambda a: a),
+    # ---- 2. a model trained on NIH films (blank, noise and photos: the same images as above)
+    if nih is not None:
+        nmodel, ntest_emb, ntest = nih
+        nemb = {
+            "inverted": embed_folder(derived(sets / "nih_inverted", ntest, lambda a: 255 - a), work / "emb_nih_inverted.safetensors", weights),
+            "rotated 90°": embed_folder(derived(sets / "nih_rotated", ntest, lambda a: np.rot90(a).copy()), work / "emb_nih_rotated.safetensors", weights),
+            **{k: emb[k] for k in ("blank", "noise", "natural photos")},
+            "phantoms (test split)": demo / "test_img.safetensors",
         }
-        nemb = {k: embed_folder(v, work / f"emb_{v.name}.safetensors", weights) for k, v in nkinds.items()}
         r2: dict[str, Any] = {"model": str(nmodel), "in_distribution": {"NIH test split": flag_rate(nmodel, ntest_emb)}}
         r2["out_of_distribution"] = {k: flag_rate(nmodel, e) for k, e in nemb.items()}
         results["models"]["NIH 64 px"] = r2
