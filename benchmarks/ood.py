@@ -119,13 +119,22 @@ def natural_images(folder: Path, size: int, seed: int = 0) -> Path:
 # ------------------------------------------------------------------ models
 
 
-def demo_model(work: Path, n: int, epochs: int, seed: int) -> Path:
-    from mavl_cli.demo import run_demo
+def demo_model(work: Path, n: int, epochs: int, seed: int, weights: Path, text_model: Path) -> Path:
+    """The demo's chain (``mavl_cli.demo.demo_commands``, the same commands ``mavl demo`` runs), resumable."""
+    from mavl_cli.demo import demo_commands, run_cli
 
-    model = work / "demo" / "model_tuned.safetensors"
-    if not model.exists():
-        log("running the demo (phantoms, embed, train-lrf, embed-text, fuse, tune-threshold, evaluate)")
-        run_demo(work / "demo", n=n, epochs=epochs, seed=seed, install=False)
+    d = work / "demo"
+    model = d / "model_tuned.safetensors"
+    if model.exists():
+        return model
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "phantoms" / "test.csv").exists():
+        run_cli(["phantoms", d / "phantoms", "-n", n, "--seed", seed, "--size", 256])
+    for cmd in demo_commands(d, weights, text_model, epochs, seed):
+        out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else None
+        if cmd[0] == "evaluate" or (out is not None and out.exists()):
+            continue
+        run_cli(cmd)
     return model
 
 
@@ -216,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"percentile": 99.0, "models": {}}
 
     # ---- 1. the demo's model
-    model = demo_model(work, args.n, args.epochs, args.seed)
+    model = demo_model(work, args.n, args.epochs, args.seed, weights, text_model)
     demo = work / "demo"
     ph_test = [demo / "phantoms" / r["Path"] for r in split_rows(demo / "phantoms" / "test.csv")]
     size = _gray(ph_test[0]).shape[0]
