@@ -60,18 +60,23 @@ class Model:
         """``[N, L]`` probabilities for paths or PIL images (in the order given)."""
         return self._score(images, batch_size)[1]
 
-    def predict(self, images: Any, threshold: float | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
-        """One dict per image, as ``mavl predict --json`` prints: image, findings, positive."""
+    def predict(self, images: Any, threshold: float | None = None, batch_size: int | None = None,
+                ood_threshold: float | None = None) -> list[dict[str, Any]]:
+        """One dict per image, as the ``images`` of ``mavl predict --json``: image, findings, positive, ood, ood_score."""
+        from mavl_cli import ood
         from mavl_cli.report_view import prediction_json
         from mavl_cli.stages import Prediction
 
         if threshold is not None and not 0 <= threshold <= 1:
             raise MavlError(f"threshold must lie in [0, 1], got {threshold}")
-        ids, probs = self._score(images, batch_size)
+        ood.check_percentile(ood_threshold)
+        ids, probs, inputs = self._score(images, batch_size, with_inputs=True)
         th = self.thresholds if threshold is None else np.full(len(self.labels), threshold, np.float32)
-        return prediction_json(Prediction(ids, self.labels, probs, th))
+        pred = Prediction(ids, self.labels, probs, th)
+        pred.ood = ood.assess_model(self._loaded, inputs, ood_threshold)
+        return prediction_json(pred)
 
-    def _score(self, images: Any, batch_size: int | None) -> tuple[list[str], np.ndarray]:
+    def _score(self, images: Any, batch_size: int | None, with_inputs: bool = False) -> Any:
         import torch
 
         items = _as_list(images)
@@ -81,12 +86,14 @@ class Model:
 
             found, _ = collect_inputs([str(x) for x in items])
             res = score_images(self.module, found, device=self.device, batch_size=batch_size)
-            return res.ids, res.probabilities
+            return (res.ids, res.probabilities, res.head_inputs) if with_inputs else (res.ids, res.probabilities)
         batch = torch.stack([self.preprocess(x) for x in items])
         module = self.module.to(batch.device)
         with torch.inference_mode():
-            probs = torch.sigmoid(module(batch)).float().cpu().numpy()
-        return [getattr(x, "filename", "") or f"image{i}" for i, x in enumerate(items)], probs
+            z = module.head_input(module.features(batch))
+            probs = torch.sigmoid(module.head(z)).float().cpu().numpy()
+        ids = [getattr(x, "filename", "") or f"image{i}" for i, x in enumerate(items)]
+        return (ids, probs, z.float().cpu().numpy()) if with_inputs else (ids, probs)
 
 
 def _as_list(images: Any) -> list[Any]:

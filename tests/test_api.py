@@ -62,7 +62,7 @@ def test_api_predict_equals_cli_predict_json(chain, cli):
     paths = _test_images(chain, 3)
     r = cli(["predict", *map(str, paths), "--model", str(model_path), "--json"])
     assert r.exit_code == 0, r.stderr
-    want = json.loads(r.stdout)
+    want = json.loads(r.stdout)["images"]
     m = mavl.load(model_path)
     got = m.predict(paths)
     assert got == want
@@ -80,7 +80,7 @@ def test_predict_explain_and_descriptions_still_work(chain, cli, tmp_path):
     extra.write_text("Pneumonia\n")
     r = cli(["predict", str(img), "--model", str(model_path), "--json", "--descriptions", str(extra)])
     assert r.exit_code == 0, r.stderr
-    doc = json.loads(r.stdout)[0]
+    doc = json.loads(r.stdout)["images"][0]
     assert [f["label"] for f in doc["findings"]][-1] == "Pneumonia" and doc["findings"][-1]["zero_shot"]
     r = cli(["predict", str(img), "--model", str(model_path), "--explain"])
     assert r.exit_code == 0, r.stderr

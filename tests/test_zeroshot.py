@@ -119,7 +119,7 @@ def test_zero_shot_command_path(tiny_clip, phantom_set, cli, tmp_path):
     img = sorted((phantom_set.root / "images").iterdir())[0]
     r = cli(["predict", str(img), "--model", str(zs), "--json"])
     assert r.exit_code == 0, r.stderr
-    got = np.array([x["probability"] for x in json.loads(r.stdout)[0]["findings"]])
+    got = np.array([x["probability"] for x in json.loads(r.stdout)["images"][0]["findings"]])
     want, _ = _reference(tiny_clip, img, FINDINGS, POSITIVE_TEMPLATES, NEGATIVE_TEMPLATES)
     # the open_clip family runs open_clip's own eval transform; predict --json rounds to 6 decimals (measured 3e-7)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
