@@ -89,7 +89,7 @@ def test_family_end_to_end(cli, family, family_models, phantom_set, tmp_path):
     ids = emb.meta["ids"][:3]
     r = cli(["predict", *[str(root / i) for i in ids], "--model", str(d / "tuned.st"), "--json"])
     assert r.exit_code == 0, r.stderr
-    got = np.array([[f["probability"] for f in item["findings"]] for item in json.loads(r.stdout)])
+    got = np.array([[f["probability"] for f in item["findings"]] for item in json.loads(r.stdout)["images"]])
     loaded = load_model(d / "tuned.st")
     want = loaded.score(loaded.to_fusion_input(emb))[:3]
     np.testing.assert_allclose(got, want, atol=1e-5)

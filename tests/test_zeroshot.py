@@ -129,7 +129,7 @@ def test_zero_shot_command_path(tiny_clip, phantom_set, cli, tmp_path):
     extra.write_text("Pneumonia\n")
     r = cli(["predict", str(img), "--model", str(zs), "--json", "--descriptions", str(extra), "--explain"])
     assert r.exit_code == 0, r.stderr
-    found = json.loads(r.stdout)[0]["findings"]
+    found = json.loads(r.stdout)["images"][0]["findings"]
     assert [x["label"] for x in found] == [*FINDINGS, "Pneumonia"] and found[-1]["zero_shot"]
     want_p, _ = _reference(tiny_clip, img, ["Pneumonia"], POSITIVE_TEMPLATES, NEGATIVE_TEMPLATES)
     assert found[-1]["probability"] == pytest.approx(float(want_p[0]), abs=2e-6)
