@@ -350,7 +350,7 @@ def test_predict_heatmap_writes_overlays_maps_file_and_json_peaks(models: dict, 
     r = run_cli(["predict", film, "--model", models["vit"], "--heatmap", out, "--heatmap-labels", "all",
                  "--heatmap-method", method, "--json"])
     assert r.exit_code == 0, r.stderr
-    rec = json.loads(r.stdout)[0]
+    rec = json.loads(r.stdout)["images"][0]
     f = contract.read_file(out / "film0.maps.safetensors", expect="maps")
     w, h = Image.open(film).size
     assert f.tensors["maps"].shape == (3, h, w) and f.tensors["maps"].dtype == np.float32
@@ -369,7 +369,7 @@ def test_predict_heatmap_positive_only_by_default(models: dict, tmp_path: Path) 
     out = tmp_path / "maps"
     r = run_cli(["predict", models["film"], "--model", models["cnn"], "--heatmap", out, "--json"])
     assert r.exit_code == 0, r.stderr
-    rec = json.loads(r.stdout)[0]
+    rec = json.loads(r.stdout)["images"][0]
     overlays = sorted(p.name for p in out.glob("*.png"))
     assert overlays == sorted(f"film0.{lab.replace(' ', '_')}.png" for lab in rec["positive"])
     assert all(("peak" in i) == i["positive"] for i in rec["findings"])
