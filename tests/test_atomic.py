@@ -170,15 +170,11 @@ def test_ctrl_c_exits_130_and_writes_nothing(chain, tmp_path: Path) -> None:
     _wait_until_torch_loaded(p.pid)
     time.sleep(3)  # past the imports: a Ctrl-C there is Python's, not mavl's, to handle
     p.send_signal(signal.SIGINT)
-    try:
-        _, err = p.communicate(timeout=30)
-    except subprocess.TimeoutExpired:  # on a loaded machine the first one can still land in an import: press again
-        p.send_signal(signal.SIGINT)
-        try:
-            _, err = p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
+    try:  # one Ctrl-C only: a second one, arriving while the first is handled, is Python's own (exit -2)
+        _, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
     assert p.returncode == 130, err.decode()[-300:]
     assert "interrupted" in err.decode()
     assert [q.name for q in tmp_path.iterdir() if q.name != "home"] == []
