@@ -75,22 +75,14 @@ def crop_geometry(orig_size: tuple[int, int], decoded_size: tuple[int, int], dat
     ``decoded_size``: the size the decoder handed to the preprocessing (it may
     have downscaled already; both are rescalings of the whole frame).
     """
-    import math
-
-    from mavl_cli.preprocess import kind, target_geometry
+    from mavl_cli.preprocess import kind, resized_size, target_geometry
 
     if kind(data_config) != "timm":
         raise MavlError(f"heatmaps map back through timm-style resize-and-crop preprocessing only; "
                         f"this encoder's preprocessing is {kind(data_config)!r}")
-    scale, h, w = target_geometry(data_config)
+    _, h, w = target_geometry(data_config)
     iw, ih = decoded_size
-    if data_config.get("crop_mode") == "squash":
-        crop_pct = float(data_config.get("crop_pct", 1.0) or 1.0)
-        nw, nh = int(math.floor(w / crop_pct)), int(math.floor(h / crop_pct))
-    elif iw <= ih:
-        nw, nh = scale, int(scale * ih / iw)
-    else:
-        nw, nh = int(scale * iw / ih), scale
+    nw, nh = resized_size(data_config, iw, ih)
     # torchvision's CenterCrop: rounded offsets; a crop larger than the image pads it, centred
     left = -((w - nw) // 2) if w > nw else int(round((nw - w) / 2.0))
     top = -((h - nh) // 2) if h > nh else int(round((nh - h) / 2.0))

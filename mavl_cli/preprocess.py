@@ -61,6 +61,17 @@ def decode_size(data_config: dict[str, Any]) -> int:
     return int(_family(data_config).decode_size(data_config))
 
 
+def resized_size(data_config: dict[str, Any], iw: int, ih: int) -> tuple[int, int]:
+    """The (width, height) a timm-style image of size (iw, ih) is resized to before the centre crop."""
+    scale, h, w = target_geometry(data_config)
+    if data_config.get("crop_mode") == "squash":
+        crop_pct = float(data_config.get("crop_pct", 1.0) or 1.0)
+        return int(math.floor(w / crop_pct)), int(math.floor(h / crop_pct))
+    if iw <= ih:
+        return scale, int(scale * ih / iw)
+    return int(scale * iw / ih), scale
+
+
 def prepare_image(img: Any, data_config: dict[str, Any]) -> np.ndarray:
     """PIL image (L or RGB) -> one image's array ready for batching (see the module docstring)."""
     if kind(data_config) != "timm":
@@ -70,13 +81,7 @@ def prepare_image(img: Any, data_config: dict[str, Any]) -> np.ndarray:
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     iw, ih = img.size
-    if data_config.get("crop_mode") == "squash":
-        crop_pct = float(data_config.get("crop_pct", 1.0) or 1.0)
-        nw, nh = int(math.floor(w / crop_pct)), int(math.floor(h / crop_pct))
-    elif iw <= ih:
-        nw, nh = scale, int(scale * ih / iw)
-    else:
-        nw, nh = int(scale * iw / ih), scale
+    nw, nh = resized_size(data_config, iw, ih)
     if (nw, nh) != (iw, ih):
         img = img.resize((nw, nh), resample=resample)
     return np.asarray(center_crop(img, h, w), dtype=np.uint8)
