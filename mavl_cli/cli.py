@@ -398,6 +398,33 @@ def tune_threshold_cmd(
         render.info(n)
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Model from `mavl fuse` (or `tune-threshold`)."),
+    embeddings: Optional[str] = typer.Argument(None, help="VALIDATION image embeddings to fit on (never the test set)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Validation labels CSV."),
+    output: str = typer.Option(..., "-o", "--output", help="Output model with the calibration (may be MODEL itself)."),
+    method: str = typer.Option("temperature", "--method", help="temperature (one T per label), platt (a*logit+b) or isotonic."),
+    prevalence: Optional[str] = typer.Option(None, "--prevalence", help="Deployment-site prevalence, e.g. 'Cardiomegaly=0.12,Effusion=0.3': prior-shift correction of the odds, no labels needed."),
+    source_prevalence: Optional[str] = typer.Option(None, "--source-prevalence", help="Prevalence the scores currently reflect (default: the calibration data's)."),
+    uncertain: str = _uncertain("ignore"),
+    label_map: Optional[str] = _label_map_opt(),
+) -> None:
+    """Fit per-label probability calibration on validation data and store it in the model."""
+    from mavl_cli.stages_eval import calibrate_stage
+
+    res = calibrate_stage(model, embeddings, labels, _out(output), method, prevalence, source_prevalence,
+                          _check_uncertain(uncertain), _read_map(label_map))
+    if res.table:
+        rows = [[r["label"], r["param"], r["val_prevalence"], r["val_ece_before"], r["val_ece_after"]] for r in res.table]
+        render.show(render.table(f"calibration ({res.summary['method']}) on {res.summary['images']} validation images",
+                                 ["label", "map", "prev.", "ECE before", "ECE after"], rows,
+                                 caption="ECE on the fitting data itself (optimistic: report on test)"))
+    _summary(f"calibrate -> {res.output}", res.summary)
+    for n in res.notes:
+        render.info(n)
+
+
 @app.command("evaluate")
 @with_dataset_options
 def evaluate_cmd(

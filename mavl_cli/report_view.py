@@ -34,8 +34,23 @@ def report_tables(report: Any, subtitle: str = "") -> list[Table]:
         ["Hamming loss", report.hamming_loss, ""],
         ["exact match", report.exact_match, ""],
     ]
+    cal = getattr(report, "calibration", None) or {}
+    if cal:
+        overall_rows += [["macro ECE", cal.get("macro_ece"), ""], ["macro MCE", cal.get("macro_mce"), ""],
+                         ["macro Brier", cal.get("macro_brier"), ""]]
     overall = table("Overall", ["metric", "value", ci_level], [[a, b, Text(c)] for a, b, c in overall_rows])
-    return [per_label, overall]
+    out = [per_label, overall]
+    if cal:
+        out.insert(1, calibration_table(cal))
+    return out
+
+
+def calibration_table(cal: dict[str, Any]) -> Table:
+    rows = [[d["name"], d["n"], d["prevalence"], d["mean_score"], d["ece"], d["mce"], d["brier"]] for d in cal["labels"]]
+    how = f", calibrated with {cal['calibrated_with']}" if cal.get("calibrated_with") else ", uncalibrated scores"
+    return table(f"Calibration ({cal['bins']} equal-width bins{how})",
+                 ["label", "n", "prev.", "mean score", "ECE", "MCE", "Brier"], rows,
+                 caption="ECE: bin-count-weighted mean |observed rate - mean score|; MCE: largest bin gap")
 
 
 def prediction_json(pred: Any) -> list[dict[str, Any]]:

@@ -228,7 +228,8 @@ class Scored:
     notes: list[str] = field(default_factory=list)
 
 
-def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> tuple[Any, Scored]:
+def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str, label_map: dict[str, str] | None,
+                   calibrated: bool = True) -> tuple[Any, Scored]:
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import load_model
 
@@ -239,7 +240,7 @@ def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str
     _check_model_backbone(model, emb)
     x = model.to_fusion_input(emb)
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map, x=x)
-    return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups, data.notes)
+    return model, Scored(data.ids, data.names, model.score(x, calibrated=calibrated), data.y, data.mask, data.groups, data.notes)
 
 
 def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> Scored:
@@ -318,8 +319,9 @@ def evaluate_stage(
     model_path: str | None, embeddings: str | None, labels: str, scores_file: str | None = None,
     bootstrap: int = 0, seed: int = 0, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
     threshold: float | None = None, plot: str | None = None, csv_out: str | None = None, json_out: str | None = None,
+    extras: Any = None,
 ) -> tuple[Any, list[str], Scored]:
-    """Returns (Report, warnings, scored data)."""
+    """Returns (Report, warnings, scored data); ``extras`` is a :class:`mavl_cli.stages_eval.EvalExtras`."""
     from mavl_cli.datasets import read_labels
     from mavl_cli.metrics import evaluate
 
@@ -346,12 +348,14 @@ def evaluate_stage(
         sc = Scored(table.ids, names, sf.tensors["scores"].astype(np.float32), table.y, table.mask, table.groups)
         th = np.asarray(sf.tensors.get("thresholds", np.full(len(names), 0.5, np.float32)), np.float32)
         tuned = (sf.meta.get("threshold") or {}).get("tuned_on")
+        source_meta = sf.meta
     else:
         if model_path is None or embeddings is None:
             raise MavlError("evaluate needs MODEL and EMBEDDINGS, or --scores FILE")
         model, sc = score_labelled(model_path, embeddings, labels, uncertain, label_map)
         th = model.thresholds
         tuned = (model.meta.get("threshold") or {}).get("tuned_on")
+        source_meta = model.meta
         if (model.meta.get("threshold") or {}).get("method", "default") == "default" and threshold is None:
             warnings.append("thresholds are the untuned default 0.5; run `mavl tune-threshold` on validation data first")
     if threshold is not None:
@@ -365,6 +369,9 @@ def evaluate_stage(
     warnings.extend(sc.notes)
     groups = np.asarray(sc.groups) if sc.groups is not None else None
     report = evaluate(sc.y, sc.scores, th, sc.names, mask=sc.mask, bootstrap=bootstrap, seed=seed, groups=groups)
+    from mavl_cli.stages_eval import evaluation_extras
+
+    evaluation_extras(report, sc, th, warnings, source_meta, extras, bootstrap=bootstrap, seed=seed)
     if plot:
         from mavl_cli.plots import plot_report
 
@@ -585,7 +592,8 @@ def predict_stage(
             pred.peaks = predict_heatmaps(model, [where[i] for i in res.ids], res.ids, res.probabilities, th, names, text, mask,
                                           heatmap, weights, device, advance, label_text=label_text)
     if scores_out:
-        smeta = {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold")}
+        smeta = {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold"),
+                 "calibration": meta.get("calibration")}
         if part is not None:
             from mavl_cli.contract import command_args
             from mavl_cli.embed import inputs_fingerprint
