@@ -106,6 +106,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.calibration.calibration_report
     subgroups: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.subgroups
+    label_auroc_ci: list[tuple[float, float]] = field(default_factory=list)  # per label, with --bootstrap
+    data: dict[str, Any] = field(default_factory=dict)  # what was evaluated: files, fingerprint
 
     def to_dict(self) -> dict[str, Any]:
         """Stable, JSON-able structure (NaN becomes ``None``)."""
@@ -116,6 +118,11 @@ class Report:
             "labels": [m.to_dict() for m in self.labels],
             "notes": list(self.notes),
         }
+        if self.label_auroc_ci:
+            for d, (lo, hi) in zip(out["labels"], self.label_auroc_ci):
+                d["auroc_ci"] = [_clean(lo), _clean(hi)]
+        if self.data:
+            out["data"] = _clean_tree(self.data)
         if self.calibration:
             out["calibration"] = _clean_tree(self.calibration)
         if self.subgroups:
@@ -414,7 +421,10 @@ def evaluate(
         notes=notes,
     )
     if bootstrap:
-        report.ci = bootstrap_ci(y, s, m, t, bootstrap, seed, groups, confidence)
+        per_label: list[tuple[float, float]] = []
+        report.ci = bootstrap_ci(y, s, m, t, bootstrap, seed, groups, confidence, label_auroc_ci=per_label)
+        report.label_auroc_ci = [ci if np.isfinite(lm.auroc) else (float("nan"), float("nan"))
+                                 for ci, lm in zip(per_label, labels)]
         report.notes.append(
             f"{int(confidence * 100)}% percentile CIs from {bootstrap} bootstrap resamples of "
             + ("patients" if groups is not None else "images")
@@ -467,8 +477,11 @@ def bootstrap_ci(
     seed: int = 0,
     groups: np.ndarray | None = None,
     confidence: float = 0.95,
+    label_auroc_ci: list[tuple[float, float]] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile CIs for macro AUROC, macro F1 and micro F1 (prepared inputs).
+
+    Pass a list as ``label_auroc_ci`` to also get each label's AUROC CI (appended, in label order).
 
     Each resample is a vector of patient (or image) multiplicities, so F1
     counts become one matrix product and AUROC a weighted rank statistic
@@ -493,13 +506,18 @@ def bootstrap_ci(
     fn_u = per_unit(inverse, n_units, ~pred & pos & m)
     engine = AurocEngine(y, s, m, inverse, n_units)
 
-    macro_auroc, macro_f1, micro_f1 = [], [], []
+    macro_auroc, macro_f1, micro_f1, label_aucs = [], [], [], []
     for counts in Resampler(n_units, seed).chunks(n_boot, engine.chunk_size(n_boot)):
         c = counts.astype(np.float64)
         tp, fp, fn = c @ tp_u, c @ fp_u, c @ fn_u
         macro_f1.append(f1_from_counts(tp, fp, fn).mean(axis=1))
         micro_f1.append(f1_from_counts(tp.sum(axis=1), fp.sum(axis=1), fn.sum(axis=1)))
-        macro_auroc.append(nanmean_rows(engine.auroc(counts)))
+        aucs = engine.auroc(counts)
+        macro_auroc.append(nanmean_rows(aucs))
+        label_aucs.append(aucs)
+    if label_auroc_ci is not None:
+        draws = np.concatenate(label_aucs)
+        label_auroc_ci.extend(percentile_ci(draws[:, j], confidence) for j in range(n_labels))
 
     return {
         key: percentile_ci(np.concatenate(vals), confidence)

@@ -192,7 +192,7 @@ def fuse_stage(
     if head is not None and image_meta.get("space") != "lrf":
         image_meta["feature_dim"] = int(emb.tensors["features"].shape[1])
     extra = {"seed": config.seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
-             "images": len(data.ids), **asdict(config), "best_epoch": res.best_epoch,
+             "images": len(data.ids), "fingerprint": data_fingerprint(data.ids), **asdict(config), "best_epoch": res.best_epoch,
              "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
     tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
     blob = contract.to_bytes("model", tensors, meta)
@@ -328,10 +328,15 @@ def evaluate_stage(
     warnings: list[str] = []
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
-    contract.check_outputs({"--json": json_out, "--csv": csv_out, "--plot": plot}, [model_path, embeddings, labels, scores_file],
+    html = getattr(extras, "html", None)
+    contract.check_outputs({"--json": json_out, "--csv": csv_out, "--plot": plot, "--html": html},
+                           [model_path, embeddings, labels, scores_file, getattr(extras, "metadata", None)],
                            create_folders=("--plot",))
     if scores_file is not None:
-        sf = contract.read_file(scores_file, expect="scores")
+        from mavl_cli.scores_io import load_score_set
+
+        ss = load_score_set(scores_file)  # a `predict --out` file or a CSV from another tool
+        sf = ss.as_file()
         names = sf.labels()
         table = read_labels(labels, uncertain=uncertain, label_map=label_map)
         from mavl_cli.datasets.labelmap import known_renames, rename_note
@@ -342,11 +347,15 @@ def evaluate_stage(
             table = rename(table, renames)
             warnings.append(rename_note(renames, labels))
         missing = [n for n in names if n not in table.names]
-        if missing:
+        if missing and ss.source == "csv" and len(missing) < len(names):
+            warnings.append(f"{scores_file}: column(s) {', '.join(missing)} are not labels of {labels}; left out")
+            names = [n for n in names if n in table.names]
+        elif missing:
             raise MavlError(f"{labels}: label(s) {', '.join(map(repr, missing))} of {scores_file} are not in this label file")
+        cols = [sf.labels().index(n) for n in names]
         table = table.select(names).align(sf.ids())
-        sc = Scored(table.ids, names, sf.tensors["scores"].astype(np.float32), table.y, table.mask, table.groups)
-        th = np.asarray(sf.tensors.get("thresholds", np.full(len(names), 0.5, np.float32)), np.float32)
+        sc = Scored(table.ids, names, sf.tensors["scores"][:, cols].astype(np.float32), table.y, table.mask, table.groups)
+        th = np.asarray(sf.tensors["thresholds"], np.float32)[cols]
         tuned = (sf.meta.get("threshold") or {}).get("tuned_on")
         source_meta = sf.meta
     else:

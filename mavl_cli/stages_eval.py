@@ -34,7 +34,7 @@ def calibrate_stage(
     from mavl_cli.metrics import prepare
     from mavl_cli.modelfile import load_model
 
-    contract.check_output_path(output, [p for p in (embeddings, labels) if p])  # MODEL itself may be the output
+    contract.check_output_path(output, [p for p in (embeddings, labels) if p], may_replace=[model_path])  # MODEL may be the output
     if embeddings is not None and labels is None:
         raise MavlError("calibrate: VAL_EMB needs --labels (the validation labels)")
     if embeddings is None and prevalence is None:
@@ -131,21 +131,25 @@ def _param(cal: Any, j: int) -> str:
 
 @dataclass
 class EvalExtras:
-    """What `evaluate` adds to the basic report: subgroups, an HTML report."""
+    """What `evaluate` adds to the basic report: subgroups, an HTML report, and what was evaluated."""
 
     by: list[str] = field(default_factory=list)
     metadata: str | None = None
     html: str | None = None
     labels_file: str | None = None
+    embeddings: str | None = None
+    scores: str | None = None
+    model: str | None = None
 
 
 def evaluation_extras(report: Any, sc: Any, th: np.ndarray, warnings: list[str], source_meta: dict[str, Any],
                       extras: EvalExtras | None, bootstrap: int = 0, seed: int = 0) -> None:
-    """Calibration figures (always), the calibrated-on-this-data alarm, subgroups when asked."""
+    """Calibration figures (always), the calibrated-on-this-data alarm, subgroups and the HTML report when asked."""
     from mavl_cli.calibration import calibration_report
     from mavl_cli.metrics import prepare
 
-    y, s, m, _ = prepare(sc.y, sc.scores, sc.mask, sc.names)
+    extras = extras or EvalExtras()  # evaluate_stage has checked the --html path with its other outputs
+    y, s, m, t = prepare(sc.y, sc.scores, sc.mask, sc.names, th)
     report.calibration = calibration_report(y, s, m, sc.names)
     cal = source_meta.get("calibration") or {}
     report.calibration["calibrated_with"] = cal.get("method")
@@ -155,3 +159,113 @@ def evaluation_extras(report: Any, sc: Any, th: np.ndarray, warnings: list[str],
             f"ALARM: calibration was fitted on this very data ({fitted.get('embeddings')}, {fitted.get('images')} images): "
             "the calibration figures are optimistic; calibrate on validation data and report on a separate test set"
         )
+    report.data = {"labels": extras.labels_file, "embeddings": extras.embeddings, "scores": extras.scores,
+                   "model": extras.model, "images": len(sc.ids), "fingerprint": data_fingerprint(sc.ids)}
+    if extras.by:
+        from mavl_cli.subgroups import subgroup_report
+
+        report.subgroups = subgroup_report(extras.by, sc.ids, sc.groups, extras.labels_file, extras.metadata,
+                                           y, s, m, t, sc.names, bootstrap, seed)
+        if not bootstrap:
+            report.notes.append("subgroup AUROCs without CIs: add --bootstrap 1000 for patient-bootstrap intervals")
+    if extras.html:
+        write_html(extras.html, report, warnings, y, s, m, t, sc.names, source_meta)
+
+
+def write_html(path: str, report: Any, warnings: list[str], y: np.ndarray, s: np.ndarray, m: np.ndarray,
+               t: np.ndarray, names: list[str], source_meta: dict[str, Any]) -> None:
+    from mavl_cli import __version__
+    from mavl_cli.htmlreport import curve_figures, render
+
+    doc = report.to_dict()
+    doc["warnings"] = list(warnings)
+    th = source_meta.get("threshold") or {}
+    cal = source_meta.get("calibration") or {}
+    data = doc.get("data", {})
+    prov = {
+        "model": data.get("model"), "scores": data.get("scores"), "embeddings": data.get("embeddings"),
+        "labels": data.get("labels"), "images evaluated": data.get("images"), "data fingerprint": data.get("fingerprint"),
+        "backbone": source_meta.get("backbone"), "backbone weights": source_meta.get("backbone_weights"),
+        "text model": source_meta.get("text_model"),
+        "thresholds": th.get("method") and f"{th.get('method')}" + (f", tuned on {th['tuned_on'].get('embeddings')} "
+                                                                      f"({th['tuned_on'].get('images')} images)" if th.get("tuned_on") else ""),
+        "calibration": cal.get("method") and f"{cal.get('method')}" + (f", fitted on {cal['fitted_on'].get('embeddings')}"
+                                                                         if cal.get("fitted_on") else ""),
+        "model trained on": (source_meta.get("train") or {}).get("embeddings"),
+        "model written by": source_meta.get("command"),
+        "report written by": f"mavl {__version__}: {contract.command_line()}",
+    }
+    text = render(doc, curve_figures(y, s, m, t, names), prov)
+    contract.atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare_stage(a_path: str, b_path: str, labels: str, embeddings: str | None = None, embeddings_b: str | None = None,
+                  bootstrap: int = 1000, seed: int = 0, uncertain: str = "ignore", label_map: dict[str, str] | None = None,
+                  threshold: float | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Paired comparison of two score sets on the images and labels they share with the label file."""
+    from mavl_cli.compare import Side, compare
+    from mavl_cli.datasets import read_labels
+    from mavl_cli.datasets.ids import normalize_many
+    from mavl_cli.metrics import prepare
+    from mavl_cli.scores_io import load_score_set
+
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
+    a = load_score_set(a_path, embeddings)
+    b = load_score_set(b_path, embeddings_b or embeddings)
+    table = read_labels(labels, uncertain=uncertain, label_map=label_map)
+    notes: list[str] = []
+    names = [n for n in a.names if n in b.names and n in table.names]
+    if not names:
+        raise MavlError(f"{a_path}, {b_path} and {labels} share no label name (A: {', '.join(a.names[:6])}; "
+                        f"B: {', '.join(b.names[:6])}; labels: {', '.join(table.names[:6])})")
+    dropped = sorted((set(a.names) | set(b.names)) - set(names))
+    if dropped:
+        notes.append(f"compared on {len(names)} shared labels; left out: {', '.join(dropped)}")
+    na, nb = normalize_many(a.ids), normalize_many(b.ids)
+    in_b = {i: k for k, i in enumerate(nb)}
+    common = [k for k, i in enumerate(na) if i in in_b]
+    if not common:
+        raise MavlError(f"{a_path} and {b_path} share no image")
+    if len(common) != len(na) or len(common) != len(nb):
+        notes.append(f"compared on the {len(common)} images both score ({len(na)} in A, {len(nb)} in B)")
+    ids = [a.ids[k] for k in common]
+    rows_b = [in_b[na[k]] for k in common]
+    table = table.select(names).align(ids)
+    ja = [a.names.index(n) for n in names]
+    jb = [b.names.index(n) for n in names]
+    sa, sb = a.scores[np.ix_(common, ja)], b.scores[np.ix_(rows_b, jb)]
+    ta, tb = a.thresholds[ja], b.thresholds[jb]
+    if threshold is not None:
+        ta = tb = np.full(len(names), threshold, np.float32)
+    else:
+        for side, path in ((a, a_path), (b, b_path)):
+            if not side.tuned:
+                notes.append(f"{path}: thresholds are the default 0.5 (untuned); F1 differences compare at 0.5")
+    y, _, m, _ = prepare(table.y, sa, table.mask, names)
+    res = compare(y, m, Side(str(a_path), sa, ta), Side(str(b_path), sb, tb), names, table.groups, bootstrap, seed)
+    res["notes"] = notes
+    return res, notes
+
+
+# ---------------------------------------------------------------- card
+
+
+def card_stage(model_path: str, eval_json: str | None, output: str, name: str | None = None) -> StageResult:
+    from mavl_cli.card import read_eval, render_card
+
+    contract.check_output_path(output, [p for p in (model_path, eval_json) if p])
+    f = contract.read_file(model_path, expect="model")
+    ev = read_eval(eval_json) if eval_json else None
+    if ev is not None:
+        have = list(f.meta.get("labels") or [])
+        other = [lab.get("name") for lab in ev.get("labels", [])]
+        if not set(other) <= set(have):
+            raise MavlError(f"{eval_json}: its labels ({', '.join(map(str, other[:5]))}...) are not this model's ({', '.join(have[:5])}...)")
+    text = render_card(f.meta, model_path, ev, name)
+    contract.atomic_write_bytes(output, text.encode("utf-8"))
+    return StageResult(output, {"labels": len(f.meta.get("labels") or []), "evaluation": eval_json or "none",
+                                "bytes": len(text.encode("utf-8"))})
