@@ -92,11 +92,11 @@ def read_scores_csv(path: str) -> ScoreSet:
                     {"path": str(path), "format": "csv"}, "csv")
 
 
-def load_score_set(path: str, embeddings: str | None = None) -> ScoreSet:
-    """A scores file, a scores CSV, or a model (scored on ``embeddings``)."""
+def load_score_set(path: str, embeddings: str | None = None, allow_model: bool = True) -> ScoreSet:
+    """A scores file, a scores CSV, or (with ``allow_model``) a model scored on ``embeddings``."""
     if is_csv(path):
         return read_scores_csv(path)
-    f = contract.read_file(path, expect=("scores", "model"))
+    f = contract.read_file(path, expect=("scores", "model") if allow_model else "scores")
     if f.kind == "scores":
         names = f.labels()
         th = np.asarray(f.tensors.get("thresholds", np.full(len(names), 0.5, np.float32)), np.float32)[: len(names)]

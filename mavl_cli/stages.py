@@ -335,7 +335,7 @@ def evaluate_stage(
     if scores_file is not None:
         from mavl_cli.scores_io import load_score_set
 
-        ss = load_score_set(scores_file)  # a `predict --out` file or a CSV from another tool
+        ss = load_score_set(scores_file, allow_model=False)  # a `predict --out` file or a CSV from another tool
         sf = ss.as_file()
         names = sf.labels()
         table = read_labels(labels, uncertain=uncertain, label_map=label_map)
