@@ -441,14 +441,14 @@ def evaluate_cmd(
     uncertain: str = _uncertain("ignore"),
     label_map: Optional[str] = _label_map_opt(),
     by: List[str] = typer.Option([], "--by", help="Subgroup column (repeatable); numeric bins as 'age:0,40,60,80'. From the label file or --metadata."),
-    metadata: Optional[str] = typer.Option(None, "--metadata", help="CSV with subgroup columns (sex, age, view...), joined on image path or patient."),
     html_out: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report (tables, curves, reliability, subgroups)."),
 ) -> None:
     """Per-label precision, recall, specificity, F1, AUROC, AUPRC, calibration (ECE, Brier); macro/micro F1; subgroups."""
     from mavl_cli.stages import evaluate_stage
     from mavl_cli.stages_eval import EvalExtras
 
-    extras = EvalExtras(by=list(by or []), metadata=metadata, html=html_out, labels_file=labels, embeddings=embeddings,
+    subgroup_csv = getattr(getattr(labels, "options", None), "metadata", None)  # --metadata (shared data-set option)
+    extras = EvalExtras(by=list(by or []), metadata=subgroup_csv, html=html_out, labels_file=str(labels), embeddings=embeddings,
                         scores=scores, model=model)
     report, warnings, sc = evaluate_stage(model, embeddings, labels, scores, bootstrap, seed, _check_uncertain(uncertain),
                                           _read_map(label_map), threshold, plot, csv_out=csv_out,

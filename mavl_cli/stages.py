@@ -235,7 +235,7 @@ def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str
 
     model = load_model(model_path)
     if Path(embeddings).is_dir():
-        return model, _score_image_folder(model, embeddings, labels, uncertain, label_map)
+        return model, _score_image_folder(model, embeddings, labels, uncertain, label_map, calibrated)
     emb = contract.read_file(embeddings, expect="image-embeddings")
     _check_model_backbone(model, emb)
     x = model.to_fusion_input(emb)
@@ -243,7 +243,8 @@ def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str
     return model, Scored(data.ids, data.names, model.score(x, calibrated=calibrated), data.y, data.mask, data.groups, data.notes)
 
 
-def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> Scored:
+def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None,
+                        calibrated: bool = True) -> Scored:
     """Images under ``root`` listed by ``labels``, scored through the whole model (no embeddings file)."""
     from mavl_cli.data import load_labelled
     from mavl_cli.datasets import collect_inputs
@@ -253,7 +254,10 @@ def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, labe
     if missing:
         shown = ", ".join(m["id"] for m in missing[:3])
         raise MavlError(f"{labels}: {len(missing)} image(s) it lists were not found under {root} (e.g. {shown})")
-    res = score_images(model.module(), items)
+    module = model.module()
+    if not calibrated:  # `mavl calibrate` fits on the raw head
+        module.head = model.head(calibrated=False)
+    res = score_images(module, items)
     emb = contract.MavlFile("image-embeddings", {"features": res.probabilities}, {"ids": res.ids}, str(root))
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map)
     return Scored(data.ids, data.names, data.x, data.y, data.mask, data.groups)

@@ -212,3 +212,23 @@ def test_calibrate_prevalence_and_errors(chain, cli, tmp_path):
     assert r.exit_code == 2 and "unknown --method" in r.stderr
     r = cli(f"calibrate {d/'tuned.st'} -o {tmp_path/'z.st'}")
     assert r.exit_code == 2 and "needs validation data" in r.stderr
+
+
+def test_torch_calibrated_head_equals_numpy_map():
+    import torch
+
+    from mavl_cli.models.calibrated import CalibratedHead
+
+    ys, ps = zip(*(_data(s, decimals=3) for s in (11, 12)))
+    y = np.stack(ys, 1).astype(np.int8)
+    p = np.clip(np.stack(ps, 1), 1e-4, 1 - 1e-4)
+    m = np.ones(y.shape, bool)
+    z = torch.from_numpy(C.logit(p).astype(np.float32))
+    extra = torch.randn(len(p), 1)  # a label added from text: passes through
+    for method in C.METHODS:
+        cal = C.fit(y, p, m, method, ["a", "b"])
+        cal.shift = np.array([0.3, -0.2])
+        head = CalibratedHead(torch.nn.Identity(), cal)
+        out = torch.sigmoid(head(torch.cat([z, extra], 1))).numpy()
+        np.testing.assert_allclose(out[:, :2], cal.apply(torch.sigmoid(z).numpy()), atol=1e-5)  # float32 vs float64
+        np.testing.assert_allclose(out[:, 2], torch.sigmoid(extra[:, 0]).numpy(), atol=1e-7)
