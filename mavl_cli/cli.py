@@ -398,6 +398,33 @@ def tune_threshold_cmd(
         render.info(n)
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Model from `mavl fuse` (or `tune-threshold`)."),
+    embeddings: Optional[str] = typer.Argument(None, help="VALIDATION image embeddings to fit on (never the test set)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Validation labels CSV."),
+    output: str = typer.Option(..., "-o", "--output", help="Output model with the calibration (may be MODEL itself)."),
+    method: str = typer.Option("temperature", "--method", help="temperature (one T per label), platt (a*logit+b) or isotonic."),
+    prevalence: Optional[str] = typer.Option(None, "--prevalence", help="Deployment-site prevalence, e.g. 'Cardiomegaly=0.12,Effusion=0.3': prior-shift correction of the odds, no labels needed."),
+    source_prevalence: Optional[str] = typer.Option(None, "--source-prevalence", help="Prevalence the scores currently reflect (default: the calibration data's)."),
+    uncertain: str = _uncertain("ignore"),
+    label_map: Optional[str] = _label_map_opt(),
+) -> None:
+    """Fit per-label probability calibration on validation data and store it in the model."""
+    from mavl_cli.stages_eval import calibrate_stage
+
+    res = calibrate_stage(model, embeddings, labels, _out(output), method, prevalence, source_prevalence,
+                          _check_uncertain(uncertain), _read_map(label_map))
+    if res.table:
+        rows = [[r["label"], r["param"], r["val_prevalence"], r["val_ece_before"], r["val_ece_after"]] for r in res.table]
+        render.show(render.table(f"calibration ({res.summary['method']}) on {res.summary['images']} validation images",
+                                 ["label", "map", "prev.", "ECE before", "ECE after"], rows,
+                                 caption="ECE on the fitting data itself (optimistic: report on test)"))
+    _summary(f"calibrate -> {res.output}", res.summary)
+    for n in res.notes:
+        render.info(n)
+
+
 @app.command("evaluate")
 @with_dataset_options
 def evaluate_cmd(
@@ -414,13 +441,20 @@ def evaluate_cmd(
     uncertain: str = _uncertain("ignore"),
     label_map: Optional[str] = _label_map_opt(),
     ood_threshold: Optional[float] = typer.Option(None, "--ood-threshold", help="Flag images whose distance to the training features exceeds this percentile of the reference (validation) distances (default 99)."),
+    by: List[str] = typer.Option([], "--by", help="Subgroup column (repeatable); numeric bins as 'age:0,40,60,80'. From the label file or --metadata."),
+    html_out: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report (tables, curves, reliability, subgroups)."),
 ) -> None:
-    """Per-label precision, recall, specificity, F1, AUROC, AUPRC; macro/micro F1, Hamming loss."""
+    """Per-label precision, recall, specificity, F1, AUROC, AUPRC, calibration (ECE, Brier); macro/micro F1; subgroups."""
     from mavl_cli.stages import evaluate_stage
+    from mavl_cli.stages_eval import EvalExtras
 
+    subgroup_csv = getattr(getattr(labels, "options", None), "metadata", None)  # --metadata (shared data-set option)
+    extras = EvalExtras(by=list(by or []), metadata=subgroup_csv, html=html_out, labels_file=str(labels), embeddings=embeddings,
+                        scores=scores, model=model)
     report, warnings, sc = evaluate_stage(model, embeddings, labels, scores, bootstrap, seed, _check_uncertain(uncertain),
                                           _read_map(label_map), threshold, plot, csv_out=csv_out,
-                                          json_out="-" if as_json else None, ood_threshold=ood_threshold)
+                                          json_out="-" if as_json else None, ood_threshold=ood_threshold,
+                                          extras=extras)
     for w in warnings:
         (render.alarm if w.startswith("ALARM") else render.warn)(w.replace("ALARM: ", ""))
     from mavl_cli.contract import write_csv, write_stdout
@@ -436,7 +470,7 @@ def evaluate_cmd(
         write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n", "--json")
     if csv_out:
         write_csv(_out(csv_out), report.to_rows())
-    from mavl_cli.report_view import report_tables
+    from mavl_cli.report_view import report_tables, subgroup_tables
 
     for t in report_tables(report, f"{len(sc.ids)} images, {len(sc.names)} labels"):
         render.show(t)
@@ -445,10 +479,61 @@ def evaluate_cmd(
 
         t = ood_eval_table(sc.ood, report)
         render.show(t) if t is not None else render.info(sc.ood.note or "")
+    for t in subgroup_tables(report.subgroups):
+        render.show(t)
     for n in report.notes:
         render.info(n)
     if plot:
         render.info(f"plot written: {plot}")
+    if html_out:
+        render.info(f"HTML report written: {html_out}")
+
+
+@app.command("compare")
+def compare_cmd(
+    a: str = typer.Argument(..., help="Model A: a scores file (`predict --out`), a scores CSV (path + one probability column per label), or a model."),
+    b: str = typer.Argument(..., help="Model B, the same kinds."),
+    labels: str = typer.Option(..., "--labels", help="Test labels CSV."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Test image embeddings, to score A and/or B when they are models."),
+    embeddings_b: Optional[str] = typer.Option(None, "--embeddings-b", help="Embeddings for B if its backbone differs from A's."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, max=limits.MAX_BOOTSTRAP, help="Paired bootstrap resamples (by patient when known; 0 = DeLong only)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="One threshold for both (default: each model's own)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+    uncertain: str = _uncertain("ignore"),
+    label_map: Optional[str] = _label_map_opt(),
+) -> None:
+    """Paired comparison: AUROC of each, A - B with paired patient-bootstrap CI, DeLong p; F1 difference."""
+    from mavl_cli.report_view import compare_tables
+    from mavl_cli.stages_eval import compare_stage
+
+    res, notes = compare_stage(a, b, labels, embeddings, embeddings_b, bootstrap, seed, _check_uncertain(uncertain),
+                               _read_map(label_map), threshold)
+    if as_json:
+        from mavl_cli.metrics import _clean_tree
+
+        render.claim_stdout()
+        sys.stdout.write(json.dumps(_clean_tree(res), indent=2, allow_nan=False) + "\n")
+    else:
+        for t in compare_tables(res):
+            render.show(t)
+    for n in notes:
+        render.info(n)
+
+
+@app.command("card")
+def card_cmd(
+    model: str = typer.Argument(..., help="Model file."),
+    eval_json: Optional[str] = typer.Option(None, "--eval", help="`mavl evaluate --json` output on a held-out test set."),
+    output: str = typer.Option(..., "-o", "--output", help="Model card to write (README.md; '-' = stdout)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the file name)."),
+) -> None:
+    """Write a Hugging Face style model card (YAML front matter + provenance, figures, limitations)."""
+    from mavl_cli.stages_eval import card_stage
+
+    res = card_stage(model, eval_json, _out(output), name)
+    if output != "-":
+        _summary(f"card -> {res.output}", res.summary)
 
 
 @app.command("predict")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import typer
 
 _OPTIONS = {
-    "metadata": typer.Option(None, "--metadata", help="MIMIC-CXR image metadata CSV (default: mimic-cxr-2.0.0-metadata.csv.gz beside --labels)."),
+    "metadata": typer.Option(None, "--metadata", help="MIMIC-CXR image metadata CSV (default: mimic-cxr-2.0.0-metadata.csv.gz beside --labels); for `evaluate --by`, any CSV with subgroup columns (sex, age, view...), joined on image path or patient."),
     "split_file": typer.Option(None, "--split-file", help="MIMIC-CXR split CSV (default: mimic-cxr-2.0.0-split.csv.gz beside --labels)."),
     "split": typer.Option(None, "--split", help="Keep only this split of the label file: train, validate or test (MIMIC-CXR, or a file with a split column)."),
     "views": typer.Option(None, "--views", help="Keep only these views, e.g. PA,AP (data sets with a view column)."),

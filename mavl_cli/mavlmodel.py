@@ -85,9 +85,21 @@ def scorer_kind(meta: dict[str, Any]) -> str:
 
 
 def build_head(loaded: Any, text: np.ndarray | None = None, mask: np.ndarray | None = None,
-               bias: np.ndarray | None = None, negative: np.ndarray | None = None) -> nn.Module:
+               bias: np.ndarray | None = None, negative: np.ndarray | None = None, calibrated: bool = True) -> nn.Module:
     """The scoring head of a loaded model file; ``text``/``mask``/``bias``/``negative`` replace the
-    stored ones (``predict --descriptions`` appends labels described only in text)."""
+    stored ones (``predict --descriptions`` appends labels described only in text). With a stored
+    `mavl calibrate` map (and ``calibrated``) the head's logits are the calibrated ones."""
+    head = _raw_head(loaded, text, mask, bias, negative)
+    cal = loaded.calibration if calibrated else None
+    if cal is None:
+        return head
+    from mavl_cli.models.calibrated import CalibratedHead
+
+    return CalibratedHead(head, cal).eval()
+
+
+def _raw_head(loaded: Any, text: np.ndarray | None, mask: np.ndarray | None, bias: np.ndarray | None,
+              negative: np.ndarray | None) -> nn.Module:
     from mavl_cli.models.heads import FusionHead, ZeroShotHead
 
     tensors = loaded.file.tensors

@@ -59,6 +59,16 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _clean_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _clean_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_tree(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_clean_tree(v) for v in value.tolist()]
+    return _clean(value)
+
+
 @dataclass
 class LabelMetrics:
     """Per-label metrics; anything undefined is ``float('nan')``."""
@@ -94,16 +104,30 @@ class Report:
     n_images: int
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.calibration.calibration_report
+    subgroups: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.subgroups
+    label_auroc_ci: list[tuple[float, float]] = field(default_factory=list)  # per label, with --bootstrap
+    data: dict[str, Any] = field(default_factory=dict)  # what was evaluated: files, fingerprint
 
     def to_dict(self) -> dict[str, Any]:
         """Stable, JSON-able structure (NaN becomes ``None``)."""
-        return {
+        out = {
             "n_images": int(self.n_images),
             "overall": {k: _clean(getattr(self, k)) for k in OVERALL_KEYS},
             "ci": {k: [_clean(lo), _clean(hi)] for k, (lo, hi) in self.ci.items()},
             "labels": [m.to_dict() for m in self.labels],
             "notes": list(self.notes),
         }
+        if self.label_auroc_ci:
+            for d, (lo, hi) in zip(out["labels"], self.label_auroc_ci):
+                d["auroc_ci"] = [_clean(lo), _clean(hi)]
+        if self.data:
+            out["data"] = _clean_tree(self.data)
+        if self.calibration:
+            out["calibration"] = _clean_tree(self.calibration)
+        if self.subgroups:
+            out["subgroups"] = _clean_tree(self.subgroups)
+        return out
 
     def to_rows(self) -> list[dict[str, Any]]:
         """Flat rows with one shared column set, ready for ``csv.DictWriter``.
@@ -111,11 +135,13 @@ class Report:
         One row per label (``kind="label"``) then one per overall metric
         (``kind="overall"``, value in ``value``, CI bounds when bootstrapped).
         """
-        columns = ("kind", "name", *LABEL_KEYS, "value", "ci_low", "ci_high")
+        columns = ("kind", "name", *LABEL_KEYS, "ece", "mce", "brier", "value", "ci_low", "ci_high")
+        cal = {d["name"]: d for d in self.calibration.get("labels", [])}
         rows: list[dict[str, Any]] = []
         for m in self.labels:
             row = dict.fromkeys(columns)
             row.update(kind="label", **m.to_dict())
+            row.update({k: _clean(cal.get(m.name, {}).get(k)) for k in ("ece", "mce", "brier")})
             rows.append(row)
         for key in OVERALL_KEYS:
             row = dict.fromkeys(columns)
@@ -128,6 +154,11 @@ class Report:
                 ci_high=_clean(hi),
             )
             rows.append(row)
+        for key in ("macro_ece", "macro_mce", "macro_brier"):
+            if key in self.calibration:
+                row = dict.fromkeys(columns)
+                row.update(kind="overall", name=key, value=_clean(self.calibration[key]))
+                rows.append(row)
         return rows
 
 
@@ -390,7 +421,10 @@ def evaluate(
         notes=notes,
     )
     if bootstrap:
-        report.ci = bootstrap_ci(y, s, m, t, bootstrap, seed, groups, confidence)
+        per_label: list[tuple[float, float]] = []
+        report.ci = bootstrap_ci(y, s, m, t, bootstrap, seed, groups, confidence, label_auroc_ci=per_label)
+        report.label_auroc_ci = [ci if np.isfinite(lm.auroc) else (float("nan"), float("nan"))
+                                 for ci, lm in zip(per_label, labels)]
         report.notes.append(
             f"{int(confidence * 100)}% percentile CIs from {bootstrap} bootstrap resamples of "
             + ("patients" if groups is not None else "images")
@@ -443,84 +477,49 @@ def bootstrap_ci(
     seed: int = 0,
     groups: np.ndarray | None = None,
     confidence: float = 0.95,
+    label_auroc_ci: list[tuple[float, float]] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile CIs for macro AUROC, macro F1 and micro F1 (prepared inputs).
 
-    Each resample is a weight vector over images, so F1 counts become one
-    matrix product and AUROC a weighted rank statistic over a single sort per
-    label: no re-sorting per resample.
+    Pass a list as ``label_auroc_ci`` to also get each label's AUROC CI (appended, in label order).
+
+    Each resample is a vector of patient (or image) multiplicities, so F1
+    counts become one matrix product and AUROC a weighted rank statistic
+    computed from one sort per label (:mod:`mavl_cli.bootstrap`).
     """
     if n_boot < 0:
         raise MavlError(f"Bootstrap resamples must be 0 or more, got {n_boot}.")
     if not 0.0 < confidence < 1.0:
         raise MavlError(f"Confidence must be between 0 and 1, got {confidence}.")
+    from mavl_cli.bootstrap import AurocEngine, Resampler, nanmean_rows, per_unit, percentile_ci, units_of
+
     n_images, n_labels = y.shape
-    if groups is not None:
-        groups = np.asarray(groups)
-        if groups.shape[0] != n_images:
-            raise MavlError(f"Got {groups.shape[0]} patient ids for {n_images} images.")
-        _, inverse = np.unique(groups, return_inverse=True)
-        inverse = inverse.ravel()
-        n_units = int(inverse.max()) + 1 if n_images else 0
-    else:
-        inverse = np.arange(n_images)
-        n_units = n_images
+    inverse, n_units = units_of(n_images, groups)
     if n_images == 0:
         return {}
 
     pred = s >= t[None, :]
     pos = y.astype(bool)
-    tp_ind = (pred & pos & m).astype(np.float64)
-    fp_ind = (pred & ~pos & m).astype(np.float64)
-    fn_ind = (~pred & pos & m).astype(np.float64)
+    # F1 counts are linear in the unit multiplicities: aggregate per unit once.
+    tp_u = per_unit(inverse, n_units, pred & pos & m)
+    fp_u = per_unit(inverse, n_units, pred & ~pos & m)
+    fn_u = per_unit(inverse, n_units, ~pred & pos & m)
+    engine = AurocEngine(y, s, m, inverse, n_units)
 
-    # Per label: rows in ascending score order, positive flags, tie-group starts.
-    per_label = []
-    for j in range(n_labels):
-        rows = np.flatnonzero(m[:, j])
-        if rows.size == 0:
-            per_label.append(None)
-            continue
-        order = rows[np.argsort(s[rows, j], kind="stable")]
-        ss = s[order, j]
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(ss)) + 1))
-        per_label.append((order, pos[order, j], starts))
-
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, 4_000_000 // max(n_images, 1)))
-    macro_auroc, macro_f1, micro_f1 = [], [], []
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        w = _resample_weights(rng, b, inverse, n_units)
-        tp = w @ tp_ind
-        fp = w @ fp_ind
-        fn = w @ fn_ind
+    macro_auroc, macro_f1, micro_f1, label_aucs = [], [], [], []
+    for counts in Resampler(n_units, seed).chunks(n_boot, engine.chunk_size(n_boot)):
+        c = counts.astype(np.float64)
+        tp, fp, fn = c @ tp_u, c @ fp_u, c @ fn_u
         macro_f1.append(f1_from_counts(tp, fp, fn).mean(axis=1))
         micro_f1.append(f1_from_counts(tp.sum(axis=1), fp.sum(axis=1), fn.sum(axis=1)))
-        aucs = np.full((b, n_labels), np.nan)
-        for j, item in enumerate(per_label):
-            if item is None:
-                continue
-            order, p, starts = item
-            aucs[:, j] = weighted_auroc_sorted(w[:, order], p, starts)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            macro_auroc.append(np.nanmean(aucs, axis=1))
-        done += b
+        aucs = engine.auroc(counts)
+        macro_auroc.append(nanmean_rows(aucs))
+        label_aucs.append(aucs)
+    if label_auroc_ci is not None:
+        draws = np.concatenate(label_aucs)
+        label_auroc_ci.extend(percentile_ci(draws[:, j], confidence) for j in range(n_labels))
 
-    alpha = (1.0 - confidence) / 2.0
-    out: dict[str, tuple[float, float]] = {}
-    for key, vals in (
-        ("macro_auroc", macro_auroc),
-        ("macro_f1", macro_f1),
-        ("micro_f1", micro_f1),
-    ):
-        arr = np.concatenate(vals)
-        arr = arr[np.isfinite(arr)]
-        if arr.size == 0:
-            out[key] = (float("nan"), float("nan"))
-        else:
-            lo, hi = np.percentile(arr, [100 * alpha, 100 * (1 - alpha)])
-            out[key] = (float(lo), float(hi))
-    return out
+    return {
+        key: percentile_ci(np.concatenate(vals), confidence)
+        for key, vals in (("macro_auroc", macro_auroc), ("macro_f1", macro_f1), ("micro_f1", micro_f1))
+    }

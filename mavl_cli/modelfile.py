@@ -176,24 +176,32 @@ class LoadedModel:
             raise MavlError(f"{emb.path}: {x.shape[1]}-d features, but the model expects {self.input_dim()}-d ({self.meta.get('backbone')})")
         return x
 
-    def head(self, label_text: Any = None) -> Any:
+    def head(self, label_text: Any = None, calibrated: bool = True) -> Any:
         """The scoring head (an ``nn.Module``: head-input features -> logits), see :mod:`mavl_cli.mavlmodel`."""
         from mavl_cli.mavlmodel import build_head
 
         lt = label_text
-        return build_head(self, *((lt.text, lt.mask, lt.bias, lt.negative) if lt is not None else ()))
+        return build_head(self, *((lt.text, lt.mask, lt.bias, lt.negative) if lt is not None else ()), calibrated=calibrated)
 
-    def score(self, x: np.ndarray, label_text: Any = None, batch: int = 4096) -> np.ndarray:
-        """Probabilities ``[N, L]`` for head-input features ``x`` (``label_text``: a ``mavlmodel.LabelText``)."""
+    def score(self, x: np.ndarray, label_text: Any = None, batch: int = 4096, calibrated: bool = True) -> np.ndarray:
+        """Probabilities ``[N, L]`` for head-input features ``x`` (``label_text``: a ``mavlmodel.LabelText``),
+        through `mavl calibrate`'s map unless ``calibrated=False``."""
         import torch
 
-        head = self.head(label_text)
+        head = self.head(label_text, calibrated=calibrated)
         out = []
         with torch.no_grad():
             for i in range(0, len(x), batch):
                 out.append(torch.sigmoid(head(torch.from_numpy(x[i : i + batch]))).numpy())
         n = len(label_text.labels) if label_text is not None else len(self.labels)
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, n), np.float32)
+
+    @property
+    def calibration(self) -> Any:
+        """The :class:`mavl_cli.calibration.Calibration` stored by `mavl calibrate`, or None."""
+        from mavl_cli.calibration import Calibration
+
+        return Calibration.from_file(self.file.tensors, self.meta)
 
     def aspect_cosines(self, x: np.ndarray, label_text: Any = None) -> np.ndarray:
         """Per-aspect cosine ``[N, L, A]`` (for --explain)."""

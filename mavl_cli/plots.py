@@ -1,4 +1,4 @@
-"""Report figure: ROC and precision-recall curves with the operating points.
+"""Report figure: ROC and precision-recall curves with the operating points, and a reliability diagram.
 
 matplotlib is imported inside the function so the CLI starts fast; pyplot is
 not used at all, so no GUI backend or global figure state is involved.
@@ -27,7 +27,7 @@ def plot_report(
     label_names: list[str],
     mask: Any = None,
 ) -> Path:
-    """Write a PNG with one ROC and one PR panel, a curve per label.
+    """Write a PNG with ROC, PR and reliability panels, a curve per label.
 
     The dot on each curve is where that label's threshold operates, so the
     reader sees the sensitivity/precision trade-off actually in use. Labels
@@ -43,8 +43,10 @@ def plot_report(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    fig = Figure(figsize=(13, 6.2))
-    ax_roc, ax_pr = fig.subplots(1, 2)
+    from mavl_cli.calibration import N_BINS, reliability
+
+    fig = Figure(figsize=(19, 6.2))
+    ax_roc, ax_pr, ax_rel = fig.subplots(1, 3)
     cmap = colormaps["tab20"]
     skipped: list[str] = []
     for j, name in enumerate(label_names):
@@ -64,6 +66,10 @@ def plot_report(
         precision = np.concatenate(([1.0], tps / (tps + fps)))
         ax_roc.plot(fpr, tpr, color=color, lw=1.3, label=f"{name} (AUROC {auroc:.3f})")
         ax_pr.step(recall, precision, where="pre", color=color, lw=1.3, label=f"{name} (AP {ap:.3f})")
+        rel = reliability(yj, sj, N_BINS)
+        full = rel.counts > 0
+        ax_rel.plot(rel.mean_pred[full], rel.frac_pos[full], "o-", color=color, lw=1.1, ms=3.5,
+                    label=f"{name} (ECE {rel.ece:.3f})")
 
         pred = sj >= t[j]
         tp = int(np.count_nonzero(pred & (yj == 1)))
@@ -78,10 +84,13 @@ def plot_report(
                ylabel="True positive rate (sensitivity)", title="ROC curves")
     ax_pr.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall (sensitivity)", ylabel="Precision",
               title="Precision-recall curves")
-    for ax in (ax_roc, ax_pr):
+    ax_rel.plot([0, 1], [0, 1], ls="--", color="0.6", lw=0.8)
+    ax_rel.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=f"Mean predicted probability ({N_BINS} equal-width bins)",
+               ylabel="Observed positive rate", title="Reliability diagram")
+    for ax in (ax_roc, ax_pr, ax_rel):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "upper right",
+            ax.legend(fontsize=7, loc="upper right" if ax is ax_pr else ("upper left" if ax is ax_rel else "lower right"),
                       framealpha=0.85)
     caption = "Dots: operating point at each label's threshold (score >= t is positive)."
     if skipped:

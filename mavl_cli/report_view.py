@@ -34,8 +34,23 @@ def report_tables(report: Any, subtitle: str = "") -> list[Table]:
         ["Hamming loss", report.hamming_loss, ""],
         ["exact match", report.exact_match, ""],
     ]
+    cal = getattr(report, "calibration", None) or {}
+    if cal:
+        overall_rows += [["macro ECE", cal.get("macro_ece"), ""], ["macro MCE", cal.get("macro_mce"), ""],
+                         ["macro Brier", cal.get("macro_brier"), ""]]
     overall = table("Overall", ["metric", "value", ci_level], [[a, b, Text(c)] for a, b, c in overall_rows])
-    return [per_label, overall]
+    out = [per_label, overall]
+    if cal:
+        out.insert(1, calibration_table(cal))
+    return out
+
+
+def calibration_table(cal: dict[str, Any]) -> Table:
+    rows = [[d["name"], d["n"], d["prevalence"], d["mean_score"], d["ece"], d["mce"], d["brier"]] for d in cal["labels"]]
+    how = f", calibrated with {cal['calibrated_with']}" if cal.get("calibrated_with") else ", uncalibrated scores"
+    return table(f"Calibration ({cal['bins']} equal-width bins{how})",
+                 ["label", "n", "prev.", "mean score", "ECE", "MCE", "Brier"], rows,
+                 caption="ECE: bin-count-weighted mean |observed rate - mean score|; MCE: largest bin gap")
 
 
 def prediction_json(pred: Any) -> list[dict[str, Any]]:
@@ -138,3 +153,52 @@ def prediction_tables(pred: Any) -> list[Table]:
             t.add_row(*row)
         tables.append(t)
     return tables
+
+
+def _ci_text(pair: Any) -> Text:
+    if not pair or pair[0] is None or pair[1] is None or any(isinstance(x, float) and math.isnan(x) for x in pair):
+        return Text("")
+    return Text(f"[{pair[0]:.3f}, {pair[1]:.3f}]")
+
+
+def subgroup_tables(sub: dict[str, Any]) -> list[Table]:
+    """Per --by column: one row per subgroup, then per label the AUROC of each subgroup and the largest gap."""
+    out = []
+    for col in (sub or {}).get("columns", []):
+        rows = [[g["group"], g["images"], g["patients"] if g["patients"] is not None else "", g["macro_auroc"],
+                 _ci_text(g["macro_auroc_ci"]), g["macro_f1"]] for g in col["groups"]]
+        boot = sub.get("bootstrap", 0)
+        cap = f"from {col['source']}" + (f"; CIs: {boot} resamples of {sub.get('resampled')} within each subgroup" if boot else "")
+        out.append(table(f"Subgroups by {col['spec']}", ["group", "images", "patients", "macro AUROC", "95% CI", "macro F1"],
+                         rows, caption=cap))
+        groups = [g["group"] for g in col["groups"]]
+        rows = []
+        for j, gap in enumerate(col["gaps"]):
+            cells = []
+            for g in col["groups"]:
+                lab = g["labels"][j]
+                cells.append(Text(f"{fmt_num(lab['auroc'])} ({lab['positives']}/{lab['n']})"))
+            between = f"{gap['highest']['group']} vs {gap['lowest']['group']}" if gap.get("highest") else ""
+            rows.append([gap["label"], *cells, gap["auroc_gap"], Text(between)])
+        out.append(table(f"AUROC by {col['column']} (positives/n) and the largest AUROC gap per label",
+                         ["label", *groups, "gap", "between"], rows))
+    return out
+
+
+def compare_tables(res: dict[str, Any]) -> list[Table]:
+    """Per label and macro: AUROC of A and B, A - B with paired CI, DeLong p, F1 of each and the difference."""
+    rows = []
+    for r in [*res["labels"], {"label": "macro", **res["macro"]}]:
+        rows.append([r["label"], r.get("positives", ""), r["auroc_a"], r["auroc_b"], r["diff"], _ci_text(r.get("diff_ci")),
+                     Text(_p(r["p"])), r["f1_a"], r["f1_b"], r["f1_diff"], _ci_text(r.get("f1_diff_ci"))])
+    boot = res.get("bootstrap", 0)
+    cap = (f"A = {res['a']}, B = {res['b']}, {res['images']} images; CIs: {boot} paired bootstrap resamples of "
+           f"{res['resampled']} (seed {res['seed']}); p: DeLong's test (images independent)")
+    return [table("Paired comparison A - B", ["label", "pos.", "AUROC A", "AUROC B", "diff", "95% CI", "DeLong p",
+                                              "F1 A", "F1 B", "F1 diff", "95% CI"], rows, caption=cap)]
+
+
+def _p(p: Any) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    return "<1e-4" if p < 1e-4 else f"{p:.4f}"

@@ -193,7 +193,7 @@ def fuse_stage(
     if head is not None and image_meta.get("space") != "lrf":
         image_meta["feature_dim"] = int(emb.tensors["features"].shape[1])
     extra = {"seed": config.seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
-             "images": len(data.ids), **asdict(config), "best_epoch": res.best_epoch,
+             "images": len(data.ids), "fingerprint": data_fingerprint(data.ids), **asdict(config), "best_epoch": res.best_epoch,
              "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
     extra.update(_trust_meta(data, labels, embeddings, emb, head))
     tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
@@ -252,21 +252,23 @@ class Scored:
     ood: dict[str, Any] | None = None  # evaluate: share flagged, metrics without them
 
 
-def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> tuple[Any, Scored]:
+def score_labelled(model_path: str, embeddings: str, labels: str, uncertain: str, label_map: dict[str, str] | None,
+                   calibrated: bool = True) -> tuple[Any, Scored]:
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import load_model
 
     model = load_model(model_path)
     if Path(embeddings).is_dir():
-        return model, _score_image_folder(model, embeddings, labels, uncertain, label_map)
+        return model, _score_image_folder(model, embeddings, labels, uncertain, label_map, calibrated)
     emb = contract.read_file(embeddings, expect="image-embeddings")
     _check_model_backbone(model, emb)
     x = model.to_fusion_input(emb)
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map, x=x)
-    return model, Scored(data.ids, data.names, model.score(x), data.y, data.mask, data.groups, data.notes, x=x)
+    return model, Scored(data.ids, data.names, model.score(x, calibrated=calibrated), data.y, data.mask, data.groups, data.notes, x=x)
 
 
-def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None) -> Scored:
+def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, label_map: dict[str, str] | None,
+                        calibrated: bool = True) -> Scored:
     """Images under ``root`` listed by ``labels``, scored through the whole model (no embeddings file)."""
     from mavl_cli.data import load_labelled
     from mavl_cli.datasets import collect_inputs
@@ -276,7 +278,10 @@ def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, labe
     if missing:
         shown = ", ".join(m["id"] for m in missing[:3])
         raise MavlError(f"{labels}: {len(missing)} image(s) it lists were not found under {root} (e.g. {shown})")
-    res = score_images(model.module(), items)
+    module = model.module()
+    if not calibrated:  # `mavl calibrate` fits on the raw head
+        module.head = model.head(calibrated=False)
+    res = score_images(module, items)
     emb = contract.MavlFile("image-embeddings", {"features": res.probabilities}, {"ids": res.ids}, str(root))
     data = load_labelled(emb, labels, names=model.labels, uncertain=uncertain, label_map=label_map)
     return Scored(data.ids, data.names, data.x, data.y, data.mask, data.groups, data.notes, x=res.head_inputs)  # rows in res.ids order
@@ -343,18 +348,25 @@ def evaluate_stage(
     bootstrap: int = 0, seed: int = 0, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
     threshold: float | None = None, plot: str | None = None, csv_out: str | None = None, json_out: str | None = None,
     ood_threshold: float | None = None,
+    extras: Any = None,
 ) -> tuple[Any, list[str], Scored]:
-    """Returns (Report, warnings, scored data); ``sc.ood`` holds the OOD share and metrics without flagged images."""
+    """Returns (Report, warnings, scored data); ``sc.ood`` holds the OOD share and metrics without flagged images;
+    ``extras`` is a :class:`mavl_cli.stages_eval.EvalExtras`."""
     from mavl_cli.datasets import read_labels
     from mavl_cli.metrics import evaluate
 
     warnings: list[str] = []
     if threshold is not None and not 0 <= threshold <= 1:
         raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
-    contract.check_outputs({"--json": json_out, "--csv": csv_out, "--plot": plot}, [model_path, embeddings, labels, scores_file],
+    html = getattr(extras, "html", None)
+    contract.check_outputs({"--json": json_out, "--csv": csv_out, "--plot": plot, "--html": html},
+                           [model_path, embeddings, labels, scores_file, getattr(extras, "metadata", None)],
                            create_folders=("--plot",))
     if scores_file is not None:
-        sf = contract.read_file(scores_file, expect="scores")
+        from mavl_cli.scores_io import load_score_set
+
+        ss = load_score_set(scores_file, allow_model=False)  # a `predict --out` file or a CSV from another tool
+        sf = ss.as_file()
         names = sf.labels()
         table = read_labels(labels, uncertain=uncertain, label_map=label_map)
         from mavl_cli.datasets.labelmap import known_renames, rename_note
@@ -365,13 +377,18 @@ def evaluate_stage(
             table = rename(table, renames)
             warnings.append(rename_note(renames, labels))
         missing = [n for n in names if n not in table.names]
-        if missing:
+        if missing and ss.source == "csv" and len(missing) < len(names):
+            warnings.append(f"{scores_file}: column(s) {', '.join(missing)} are not labels of {labels}; left out")
+            names = [n for n in names if n in table.names]
+        elif missing:
             raise MavlError(f"{labels}: label(s) {', '.join(map(repr, missing))} of {scores_file} are not in this label file")
+        cols = [sf.labels().index(n) for n in names]
         table = table.select(names).align(sf.ids())
-        sc = Scored(table.ids, names, sf.tensors["scores"].astype(np.float32), table.y, table.mask, table.groups)
-        th = np.asarray(sf.tensors.get("thresholds", np.full(len(names), 0.5, np.float32)), np.float32)
+        sc = Scored(table.ids, names, sf.tensors["scores"][:, cols].astype(np.float32), table.y, table.mask, table.groups)
+        th = np.asarray(sf.tensors["thresholds"], np.float32)[cols]
         tuned = (sf.meta.get("threshold") or {}).get("tuned_on")
         warnings.extend(_trust_warnings(sf))
+        source_meta = sf.meta
     else:
         if model_path is None or embeddings is None:
             raise MavlError("evaluate needs MODEL and EMBEDDINGS, or --scores FILE")
@@ -382,6 +399,7 @@ def evaluate_stage(
         th = model.thresholds
         warnings.extend(_trust_warnings(model))
         tuned = (model.meta.get("threshold") or {}).get("tuned_on")
+        source_meta = model.meta
         if (model.meta.get("threshold") or {}).get("method", "default") == "default" and threshold is None:
             warnings.append("thresholds are the untuned default 0.5; run `mavl tune-threshold` on validation data first")
     if threshold is not None:
@@ -399,6 +417,9 @@ def evaluate_stage(
         from mavl_cli.ood import evaluate_split
 
         sc.ood = evaluate_split(model, sc, th, ood_threshold, bootstrap=bootstrap, seed=seed)
+    from mavl_cli.stages_eval import evaluation_extras
+
+    evaluation_extras(report, sc, th, warnings, source_meta, extras, bootstrap=bootstrap, seed=seed)
     if plot:
         from mavl_cli.plots import plot_report
 
@@ -640,7 +661,8 @@ def predict_stage(
                                           heatmap, weights, device, advance, label_text=label_text)
     if scores_out:
         smeta = {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold"),
-                 "synthetic_training_data": bool(meta.get("synthetic_training_data"))}
+                 "synthetic_training_data": bool(meta.get("synthetic_training_data")),
+                 "calibration": meta.get("calibration")}
         if part is not None:
             from mavl_cli.contract import command_args
             from mavl_cli.embed import inputs_fingerprint
