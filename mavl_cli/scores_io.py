@@ -40,6 +40,10 @@ def is_csv(path: str) -> bool:
     p = Path(path)
     if p.suffix.lower() in (".csv", ".tsv", ".gz") and not str(path).endswith(".safetensors"):
         return True
+    from mavl_cli.imageio import is_regular
+
+    if not is_regular(p):  # never sniff a FIFO or device: opening one can block forever
+        return False
     try:
         with open(p, "rb") as fh:
             head = fh.read(8)

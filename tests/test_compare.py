@@ -146,3 +146,22 @@ def test_compare_cli_scores_files_and_csv(chain, cli, tmp_path):
     bad.write_text("path,a\nx.png,1.5\n")
     r6 = cli(f"evaluate --scores {bad} --labels {test}")
     assert r6.exit_code == 2 and "probabilities" in r6.stderr
+
+
+def test_scores_fifo_is_refused_not_sniffed(tmp_path):
+    """`--scores` naming a FIFO: the CSV sniffer must not open it (that blocks without a writer)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fifo, labels = tmp_path / "scores.fifo", tmp_path / "labels.csv"
+    os.mkfifo(fifo)
+    labels.write_text("path,Edema\na.png,1\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "MAVL_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-m", "mavl_cli", "evaluate", "--scores", str(fifo), "--labels", str(labels)],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "not a regular file" in out.stderr and str(fifo) in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
