@@ -131,13 +131,14 @@ def drop_few_patients(ds: Any, min_patients: int) -> None:
 
 
 def embed_images(ds: Dataset, work: Path, weights: Path) -> None:
+    from mavl_cli.options import EncoderSpec, ImageList
     from mavl_cli.stages import embed_images_stage
 
     for s, csv in ds.splits.items():
         out = work / f"{ds.name}_{s}_img.safetensors"
         if not out.exists():
             t0 = time.perf_counter()
-            embed_images_stage([str(ds.image_root)], str(out), labels=str(csv), backbone=BACKBONE, weights=str(weights))
+            embed_images_stage(ImageList([str(ds.image_root)], str(csv)), str(out), EncoderSpec.parse(BACKBONE, weights))
             log(f"embedded {ds.name}/{s} in {time.perf_counter() - t0:.0f} s")
         ds.emb[s] = out
 
@@ -146,6 +147,7 @@ def text_files(ds: Dataset, work: Path, text_model: Path, labels: list[str] | No
     """Write and embed the three text forms for ``labels``; cached by content."""
     import hashlib
 
+    from mavl_cli.options import RunOptions, TextSpec
     from mavl_cli.stages import embed_text_stage
 
     labels = labels or ds.labels
@@ -163,7 +165,7 @@ def text_files(ds: Dataset, work: Path, text_model: Path, labels: list[str] | No
         if not dst.exists():
             src.parent.mkdir(parents=True, exist_ok=True)
             src.write_text(text)
-            res = embed_text_stage(str(src), str(dst), str(text_model), device="cpu")
+            res = embed_text_stage(str(src), str(dst), TextSpec(str(text_model)), RunOptions(device="cpu"))
             for n in res.notes:
                 log(f"{ds.name} {form}: {n}")
         out[form] = dst
@@ -174,23 +176,25 @@ def text_files(ds: Dataset, work: Path, text_model: Path, labels: list[str] | No
 
 
 def train_lrf(ds: Dataset, work: Path, seed: int, labels: list[str] | None = None, tag: str = "") -> Path:
+    from mavl_cli.options import LabelOptions, Validation
     from mavl_cli.stages import train_lrf_stage
     from mavl_cli.train import LRFConfig
 
     out = work / "runs" / f"{ds.name}{tag}_lrf_s{seed}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    train_lrf_stage(str(ds.emb["train"]), str(ds.splits["train"]), str(out), LRFConfig(seed=seed), only=labels or ds.labels,
-                    val=str(ds.emb["val"]), val_labels=str(ds.splits["val"]))
+    train_lrf_stage(str(ds.emb["train"]), str(ds.splits["train"]), str(out), LRFConfig(seed=seed),
+                    label_opts=LabelOptions(only=labels or ds.labels), validation=Validation(str(ds.emb["val"]), str(ds.splits["val"])))
     return out
 
 
 def fuse(ds: Dataset, work: Path, text: Path, lrf: Path, aggregate: str, seed: int, name: str) -> Path:
+    from mavl_cli.options import Validation
     from mavl_cli.stages import fuse_stage
     from mavl_cli.train import FusionConfig
 
     out = work / "runs" / f"{name}.safetensors"
     fuse_stage(str(ds.emb["train"]), str(text), str(ds.splits["train"]), str(out), FusionConfig(aggregate=aggregate, seed=seed),
-               lrf=str(lrf), val=str(ds.emb["val"]), val_labels=str(ds.splits["val"]))
+               lrf=str(lrf), validation=Validation(str(ds.emb["val"]), str(ds.splits["val"])))
     return out
 
 

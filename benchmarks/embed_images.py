@@ -82,10 +82,11 @@ def bare_forward(model, data_config: dict, n: int, bs: int, threads: int) -> flo
 
 def mavl_run(folder: Path, out: Path, model_name: str, weights: Path, precision: str, bs: int | None) -> tuple[float, np.ndarray, list[str]]:
     from mavl_cli import contract
+    from mavl_cli.options import EncoderSpec, RunOptions
     from mavl_cli.stages import embed_images_stage
 
-    res = embed_images_stage([str(folder)], str(out), backbone=model_name, weights=str(weights), precision=precision,
-                             batch_size=bs, device="cpu")
+    res = embed_images_stage([str(folder)], str(out), EncoderSpec.parse(model_name, weights),
+                             RunOptions(device="cpu", batch_size=bs, precision=precision))
     f = contract.read_file(out)
     out.unlink()
     return res.summary["images"] / res.summary["seconds"], f.tensors["features"], f.ids()

@@ -102,13 +102,14 @@ def bare_forward(model_name: str, model_args: dict, device: str, batch: int, pre
 
 def mavl_end_to_end(folder: Path, model_name: str, model_args: dict, device: str, batch: int, precision: str,
                     workers: int | None) -> dict:
+    from mavl_cli.options import EncoderSpec, RunOptions
     from mavl_cli.stages import embed_images_stage
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "feats.safetensors")
         t0 = time.perf_counter()
-        res = embed_images_stage([str(folder)], out, backbone=model_name, pretrained=False, model_args=model_args,
-                                 device=device, batch_size=batch, workers=workers, precision=precision)
+        res = embed_images_stage([str(folder)], out, EncoderSpec.parse(model_name, pretrained=False, options=model_args),
+                                 RunOptions(device=device, batch_size=batch, workers=workers, precision=precision))
         wall = time.perf_counter() - t0
         from mavl_cli import contract
 

@@ -128,6 +128,7 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
 
     from mavl_cli import contract
     from mavl_cli.models.lrf import head_from_tensors
+    from mavl_cli.options import LabelOptions, Validation
     from mavl_cli.stages import fuse_stage, score_labelled, train_lrf_stage
     from mavl_cli.train import FusionConfig, LRFConfig, lrf_embed
 
@@ -156,8 +157,8 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
             tag = f"{ds.name}_eta{eta:g}_k{keep}_r{rank}_s{seed}"
             lrf = runs / "runs" / f"{tag}_lrf.safetensors"
             res = train_lrf_stage(str(ds.emb["train"]), str(ds.splits["train"]), str(lrf),
-                                  LRFConfig(eta=eta, keep=keep, rank=rank, seed=seed), only=ds.labels,
-                                  val=str(ds.emb["val"]), val_labels=str(ds.splits["val"]))
+                                  LRFConfig(eta=eta, keep=keep, rank=rank, seed=seed), label_opts=LabelOptions(only=ds.labels),
+                                  validation=Validation(str(ds.emb["val"]), str(ds.splits["val"])))
             hist = res.table
             head = contract.read_file(str(lrf), expect="lrf-head").tensors
             z = lrf_embed(head, te.x)
@@ -176,8 +177,8 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
             if text is not None:
                 model = runs / "runs" / f"{tag}_fuse.safetensors"
                 fres = fuse_stage(str(ds.emb["train"]), str(text), str(ds.splits["train"]), str(model),
-                                  FusionConfig(seed=seed), lrf=str(lrf), val=str(ds.emb["val"]),
-                                  val_labels=str(ds.splits["val"]))
+                                  FusionConfig(seed=seed), lrf=str(lrf),
+                                  validation=Validation(str(ds.emb["val"]), str(ds.splits["val"])))
                 _, sc = score_labelled(str(model), str(ds.emb["test"]), str(ds.splits["test"]), "zeros", None)
                 assert sc.names == ds.labels
                 m["chain"] = {**A.metrics(ds, sc.scores, sc.names, bs, te), "val": fres.summary["val_macro_auroc"]}

@@ -149,6 +149,7 @@ def nih_model(work: Path, data: Path, weights: Path, text_model: Path, seed: int
 
     from mavl_cli.demo import descriptions_path
     from mavl_cli.labels import read_labels
+    from mavl_cli.options import EncoderSpec, ImageList, LabelOptions, RunOptions, TextSpec, Validation
     from mavl_cli.stages import embed_images_stage, embed_text_stage, fuse_stage, train_lrf_stage
     from mavl_cli.train import FusionConfig, LRFConfig
 
@@ -161,7 +162,7 @@ def nih_model(work: Path, data: Path, weights: Path, text_model: Path, seed: int
         emb[s] = work / f"nih_{s}_img.safetensors"
         if not emb[s].exists():
             log(f"embedding NIH {s}")
-            embed_images_stage([str(nih / "images")], str(emb[s]), labels=str(split / f"{s}.csv"), backbone=BACKBONE, weights=str(weights))
+            embed_images_stage(ImageList([str(nih / "images")], str(split / f"{s}.csv")), str(emb[s]), EncoderSpec.parse(BACKBONE, weights))
     tr = read_labels(split / "train.csv", uncertain="zeros")
     desc = json.loads(descriptions_path("nih14.json").read_text())
     keep = [lab for lab in desc if lab in tr.names and (tr.y[:, tr.names.index(lab)] * tr.mask[:, tr.names.index(lab)]).sum() >= MIN_POS]
@@ -169,14 +170,15 @@ def nih_model(work: Path, data: Path, weights: Path, text_model: Path, seed: int
     src.write_text(json.dumps({lab: desc[lab] for lab in keep}, indent=1))
     text = work / "nih_text.safetensors"
     if not text.exists():
-        embed_text_stage(str(src), str(text), str(text_model), device="cpu")
+        embed_text_stage(str(src), str(text), TextSpec(str(text_model)), RunOptions(device="cpu"))
     lrf, model = work / "nih_lrf.safetensors", work / "nih_model.safetensors"
     if not model.exists():
         log(f"training the NIH model on {len(keep)} labels: {', '.join(keep)}")
-        train_lrf_stage(str(emb["train"]), str(split / "train.csv"), str(lrf), LRFConfig(seed=seed), only=keep,
-                        val=str(emb["val"]), val_labels=str(split / "val.csv"))
+        validation = Validation(str(emb["val"]), str(split / "val.csv"))
+        train_lrf_stage(str(emb["train"]), str(split / "train.csv"), str(lrf), LRFConfig(seed=seed), label_opts=LabelOptions(only=keep),
+                        validation=validation)
         fuse_stage(str(emb["train"]), str(text), str(split / "train.csv"), str(model), FusionConfig(seed=seed), lrf=str(lrf),
-                   val=str(emb["val"]), val_labels=str(split / "val.csv"))
+                   validation=validation)
     tests = [nih / "images" / r["path"] for r in split_rows(split / "test.csv")]
     return model, emb["test"], tests
 
@@ -185,11 +187,12 @@ def nih_model(work: Path, data: Path, weights: Path, text_model: Path, seed: int
 
 
 def embed_folder(folder: Path, out: Path, weights: Path) -> Path:
+    from mavl_cli.options import EncoderSpec
     from mavl_cli.stages import embed_images_stage
 
     if not out.exists():
         t0 = time.perf_counter()
-        embed_images_stage([str(folder)], str(out), backbone=BACKBONE, weights=str(weights))
+        embed_images_stage([str(folder)], str(out), EncoderSpec.parse(BACKBONE, weights))
         log(f"embedded {folder.name} in {time.perf_counter() - t0:.0f} s")
     return out
 

@@ -22,12 +22,15 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     import click  # type: ignore[no-redef]
 
 from mavl_cli import __version__, limits, render
+from mavl_cli import stage_views as views
 from mavl_cli.cli_dataset import with_dataset_options
-from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, EncoderSpec
+from mavl_cli.defaults import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from mavl_cli.errors import MavlError
+from mavl_cli.options import (EncoderSpec, EvalOptions, FinetuneOptions, ImageList, LabelOptions, PredictOptions,
+                              RunOptions, TextSpec, Validation)
 
 BACKBONE_HELP = ("Image encoder as FAMILY:ID, where FAMILY is timm (the default, so a bare timm name works, e.g. "
-                 "vit_base_patch16_224), hf (hf:microsoft/rad-dino), open_clip (open_clip:hf-hub:ORG/NAME) or xrv "
+                 f"{DEFAULT_IMAGE_ENCODER}), hf (hf:microsoft/rad-dino), open_clip (open_clip:hf-hub:ORG/NAME) or xrv "
                  "(xrv:densenet121-res224-all), and ID a hub id or a local folder or file.")
 
 _DEBUG = {"on": os.environ.get("MAVL_DEBUG", "") not in ("", "0")}
@@ -118,25 +121,11 @@ def _label_map_opt() -> Any:
     return typer.Option(None, "--label-map", help="Rename labels: a JSON/CSV file or 'Effusion=Pleural Effusion,...'.")
 
 
-def _read_map(spec: str | None) -> dict[str, str] | None:
-    if not spec:
-        return None
-    from mavl_cli.datasets import read_label_map
-
-    return read_label_map(spec)
-
-
 def _finite(value: float | None) -> float | None:
     import math
 
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"must be a finite number, not {value}")
-    return value
-
-
-def _check_uncertain(value: str) -> str:
-    if value not in ("ones", "zeros", "ignore"):
-        raise MavlError(f"--uncertain must be ones, zeros or ignore, not {value!r}")
     return value
 
 
@@ -148,8 +137,7 @@ def _out(path: str) -> str:
     return path
 
 
-def _summary(title: str, summary: dict[str, Any]) -> None:
-    render.show(render.table(title, ["", "value"], [[k, v] for k, v in summary.items()]))
+_summary = views.summary
 
 
 # Commands ------------------------------------------------------------------
@@ -187,13 +175,11 @@ def embed_images_cmd(
     args = _json_arg(model_args, "--model-args")
     encoder = EncoderSpec.parse(backbone, weights, pretrained=not random_init, pooling=pooling, options=args,
                                 trust_remote_code=trust_remote_code)
-    res = embed_images_stage(list(inputs or []), _out(output), labels, root, path_column, encoder, lrf=lrf, device=device,
-                             batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, resume=resume,
-                             threads=threads, progress=render.progress, shard=shard, pipeline=pipeline,
-                             compile_model=compile_model)
-    _summary(f"embed-images -> {res.output}", res.summary)
-    if res.table:
-        render.warn(f"{len(res.table)} image(s) skipped: " + "; ".join(f"{r['id']}: {r['reason']}" for r in res.table[:5]))
+    run = RunOptions(device=device, batch_size=batch_size, workers=workers, threads=threads, precision=precision,
+                     skip_bad=skip_bad, pipeline=pipeline, compile_model=compile_model)
+    res = embed_images_stage(ImageList(list(inputs or []), labels, root, path_column), _out(output), encoder, run,
+                             lrf=lrf, resume=resume, shard=shard, progress=render.progress)
+    views.embed_images(res)
 
 
 def _json_arg(value: str | None, name: str) -> dict[str, Any] | None:
@@ -234,14 +220,11 @@ def train_lrf_cmd(
     from mavl_cli.stages import train_lrf_stage
     from mavl_cli.train import LRFConfig
 
-    names = [s.strip() for s in only.split(",") if s.strip()] if only else None
     config = LRFConfig(rank=rank, keep=keep, eta=eta, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                        patience=patience, seed=seed)
-    res = train_lrf_stage(embeddings, labels, _out(output), config, names, val, val_labels, val_split,
-                          _check_uncertain(uncertain), _read_map(label_map), embed_out, progress=render.progress)
-    _summary(f"train-lrf -> {res.output}", res.summary)
-    for n in res.notes:
-        render.info(n)
+    res = train_lrf_stage(embeddings, labels, _out(output), config, label_opts=LabelOptions.parse(uncertain, label_map, only),
+                          validation=Validation(val, val_labels, val_split), embed_out=embed_out, progress=render.progress)
+    views.stage("train-lrf", res)
 
 
 @app.command("finetune-lrf")
@@ -285,16 +268,16 @@ def finetune_lrf_cmd(
     from mavl_cli.finetune import finetune_stage
     from mavl_cli.train import LRFConfig
 
-    names = [s.strip() for s in only.split(",") if s.strip()] if only else None
     config = LRFConfig(rank=rank, keep=keep, eta=eta, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                        patience=patience, seed=seed)
     encoder = EncoderSpec.parse(backbone, weights, pretrained=not random_init, options=_json_arg(model_args, "--model-args"))
-    res = finetune_stage(images_root, labels, _out(output), backbone_out, encoder, None, True, None, config, names, val_labels, val_split, _check_uncertain(uncertain),
-                         _read_map(label_map), path_column, backbone_lr, device, batch_size, workers, precision,
-                         not no_augment, skip_bad, grad_checkpointing, progress=render.progress)
-    _summary(f"finetune-lrf -> {res.output}", res.summary)
-    for n in res.notes:
-        render.info(n)
+    res = finetune_stage(ImageList(labels=labels, root=images_root, path_column=path_column), _out(output), backbone_out,
+                         encoder, config, label_opts=LabelOptions.parse(uncertain, label_map, only),
+                         validation=Validation(labels=val_labels, split=val_split),
+                         tune=FinetuneOptions(backbone_lr, not no_augment, grad_checkpointing),
+                         run=RunOptions(device=device, batch_size=batch_size, workers=workers, precision=precision,
+                                        skip_bad=skip_bad), progress=render.progress)
+    views.stage("finetune-lrf", res)
 
 
 @app.command("embed-text")
@@ -310,10 +293,9 @@ def embed_text_cmd(
     """Encode label names or multi-aspect descriptions with a clinical text encoder -> [L, A, D]."""
     from mavl_cli.stages import embed_text_stage
 
-    res = embed_text_stage(descriptions, _out(output), text_model, pooling, device, batch_size, progress=render.progress, trust_remote_code=trust_remote_code)
-    _summary(f"embed-text -> {res.output}", res.summary)
-    for n in res.notes:
-        render.warn(n)
+    res = embed_text_stage(descriptions, _out(output), TextSpec(text_model, pooling, trust_remote_code),
+                           RunOptions(device=device, batch_size=batch_size), progress=render.progress)
+    views.stage("embed-text", res, notes="warn")
 
 
 @app.command("fuse")
@@ -341,11 +323,9 @@ def fuse_cmd(
     from mavl_cli.train import FusionConfig
 
     config = FusionConfig(aggregate=aggregate, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    res = fuse_stage(embeddings, text, labels, _out(output), config, lrf, val, val_labels,
-                     _check_uncertain(uncertain), _read_map(label_map), set_default, progress=render.progress)
-    _summary(f"fuse -> {res.output}", res.summary)
-    for n in res.notes:
-        render.info(n)
+    res = fuse_stage(embeddings, text, labels, _out(output), config, lrf=lrf, validation=Validation(val, val_labels),
+                     label_opts=LabelOptions.parse(uncertain, label_map), set_default=set_default, progress=render.progress)
+    views.stage("fuse", res)
 
 
 @app.command("zero-shot")
@@ -389,13 +369,8 @@ def tune_threshold_cmd(
         method = "per-label"
     if min_sensitivity is not None:
         method = "sensitivity"
-    res = tune_stage(model, embeddings, labels, _out(output), method, min_sensitivity, _check_uncertain(uncertain), _read_map(label_map))
-    rows = [[r["label"], r["threshold"], r["f1"], r["recall"], r["support"]] for r in res.table]
-    render.show(render.table(f"thresholds ({res.summary['method']}) on {res.summary['images']} validation images",
-                             ["label", "threshold", "F1", "recall", "support"], rows,
-                             caption=f"macro F1 on the tuning data: {res.summary['macro_f1']:.4f} (optimistic: report on test)"))
-    for n in res.notes:
-        render.info(n)
+    res = tune_stage(model, embeddings, labels, _out(output), method, min_sensitivity, LabelOptions.parse(uncertain, label_map))
+    views.tune(res)
 
 
 @app.command("calibrate")
@@ -414,7 +389,7 @@ def calibrate_cmd(
     from mavl_cli.stages_eval import calibrate_stage
 
     res = calibrate_stage(model, embeddings, labels, _out(output), method, prevalence, source_prevalence,
-                          _check_uncertain(uncertain), _read_map(label_map))
+                          LabelOptions.parse(uncertain, label_map))
     if res.table:
         rows = [[r["label"], r["param"], r["val_prevalence"], r["val_ece_before"], r["val_ece_after"]] for r in res.table]
         render.show(render.table(f"calibration ({res.summary['method']}) on {res.summary['images']} validation images",
@@ -451,42 +426,11 @@ def evaluate_cmd(
     subgroup_csv = getattr(getattr(labels, "options", None), "metadata", None)  # --metadata (shared data-set option)
     extras = EvalExtras(by=list(by or []), metadata=subgroup_csv, html=html_out, labels_file=str(labels), embeddings=embeddings,
                         scores=scores, model=model)
-    report, warnings, sc = evaluate_stage(model, embeddings, labels, scores, bootstrap, seed, _check_uncertain(uncertain),
-                                          _read_map(label_map), threshold, plot, csv_out=csv_out,
-                                          json_out="-" if as_json else None, ood_threshold=ood_threshold,
-                                          extras=extras)
-    for w in warnings:
-        (render.alarm if w.startswith("ALARM") else render.warn)(w.replace("ALARM: ", ""))
-    from mavl_cli.contract import write_csv, write_stdout
-
-    if as_json:
-        render.claim_stdout()
-        doc = report.to_dict()
-        doc["warnings"] = [w.replace("ALARM: ", "") for w in warnings]
-        from mavl_cli.provenance import SYNTHETIC_WARNING
-
-        doc["synthetic_training_data"] = SYNTHETIC_WARNING in warnings
-        doc["ood"] = sc.ood.to_dict() if sc.ood is not None else None
-        write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n", "--json")
-    if csv_out:
-        write_csv(_out(csv_out), report.to_rows())
-    from mavl_cli.report_view import report_tables, subgroup_tables
-
-    for t in report_tables(report, f"{len(sc.ids)} images, {len(sc.names)} labels"):
-        render.show(t)
-    if sc.ood is not None:
-        from mavl_cli.trust_view import ood_eval_table
-
-        t = ood_eval_table(sc.ood, report)
-        render.show(t) if t is not None else render.info(sc.ood.note or "")
-    for t in subgroup_tables(report.subgroups):
-        render.show(t)
-    for n in report.notes:
-        render.info(n)
-    if plot:
-        render.info(f"plot written: {plot}")
-    if html_out:
-        render.info(f"HTML report written: {html_out}")
+    read = LabelOptions.parse(uncertain, label_map)
+    opts = EvalOptions(scores=scores, bootstrap=bootstrap, seed=seed, threshold=threshold, plot=plot, csv_out=csv_out,
+                       json_out="-" if as_json else None, ood_threshold=ood_threshold)
+    report, warnings, sc = evaluate_stage(model, embeddings, labels, opts, read, extras)
+    views.evaluate(report, warnings, sc, as_json=as_json, csv_out=csv_out, plot=plot, html_out=html_out)
 
 
 @app.command("compare")
@@ -504,21 +448,12 @@ def compare_cmd(
     label_map: Optional[str] = _label_map_opt(),
 ) -> None:
     """Paired comparison: AUROC of each, A - B with paired patient-bootstrap CI, DeLong p; F1 difference."""
-    from mavl_cli.report_view import compare_tables
     from mavl_cli.stages_eval import compare_stage
 
-    res, notes = compare_stage(a, b, labels, embeddings, embeddings_b, bootstrap, seed, _check_uncertain(uncertain),
-                               _read_map(label_map), threshold)
-    if as_json:
-        from mavl_cli.metrics import _clean_tree
-
-        render.claim_stdout()
-        sys.stdout.write(json.dumps(_clean_tree(res), indent=2, allow_nan=False) + "\n")
-    else:
-        for t in compare_tables(res):
-            render.show(t)
-    for n in notes:
-        render.info(n)
+    read = LabelOptions.parse(uncertain, label_map)
+    res, notes = compare_stage(a, b, labels, embeddings, embeddings_b,
+                               EvalOptions(bootstrap=bootstrap, seed=seed, threshold=threshold), read)
+    views.compare(res, notes, as_json)
 
 
 @app.command("card")
@@ -555,7 +490,6 @@ def predict_cmd(
     ood_threshold: Optional[float] = typer.Option(None, "--ood-threshold", help="Flag images whose distance to the training features exceeds this percentile of the reference (validation) distances (default 99)."),
 ) -> None:
     """Print the findings of one or more radiographs."""
-    from mavl_cli.report_view import prediction_json, prediction_tables
     from mavl_cli.stages import predict_stage
 
     hm = None
@@ -563,31 +497,10 @@ def predict_cmd(
         from mavl_cli.heatmaps import HeatmapOptions
 
         hm = HeatmapOptions(heatmap, heatmap_labels, heatmap_method)
-    pred, skipped = predict_stage(images, model, weights, device, threshold, descriptions, explain, skip_bad=skip_bad,
-                                  scores_out=out, progress=render.progress, json_out="-" if as_json else None, heatmap=hm,
-                                  shard=shard, ood_threshold=ood_threshold)
-    from mavl_cli import trust_view
-
-    trust_view.show_trust_warnings(pred.warnings)
-    if pred.ood is None:
-        from mavl_cli.ood import OLD_MODEL_NOTE
-
-        render.info(OLD_MODEL_NOTE)
-    if as_json:
-        from mavl_cli.contract import write_stdout
-
-        render.claim_stdout()
-        write_stdout(json.dumps(trust_view.prediction_document(pred, prediction_json(pred)), indent=2) + "\n", "--json")
-    else:
-        trust_view.show_provenance(pred.model_info)
-        for t in prediction_tables(pred):
-            render.show(t)
-        trust_view.show_notice()
-    for s in skipped:
-        render.warn(f"skipped {s['path']}: {s['reason']}")
-    if heatmap is not None and not as_json:
-        n = sum(len(v) for v in (pred.peaks or {}).values())
-        render.info(f"{n} {heatmap_method} map(s) -> {heatmap}")
+    opts = PredictOptions(weights=weights, threshold=threshold, descriptions=descriptions, explain=explain, scores_out=out,
+                          json_out="-" if as_json else None, shard=shard, ood_threshold=ood_threshold, heatmap=hm)
+    pred, skipped = predict_stage(images, model, opts, RunOptions(device=device, skip_bad=skip_bad), progress=render.progress)
+    views.prediction(pred, skipped, as_json=as_json, heatmap=heatmap, heatmap_method=heatmap_method)
 
 
 @app.command("evaluate-maps")
@@ -662,13 +575,9 @@ def phantoms_cmd(
     masks: bool = typer.Option(False, "--masks", help="Also write masks/<stem>.<label>.png: where each drawn finding is (ground truth for `mavl evaluate-maps`)."),
 ) -> None:
     """Generate synthetic chest radiograph phantoms with labelled findings (for demos and tests)."""
-    from mavl_cli.phantoms import FINDINGS, generate_phantoms
+    from mavl_cli.stages import phantoms_stage
 
-    with render.progress("phantoms", n, "img") as advance:
-        ps = generate_phantoms(out_dir, n=n, seed=seed, size=size, progress=lambda _done: advance(1), masks=masks)
-    _summary(f"phantoms -> {ps.root}", {"images": ps.n_images, "findings": ", ".join(FINDINGS),
-                                        **{f"{k} split": str(v) for k, v in ps.splits.items()},
-                                        **({"masks": str(ps.root / "masks")} if masks else {})})
+    views.phantoms(phantoms_stage(out_dir, n=n, seed=seed, size=size, masks=masks, progress=render.progress))
 
 
 @app.command("demo")

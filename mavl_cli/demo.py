@@ -1,17 +1,19 @@
 """`mavl demo`: the whole chain, offline, on generated phantoms.
 
-The demo runs the very commands a user would type (printed as it goes), with
-real pretrained encoders that arrive as PyPI packages: ImageNet
-EfficientNet-Lite0 for images (converted once to a safetensors model folder)
-and MiniLM-L6 for text. Real deployments keep the hub defaults
-(``vit_base_patch16_224``, ``emilyalsentzer/Bio_ClinicalBERT``).
-"""
+The demo calls the stages (:mod:`mavl_cli.stages`) one by one, each with the
+options of the command a user would type for that step, and prints that
+command line as it goes (so the chain can be repeated by hand). It uses real
+pretrained encoders that arrive as PyPI packages: ImageNet EfficientNet-Lite0
+for images (converted once to a safetensors model folder) and MiniLM-L6 for
+text. Real deployments keep mavl's defaults (:mod:`mavl_cli.defaults`)."""
 
 from __future__ import annotations
 
 import os
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from mavl_cli import render
 
@@ -23,34 +25,114 @@ def descriptions_path(name: str) -> Path:
     return Path(__file__).parent / "data" / "descriptions" / name
 
 
-def run_cli(args: list[str]) -> None:
-    """Run one mavl command in-process, echoing it as a shell line first."""
-    from mavl_cli.cli import app
+@dataclass
+class Step:
+    """One command of the chain: ``argv`` as a user types it (shown, and recorded as each output's provenance)
+    and ``run``, the stage call with exactly the options that command line gives (its CLI defaults included)."""
 
-    render.err().print(render.styled("\n[bold green]$ mavl {}[/]", " ".join(shlex.quote(str(a)) for a in args)), highlight=False)
-    app(args=[str(a) for a in args], standalone_mode=False)
+    argv: list[Any]
+    run: Callable[[], Any]
 
 
-def demo_commands(work: Path, weights: Path, text_model: Path, epochs: int, seed: int) -> list[list[str]]:
-    """The chain as argument lists: what `examples/pipeline.sh` does by hand."""
+def run_step(step: Step) -> Any:
+    """Echo the step as a shell line, record it as the command the files come from, run its stage."""
+    from mavl_cli.contract import set_command
+
+    args = [str(a) for a in step.argv]
+    render.err().print(render.styled("\n[bold green]$ mavl {}[/]", " ".join(shlex.quote(a) for a in args)), highlight=False)
+    render.release_stdout()
+    set_command(args)
+    return step.run()
+
+
+def demo_steps(work: Path, weights: Path, text_model: Path, epochs: int, seed: int) -> list[Step]:
+    """The chain, step by step: what `examples/pipeline.sh` does by hand."""
+    from mavl_cli import stage_views as views
+    from mavl_cli import stages
+    from mavl_cli.options import EncoderSpec, EvalOptions, ImageList, LabelOptions, RunOptions, TextSpec, Validation
+    from mavl_cli.train import FusionConfig, LRFConfig
+
     ph = work / "phantoms"
     b = ["--backbone", DEMO_BACKBONE, "--weights", weights]
-    cmds = []
-    for split in ("train", "val", "test"):
-        cmds.append(["embed-images", ph, "--labels", ph / f"{split}.csv", *b, "-o", work / f"{split}_img.safetensors"])
-    cmds += [
-        ["train-lrf", work / "train_img.safetensors", "--labels", ph / "train.csv", "--val", work / "val_img.safetensors",
-         "--val-labels", ph / "val.csv", "--rank", "64", "--keep", "16", "--eta", "1e-3", "--seed", seed, "-o", work / "lrf.safetensors"],
-        ["embed-text", descriptions_path("phantoms6.json"), "--text-model", text_model, "-o", work / "text.safetensors"],
-        ["fuse", work / "train_img.safetensors", work / "text.safetensors", "--lrf", work / "lrf.safetensors",
-         "--labels", ph / "train.csv", "--val", work / "val_img.safetensors", "--val-labels", ph / "val.csv",
-         "--epochs", epochs, "--seed", seed, "-o", work / "model.safetensors"],
-        ["tune-threshold", work / "model.safetensors", work / "val_img.safetensors", "--labels", ph / "val.csv",
-         "--per-label", "-o", work / "model_tuned.safetensors"],
-        ["evaluate", work / "model_tuned.safetensors", work / "test_img.safetensors", "--labels", ph / "test.csv",
-         "--bootstrap", "1000", "--plot", work / "report.png", "--csv", work / "report.csv"],
+    encoder = EncoderSpec.parse(DEMO_BACKBONE, weights)
+    emb = {split: work / f"{split}_img.safetensors" for split in ("train", "val", "test")}
+    csv = {split: ph / f"{split}.csv" for split in ("train", "val", "test")}
+    lrf, text, model, tuned = (work / f"{n}.safetensors" for n in ("lrf", "text", "model", "model_tuned"))
+    val = Validation(str(emb["val"]), str(csv["val"]))
+    zeros, ignore = LabelOptions.parse("zeros"), LabelOptions.parse("ignore")  # the CLI defaults: fit / tune, evaluate
+
+    def embed(split: str) -> Callable[[], None]:
+        def run() -> None:
+            views.embed_images(stages.embed_images_stage(ImageList([str(ph)], str(csv[split])), str(emb[split]), encoder,
+                                                         RunOptions(), progress=render.progress))
+        return run
+
+    def train_lrf() -> None:
+        config = LRFConfig(rank=64, keep=16, eta=1e-3, seed=seed)
+        views.stage("train-lrf", stages.train_lrf_stage(str(emb["train"]), str(csv["train"]), str(lrf), config, label_opts=zeros,
+                                                        validation=val, progress=render.progress))
+
+    def embed_text() -> None:
+        res = stages.embed_text_stage(str(descriptions_path("phantoms6.json")), str(text), TextSpec(str(text_model)),
+                                      RunOptions(batch_size=32), progress=render.progress)
+        views.stage("embed-text", res, notes="warn")
+
+    def fuse() -> None:
+        res = stages.fuse_stage(str(emb["train"]), str(text), str(csv["train"]), str(model), FusionConfig(epochs=epochs, seed=seed),
+                                lrf=str(lrf), validation=val, label_opts=zeros, progress=render.progress)
+        views.stage("fuse", res)
+
+    def tune() -> None:
+        views.tune(stages.tune_stage(str(model), str(emb["val"]), str(csv["val"]), str(tuned), "per-label", None, ignore))
+
+    def evaluate() -> None:
+        from mavl_cli.stages_eval import EvalExtras
+
+        plot, report_csv = work / "report.png", work / "report.csv"
+        extras = EvalExtras(by=[], metadata=None, html=None, labels_file=str(csv["test"]), embeddings=str(emb["test"]),
+                            scores=None, model=str(tuned))
+        opts = EvalOptions(bootstrap=1000, seed=0, plot=str(plot), csv_out=str(report_csv))
+        report, warnings, sc = stages.evaluate_stage(str(tuned), str(emb["test"]), str(csv["test"]), opts, ignore, extras)
+        views.evaluate(report, warnings, sc, csv_out=str(report_csv), plot=str(plot))
+
+    steps = [Step(["embed-images", ph, "--labels", csv[split], *b, "-o", emb[split]], embed(split))
+             for split in ("train", "val", "test")]
+    steps += [
+        Step(["train-lrf", emb["train"], "--labels", csv["train"], "--val", emb["val"], "--val-labels", csv["val"],
+              "--rank", "64", "--keep", "16", "--eta", "1e-3", "--seed", seed, "-o", lrf], train_lrf),
+        Step(["embed-text", descriptions_path("phantoms6.json"), "--text-model", text_model, "-o", text], embed_text),
+        Step(["fuse", emb["train"], text, "--lrf", lrf, "--labels", csv["train"], "--val", emb["val"], "--val-labels", csv["val"],
+              "--epochs", epochs, "--seed", seed, "-o", model], fuse),
+        Step(["tune-threshold", model, emb["val"], "--labels", csv["val"], "--per-label", "-o", tuned], tune),
+        Step(["evaluate", tuned, emb["test"], "--labels", csv["test"], "--bootstrap", "1000", "--plot", work / "report.png",
+              "--csv", work / "report.csv"], evaluate),
     ]
-    return cmds
+    return steps
+
+
+def demo_commands(work: Path, weights: Path, text_model: Path, epochs: int, seed: int) -> list[list[Any]]:
+    """The chain as argument lists for the command line (``mavl ARGS``): :func:`demo_steps`' command lines."""
+    return [step.argv for step in demo_steps(work, weights, text_model, epochs, seed)]
+
+
+def phantoms_step(root: Path, n: int, seed: int, size: int) -> Step:
+    from mavl_cli import stage_views as views
+    from mavl_cli.stages import phantoms_stage
+
+    return Step(["phantoms", root, "-n", n, "--seed", seed, "--size", size],
+                lambda: views.phantoms(phantoms_stage(str(root), n=n, seed=seed, size=size, progress=render.progress)))
+
+
+def predict_step(image: Path, model: Path) -> Step:
+    from mavl_cli import stage_views as views
+    from mavl_cli.options import PredictOptions, RunOptions
+    from mavl_cli.stages import predict_stage
+
+    def run() -> None:
+        pred, skipped = predict_stage([str(image)], str(model), PredictOptions(explain=True), RunOptions(), progress=render.progress)
+        views.prediction(pred, skipped)
+
+    return Step(["predict", image, "--model", model, "--explain"], run)
 
 
 def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, install: bool = True, size: int = 256) -> Path:
@@ -74,9 +156,9 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     weights = ensure_demo_backbone(mavl_home() / "weights" / DEMO_BACKBONE)
     render.err().print(render.styled("[bold]mavl demo[/] in {}: {} phantom radiographs, backbone {} (ImageNet, from {}), text encoder MiniLM-L6 ({})",
                                      work, n, DEMO_BACKBONE, weights, text_model))
-    run_cli(["phantoms", work / "phantoms", "-n", n, "--seed", seed, "--size", size])
-    for cmd in demo_commands(work, weights, text_model, epochs, seed):
-        run_cli(cmd)
+    run_step(phantoms_step(work / "phantoms", n, seed, size))
+    for step in demo_steps(work, weights, text_model, epochs, seed):
+        run_step(step)
     model = work / "model_tuned.safetensors"
     ph = work / "phantoms"
     import csv
@@ -86,7 +168,7 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
     with open(ph / "test.csv") as fh:  # an image with findings, so --explain has something to show
         rows = list(csv.DictReader(fh))
     pick = next((r for r in rows if sum(r[f] == "1.0" for f in FINDINGS) >= 2), rows[0])
-    run_cli(["predict", ph / pick["Path"], "--model", model, "--explain"])
+    run_step(predict_step(ph / pick["Path"], model))
     sheet = contact_sheet(model, ph / "test.csv", ph, work / "contact_sheet.png", n=8)
     if install:
         dest = install_default(model.read_bytes())

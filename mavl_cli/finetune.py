@@ -141,23 +141,14 @@ def finetune_lrf(
     y: np.ndarray,
     mask: np.ndarray,
     names: list[str],
-    backbone: str,
-    weights: str | None = None,
-    pretrained: bool = True,
-    model_args: dict[str, Any] | None = None,
+    encoder: Any,
     config: Any = None,
     *,
     groups: list[str] | None = None,
-    backbone_lr: float = 1e-5,
     val: tuple[list[Any], np.ndarray, np.ndarray] | None = None,
     val_split: float = 0.1,
-    device: str = "auto",
-    batch_size: int = 32,
-    workers: int | None = None,
-    precision: str = "fp32",
-    augment: bool = True,
-    skip_bad: bool = False,
-    grad_checkpointing: bool = False,
+    tune: Any = None,
+    run: Any = None,
     advance: Callable[..., None] | None = None,
 ) -> FinetuneResult:
     """Train backbone + LRF head from images; keep the epoch with the best validation macro AUROC.
@@ -166,10 +157,11 @@ def finetune_lrf(
     ``y``/``mask`` ``[N, L]`` (a LabelTable aligned to the items' ids) and
     ``groups`` (patients, for the held-out split). Validation: ``val`` =
     (items, y, mask), else ``val_split`` of the patients (0 = none: the epoch
-    with the lowest training BCE is kept). ``config.batch_size`` is ignored
-    (``batch_size`` is the image batch); ``config.lr`` is the head's rate and
-    ``backbone_lr`` the backbone's (0 freezes it: phase 1 with augmentation).
-    ``precision`` fp16 (with a GradScaler) or bf16 runs the forward under
+    with the lowest training BCE is kept). ``encoder``: an
+    :class:`~mavl_cli.encoders.EncoderSpec` (or a timm name). ``config.batch_size``
+    is ignored (``run.batch_size`` is the image batch, default 32); ``config.lr``
+    is the head's rate and ``tune.backbone_lr`` (:class:`mavl_cli.options.FinetuneOptions`)
+    the backbone's (0 freezes it: phase 1 with augmentation). ``run.precision`` fp16 (with a GradScaler) or bf16 runs the forward under
     autocast on CUDA; the loss is always computed in fp32. Seeded: on CPU the
     same seed gives identical weights. ``advance(1, **epoch_record)`` per epoch.
     """
@@ -186,7 +178,12 @@ def finetune_lrf(
     from mavl_cli.train import LRFConfig, masked_macro_auroc
     from mavl_cli.trainloop import Amp, Stepper, check_rank_keep, choose_validation, fit
 
+    from mavl_cli.options import FinetuneOptions, RunOptions
+
     c = config or LRFConfig()
+    t, r = tune or FinetuneOptions(), run or RunOptions()
+    backbone_lr, augment, grad_checkpointing = t.backbone_lr, t.augment, t.grad_checkpointing
+    device, batch_size, workers, precision, skip_bad = r.device, r.batch(32), r.workers, r.precision, r.skip_bad
     y = np.asarray(y, np.float32)
     mask = np.asarray(mask, bool)
     if not items:
@@ -195,8 +192,6 @@ def finetune_lrf(
         raise MavlError(f"labels {y.shape} / mask {mask.shape} do not match {len(items)} images x {len(names)} labels")
     if batch_size < 2:
         raise MavlError("--batch-size must be at least 2 for fine-tuning (batch statistics, nuclear norm)")
-    if backbone_lr < 0:
-        raise MavlError(f"--backbone-lr must be >= 0, got {backbone_lr}")
     dist = distributed.setup(device)
     dev = resolve_device(dist.device if dist.active else device)
     check_train_precision(precision, dev.type)
@@ -205,8 +200,7 @@ def finetune_lrf(
 
     from mavl_cli.encoders import EncoderSpec
 
-    spec = backbone if isinstance(backbone, EncoderSpec) else EncoderSpec.parse(backbone, weights, pretrained=pretrained,
-                                                                                 options=model_args)
+    spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.parse(encoder)
     if spec.family != "timm":
         raise MavlError(f"finetune-lrf fine-tunes timm backbones for now; {spec.name} is a {spec.family} encoder "
                         "(embed its features with embed-images and use train-lrf)")
@@ -424,41 +418,41 @@ def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path,
 
 
 def finetune_stage(
-    images_root: str,
-    labels: str,
+    images: Any,
     output: str,
     backbone_out: str,
-    backbone: Any,  # an EncoderSpec, or a timm name with weights/pretrained/model_args
-    weights: str | None = None,
-    pretrained: bool = True,
-    model_args: dict[str, Any] | None = None,
+    encoder: Any,
     config: Any = None,
-    only: list[str] | None = None,
-    val_labels: str | None = None,
-    val_split: float = 0.1,
-    uncertain: str = "zeros",
-    label_map: dict[str, str] | None = None,
-    path_column: str | None = None,
-    backbone_lr: float = 1e-5,
-    device: str = "auto",
-    batch_size: int = 32,
-    workers: int | None = None,
-    precision: str = "fp32",
-    augment: bool = True,
-    skip_bad: bool = False,
-    grad_checkpointing: bool = False,
+    *,
+    label_opts: Any = None,
+    validation: Any = None,
+    tune: Any = None,
+    run: Any = None,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> Any:
-    """``train-lrf --finetune IMAGES_ROOT``: label CSV(s) + images -> lrf-head file + backbone folder.
+    """``mavl finetune-lrf``: label CSV(s) + images -> lrf-head file + backbone folder.
 
-    ``val_labels``: a second label CSV whose paths lie under the same root
-    (otherwise ``val_split`` of the patients is held out).
+    ``images``: a :class:`mavl_cli.options.ImageList` whose ``labels`` CSV lists
+    the training images under ``root``; ``validation.labels``: a second label CSV
+    whose paths lie under the same root (otherwise ``validation.split`` of the
+    patients is held out). ``encoder``: an EncoderSpec; ``tune``/``run``:
+    :class:`~mavl_cli.options.FinetuneOptions` / :class:`~mavl_cli.options.RunOptions`.
     """
     from mavl_cli import contract
     from mavl_cli.stages import StageResult
     from mavl_cli.train import LRFConfig
 
+    from mavl_cli.encoders import EncoderSpec
+    from mavl_cli.options import FinetuneOptions, LabelOptions, RunOptions, Validation
+
     config = config or LRFConfig()
+    spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.parse(encoder)
+    read, v = label_opts or LabelOptions(), validation or Validation()
+    tune, run = tune or FinetuneOptions(), run or RunOptions()
+    images_root, labels, path_column = images.root, images.labels, images.path_column
+    only, uncertain, label_map = read.names, read.uncertain, read.renames
+    val_labels, val_split = v.labels, v.split
+    weights, device, skip_bad = spec.weights, run.device, run.skip_bad
     contract.check_output_path(output, [labels, *([val_labels] if val_labels else []), weights])
     check_backbone_out(Path(backbone_out))
     if Path(backbone_out).is_dir():  # the folder's files are outputs too: never the starting weights or the labels
@@ -476,10 +470,8 @@ def finetune_stage(
     if dist.active and not dist.main:
         progress = None  # one progress bar per job, on rank 0
     with (progress("train-lrf --finetune", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
-        res = finetune_lrf(tr_items, tr_table.y, tr_table.mask, tr_table.names, backbone, weights, pretrained, model_args,
-                           config, groups=tr_table.groups, backbone_lr=backbone_lr, val=val, val_split=val_split,
-                           device=device, batch_size=batch_size, workers=workers, precision=precision, augment=augment,
-                           skip_bad=skip_bad, grad_checkpointing=grad_checkpointing, advance=advance)
+        res = finetune_lrf(tr_items, tr_table.y, tr_table.mask, tr_table.names, spec, config, groups=tr_table.groups,
+                           val=val, val_split=val_split, tune=tune, run=run, advance=advance)
     error = None
     if dist.main:  # rank 0 alone writes the head and the backbone
         try:
@@ -497,7 +489,7 @@ def finetune_stage(
     return StageResult(
         output=output,
         summary={"images": res.images, "validation": res.validation, "labels": len(res.names), "rank": config.rank,
-                 "keep": config.keep, "eta": config.eta, "backbone": res.info.name, "backbone_lr": backbone_lr,
+                 "keep": config.keep, "eta": config.eta, "backbone": res.info.name, "backbone_lr": tune.backbone_lr,
                  "backbone_out": str(backbone_out), "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                  "val_macro_auroc": res.val_auroc},
         table=res.history, notes=notes,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mavl_cli import contract
+from mavl_cli.defaults import DEFAULT_THRESHOLD
 from mavl_cli.errors import MavlError
 
 
@@ -92,7 +93,7 @@ def read_scores_csv(path: str) -> ScoreSet:
     ids = normalize_many([str(x) for x in df[pcol].tolist()])
     if len(set(ids)) != len(ids):
         raise MavlError(f"{path}: the same image appears more than once in {pcol!r}")
-    return ScoreSet(ids, names, s.astype(np.float32), np.full(len(names), 0.5, np.float32),
+    return ScoreSet(ids, names, s.astype(np.float32), np.full(len(names), DEFAULT_THRESHOLD, np.float32),
                     {"path": str(path), "format": "csv"}, "csv")
 
 
@@ -103,7 +104,7 @@ def load_score_set(path: str, embeddings: str | None = None, allow_model: bool =
     f = contract.read_file(path, expect=("scores", "model") if allow_model else "scores")
     if f.kind == "scores":
         names = f.labels()
-        th = np.asarray(f.tensors.get("thresholds", np.full(len(names), 0.5, np.float32)), np.float32)[: len(names)]
+        th = np.asarray(f.tensors.get("thresholds", np.full(len(names), DEFAULT_THRESHOLD, np.float32)), np.float32)[: len(names)]
         tuned = ((f.meta.get("threshold") or {}).get("method", "default")) != "default"
         return ScoreSet(f.ids(), names, f.tensors["scores"].astype(np.float32), th, {**f.meta, "path": str(path)}, "scores", tuned)
     if embeddings is None:

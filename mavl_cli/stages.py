@@ -15,8 +15,10 @@ from typing import Any, Callable
 import numpy as np
 
 from mavl_cli import contract
-from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, EncoderSpec
+from mavl_cli.defaults import DEFAULT_IMAGE_ENCODER, DEFAULT_THRESHOLD
 from mavl_cli.errors import MavlError
+from mavl_cli.options import (EncoderSpec, EvalOptions, ImageList, LabelOptions, PredictOptions, RunOptions, TextSpec,
+                              Validation)
 
 Advance = Callable[..., None]
 
@@ -37,21 +39,22 @@ def train_lrf_stage(
     labels: str,
     output: str,
     config: Any = None,
-    only: list[str] | None = None,
-    val: str | None = None,
-    val_labels: str | None = None,
-    val_split: float = 0.1,
-    uncertain: str = "zeros",
-    label_map: dict[str, str] | None = None,
+    *,
+    label_opts: LabelOptions | None = None,
+    validation: Validation | None = None,
     embed_out: str | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
+    """``config``: a :class:`mavl_cli.train.LRFConfig`; ``validation``: ``--val`` embeddings, else a held-out split."""
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import tensor_fingerprint
     from mavl_cli.train import LRFConfig, train_lrf
     from mavl_cli.trainloop import check_rank_keep, choose_validation
 
     config = config or LRFConfig()
+    read, v = label_opts or LabelOptions(), validation or Validation()
+    only, uncertain, label_map = read.names, read.uncertain, read.renames
+    val, val_labels, val_split = v.embeddings, v.labels, v.split
     rank, keep, seed = config.rank, config.keep, config.seed
     contract.check_outputs({"-o": output, "--embed-out": embed_out}, [embeddings, labels, val, val_labels])
     emb = contract.read_file(embeddings, expect="image-embeddings")
@@ -117,11 +120,15 @@ def _same_backbone(a: contract.MavlFile, b: contract.MavlFile) -> None:
 
 
 def embed_text_stage(
-    descriptions: str, output: str, text_model: str, pooling: str | None = None, device: str = "auto",
-    batch_size: int = 32, progress: Callable[[str, int, str], Any] | None = None, trust_remote_code: bool = False,
+    descriptions: str, output: str, text: TextSpec | None = None, run: RunOptions | None = None,
+    progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
     from mavl_cli.descriptions import read_descriptions
     from mavl_cli.text_embed import embed_descriptions
+
+    text, run = text or TextSpec(), run or RunOptions()
+    text_model, pooling, trust_remote_code = text.model, text.pooling, text.trust_remote_code
+    device, batch_size = run.device, run.batch(32)
 
     contract.check_output_path(output, [descriptions])
     desc = read_descriptions(descriptions)
@@ -149,20 +156,23 @@ def fuse_stage(
     labels: str,
     output: str,
     config: Any = None,
+    *,
     lrf: str | None = None,
-    val: str | None = None,
-    val_labels: str | None = None,
-    uncertain: str = "zeros",
-    label_map: dict[str, str] | None = None,
+    validation: Validation | None = None,
+    label_opts: LabelOptions | None = None,
     set_default: bool = False,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
+    """``config``: a :class:`mavl_cli.train.FusionConfig`; ``validation.embeddings``: keep the best epoch on them."""
     from mavl_cli.data import load_labelled
     from mavl_cli.modelfile import build_model, install_default
     from mavl_cli.models.fusion import AGGREGATES
     from mavl_cli.train import FusionConfig, train_fusion
 
     config = config or FusionConfig()
+    read, v = label_opts or LabelOptions(), validation or Validation()
+    uncertain, label_map = read.uncertain, read.renames
+    val, val_labels = v.embeddings, v.labels
     aggregate = config.aggregate
     if aggregate not in AGGREGATES:
         raise MavlError(f"unknown --aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
@@ -308,10 +318,13 @@ def data_fingerprint(ids: list[str]) -> str:
 
 def tune_stage(
     model_path: str, embeddings: str, labels: str, output: str, method: str = "sweep",
-    min_sensitivity: float | None = None, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
+    min_sensitivity: float | None = None, label_opts: LabelOptions | None = None,
 ) -> StageResult:
     from mavl_cli.metrics import confusion_counts, f1_from_counts
     from mavl_cli.thresholds import tune
+
+    read = label_opts or LabelOptions()
+    uncertain, label_map = read.uncertain, read.renames
 
     contract.check_output_path(output, [embeddings, labels], may_replace=[model_path])  # MODEL itself may be the output
     if min_sensitivity is not None and not 0 < min_sensitivity <= 1:
@@ -344,20 +357,19 @@ def tune_stage(
 
 
 def evaluate_stage(
-    model_path: str | None, embeddings: str | None, labels: str, scores_file: str | None = None,
-    bootstrap: int = 0, seed: int = 0, uncertain: str = "zeros", label_map: dict[str, str] | None = None,
-    threshold: float | None = None, plot: str | None = None, csv_out: str | None = None, json_out: str | None = None,
-    ood_threshold: float | None = None,
-    extras: Any = None,
+    model_path: str | None, embeddings: str | None, labels: str, opts: EvalOptions | None = None,
+    label_opts: LabelOptions | None = None, extras: Any = None,
 ) -> tuple[Any, list[str], Scored]:
     """Returns (Report, warnings, scored data); ``sc.ood`` holds the OOD share and metrics without flagged images;
     ``extras`` is a :class:`mavl_cli.stages_eval.EvalExtras`."""
     from mavl_cli.datasets import read_labels
     from mavl_cli.metrics import evaluate
 
+    o, read = opts or EvalOptions(), label_opts or LabelOptions()
+    scores_file, bootstrap, seed, threshold = o.scores, o.bootstrap, o.seed, o.threshold
+    plot, csv_out, json_out, ood_threshold = o.plot, o.csv_out, o.json_out, o.ood_threshold
+    uncertain, label_map = read.uncertain, read.renames
     warnings: list[str] = []
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
     html = getattr(extras, "html", None)
     contract.check_outputs({"--json": json_out, "--csv": csv_out, "--plot": plot, "--html": html},
                            [model_path, embeddings, labels, scores_file, getattr(extras, "metadata", None)],
@@ -401,7 +413,7 @@ def evaluate_stage(
         tuned = (model.meta.get("threshold") or {}).get("tuned_on")
         source_meta = model.meta
         if (model.meta.get("threshold") or {}).get("method", "default") == "default" and threshold is None:
-            warnings.append("thresholds are the untuned default 0.5; run `mavl tune-threshold` on validation data first")
+            warnings.append(f"thresholds are the untuned default {DEFAULT_THRESHOLD}; run `mavl tune-threshold` on validation data first")
     if threshold is not None:
         th = np.full(len(sc.names), threshold, np.float32)
     elif tuned:
@@ -438,38 +450,32 @@ def _trust_warnings(model: Any) -> list[str]:
 
 
 def embed_images_stage(
-    inputs: list[str],
+    images: ImageList | list[str],
     output: str,
-    labels: str | None = None,
-    root: str | None = None,
-    path_column: str | None = None,
-    backbone: Any = DEFAULT_IMAGE_ENCODER,  # an EncoderSpec (the CLI's), or FAMILY:ID with the four below
-    weights: str | None = None,
-    pretrained: bool = True,
-    model_args: dict[str, Any] | None = None,
+    encoder: EncoderSpec | str | None = None,
+    run: RunOptions | None = None,
+    *,
     lrf: str | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    precision: str = "fp32",
-    skip_bad: bool = False,
     resume: bool = False,
-    threads: int | None = None,
-    progress: Callable[[str, int, str], Any] | None = None,
-    pooling: str | None = None,
-    trust_remote_code: bool = False,
     shard: str | None = None,
-    pipeline: str = "auto",
-    compile_model: bool = False,
+    progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
     """Embed images into one file; with ``shard`` one part of it; under torchrun every rank
-    embeds its shard on its own device and rank 0 merges the parts (see :mod:`mavl_cli.shards`)."""
+    embeds its shard on its own device and rank 0 merges the parts (see :mod:`mavl_cli.shards`).
+
+    ``encoder``: an :class:`EncoderSpec` or ``FAMILY:ID`` (default: the default image encoder)."""
     from mavl_cli import distributed
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.embed import check_precision, embed_images
     from mavl_cli.runtime import resolve_device
     from mavl_cli.shards import Shard, parse_shard
 
+    src = images if isinstance(images, ImageList) else ImageList(list(images))
+    inputs, labels, root, path_column = list(src.inputs), src.labels, src.root, src.path_column
+    spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.parse(encoder or DEFAULT_IMAGE_ENCODER)
+    r = run or RunOptions()
+    device, batch_size, workers, threads, precision = r.device, r.batch_size, r.workers, r.threads, r.precision
+    skip_bad, pipeline, compile_model = r.skip_bad, r.pipeline, r.compile_model
     part = parse_shard(shard)
     dist = distributed.setup(device)
     if dist.active:
@@ -505,11 +511,10 @@ def embed_images_stage(
                 if advance and start:
                     advance.resume_at(start)
 
-            res = embed_images(items, backbone, weights=weights, pretrained=pretrained, model_args=model_args, device=device,
+            res = embed_images(items, spec, device=device,
                                batch_size=batch_size, workers=workers, precision=precision, skip_bad=skip_bad, lrf=head,
                                checkpoint=checkpoint, resume=resume, advance=advance, on_start=on_start, threads=threads,
-                               pooling=pooling, trust_remote_code=trust_remote_code, shard=part, pipeline=pipeline,
-                               compile_model=compile_model)
+                               shard=part, pipeline=pipeline, compile_model=compile_model)
     except MavlError as exc:
         if not dist.active:
             raise
@@ -583,16 +588,16 @@ class Prediction:
 
 
 def predict_stage(
-    images: list[str], model_path: str | None = None, weights: str | None = None, device: str = "auto",
-    threshold: float | None = None, descriptions: str | None = None, explain: bool = False,
-    batch_size: int | None = None, skip_bad: bool = False, scores_out: str | None = None,
-    progress: Callable[[str, int, str], Any] | None = None, json_out: str | None = None, heatmap: Any = None,
-    shard: str | None = None,
-    ood_threshold: float | None = None,
+    images: list[str], model_path: str | None = None, opts: PredictOptions | None = None, run: RunOptions | None = None,
+    progress: Callable[[str, int, str], Any] | None = None,
 ) -> tuple[Prediction, list[dict[str, str]]]:
     """Score images through the whole model (:class:`mavl_cli.mavlmodel.MavlModel`).
 
-    ``heatmap``: a :class:`mavl_cli.heatmaps.HeatmapOptions` to also write explanation maps."""
+    ``opts.heatmap``: a :class:`mavl_cli.heatmaps.HeatmapOptions` to also write explanation maps."""
+    o, r = opts or PredictOptions(), run or RunOptions()
+    weights, threshold, descriptions, explain = o.weights, o.threshold, o.descriptions, o.explain
+    scores_out, json_out, heatmap, shard, ood_threshold = o.scores_out, o.json_out, o.heatmap, o.shard, o.ood_threshold
+    device, batch_size, skip_bad = r.device, r.batch_size, r.skip_bad
     from mavl_cli.datasets import collect_inputs
     from mavl_cli.mavlmodel import score_images
     from mavl_cli.modelfile import find_model, load_model
@@ -600,8 +605,6 @@ def predict_stage(
 
     part = parse_shard(shard)
 
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
     from mavl_cli import ood, provenance
 
     ood.check_percentile(ood_threshold)
@@ -693,7 +696,6 @@ def _extend_labels(model: Any, descriptions: str, device: str, threshold: float 
     """
     from mavl_cli.descriptions import read_descriptions
     from mavl_cli.mavlmodel import LabelText
-    from mavl_cli.modelfile import DEFAULT_THRESHOLD
     from mavl_cli.text_embed import embed_descriptions
 
     meta = model.meta
@@ -743,9 +745,25 @@ def zero_shot_stage(opts: Any, set_default: bool = False) -> StageResult:
     tensors, meta, summary = build_zero_shot(opts)
     blob = contract.to_bytes("model", tensors, meta)
     contract.atomic_write_bytes(opts.output, blob)
-    notes = ["thresholds are the default 0.5: run `mavl tune-threshold` on validation images or embeddings"]
+    notes = [f"thresholds are the default {DEFAULT_THRESHOLD}: run `mavl tune-threshold` on validation images or embeddings"]
     if set_default:
         notes.append(f"installed as the default model: {install_default(blob)}")
     table = [{"label": lab, "positive": " | ".join(t for slot in pos for t in slot)[:90], "negative": " | ".join(neg)[:60]}
              for lab, pos, neg in zip(meta["labels"], meta["aspect_texts"], meta["negative_texts"])]
     return StageResult(opts.output, summary, table, notes)
+
+
+# ---------------------------------------------------------------- phantoms
+
+
+def phantoms_stage(out_dir: str | Path, n: int = 600, seed: int = 0, size: int = 256, masks: bool = False,
+                   progress: Callable[[str, int, str], Any] | None = None) -> StageResult:
+    """Synthetic radiographs with labelled findings (:mod:`mavl_cli.phantoms`); ``masks``: where each finding is."""
+    from mavl_cli.phantoms import FINDINGS, generate_phantoms
+
+    with (progress("phantoms", n, "img") if progress else nullcontext(None)) as advance:
+        ps = generate_phantoms(out_dir, n=n, seed=seed, size=size, masks=masks,
+                               progress=(lambda _done: advance(1)) if advance else None)
+    return StageResult(str(ps.root), {"images": ps.n_images, "findings": ", ".join(FINDINGS),
+                                      **{f"{k} split": str(v) for k, v in ps.splits.items()},
+                                      **({"masks": str(ps.root / "masks")} if masks else {})})

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from mavl_cli import contract
+from mavl_cli.defaults import DEFAULT_THRESHOLD
 from mavl_cli.errors import MavlError
+from mavl_cli.options import EvalOptions, LabelOptions
 from mavl_cli.stages import StageResult, data_fingerprint, score_labelled
 
 
@@ -26,13 +28,15 @@ def _clean_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 def calibrate_stage(
     model_path: str, embeddings: str | None, labels: str | None, output: str, method: str | None = "temperature",
-    prevalence: str | None = None, source_prevalence: str | None = None, uncertain: str = "ignore",
-    label_map: dict[str, str] | None = None,
+    prevalence: str | None = None, source_prevalence: str | None = None, label_opts: LabelOptions | None = None,
 ) -> StageResult:
     """Fit per-label calibration on validation data and/or a prior-shift; store both in the model."""
     from mavl_cli import calibration as C
     from mavl_cli.metrics import prepare
     from mavl_cli.modelfile import load_model
+
+    read = label_opts or LabelOptions(uncertain="ignore")
+    uncertain, label_map = read.uncertain, read.renames
 
     contract.check_output_path(output, [p for p in (embeddings, labels) if p], may_replace=[model_path])  # MODEL may be the output
     if embeddings is not None and labels is None:
@@ -101,10 +105,10 @@ def calibrate_stage(
             th_info["mapped_through_calibration"] = True
             notes.append("tuned thresholds carried over through the (monotone) calibration map: same decisions as before")
         else:
-            tensors["thresholds"] = np.full(len(names), 0.5, np.float32)
-            th_info = {"method": "default", "value": 0.5, "tuned_on": None,
+            tensors["thresholds"] = np.full(len(names), DEFAULT_THRESHOLD, np.float32)
+            th_info = {"method": "default", "value": DEFAULT_THRESHOLD, "tuned_on": None,
                        "reset_by": f"calibrate --method {cal.method} (not invertible; re-run tune-threshold)"}
-            notes.append("thresholds reset to 0.5: isotonic calibration is not invertible; run `mavl tune-threshold` again")
+            notes.append(f"thresholds reset to {DEFAULT_THRESHOLD}: isotonic calibration is not invertible; run `mavl tune-threshold` again")
         meta["threshold"] = th_info
     contract.write_file(output, "model", tensors, meta)
     summary = {"method": info.get("method"), "labels": len(names)}
@@ -203,17 +207,18 @@ def write_html(path: str, report: Any, warnings: list[str], y: np.ndarray, s: np
 
 
 def compare_stage(a_path: str, b_path: str, labels: str, embeddings: str | None = None, embeddings_b: str | None = None,
-                  bootstrap: int = 1000, seed: int = 0, uncertain: str = "ignore", label_map: dict[str, str] | None = None,
-                  threshold: float | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Paired comparison of two score sets on the images and labels they share with the label file."""
+                  opts: EvalOptions | None = None, label_opts: LabelOptions | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Paired comparison of two score sets on the images and labels they share with the label file
+    (``opts``: bootstrap, seed, threshold; default 1000 paired resamples)."""
     from mavl_cli.compare import Side, compare
     from mavl_cli.datasets import read_labels
     from mavl_cli.datasets.ids import normalize_many
     from mavl_cli.metrics import prepare
     from mavl_cli.scores_io import load_score_set
 
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise MavlError(f"--threshold must lie in [0, 1], got {threshold}")
+    o, read = opts or EvalOptions(bootstrap=1000), label_opts or LabelOptions(uncertain="ignore")
+    bootstrap, seed, threshold = o.bootstrap, o.seed, o.threshold
+    uncertain, label_map = read.uncertain, read.renames
     a = load_score_set(a_path, embeddings)
     b = load_score_set(b_path, embeddings_b or embeddings)
     table = read_labels(labels, uncertain=uncertain, label_map=label_map)
@@ -244,7 +249,7 @@ def compare_stage(a_path: str, b_path: str, labels: str, embeddings: str | None 
     else:
         for side, path in ((a, a_path), (b, b_path)):
             if not side.tuned:
-                notes.append(f"{path}: thresholds are the default 0.5 (untuned); F1 differences compare at 0.5")
+                notes.append(f"{path}: thresholds are the default {DEFAULT_THRESHOLD} (untuned); F1 differences compare at {DEFAULT_THRESHOLD}")
     y, _, m, _ = prepare(table.y, sa, table.mask, names)
     res = compare(y, m, Side(str(a_path), sa, ta), Side(str(b_path), sb, tb), names, table.groups, bootstrap, seed)
     res["notes"] = notes

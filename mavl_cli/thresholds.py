@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mavl_cli.defaults import DEFAULT_THRESHOLD
 from mavl_cli.errors import MavlError
 from mavl_cli.metrics import _curve_counts, macro_f1_at, prepare
 
@@ -126,7 +127,7 @@ def tune_per_label_f1(
     y: Any,
     s: Any,
     mask: Any = None,
-    default: float = 0.5,
+    default: float = DEFAULT_THRESHOLD,
     label_names: list[str] | None = None,
 ) -> ThresholdResult:
     """Per label, the F1-optimal threshold over all distinct scores (highest on ties)."""
@@ -137,7 +138,7 @@ def tune_youden(
     y: Any,
     s: Any,
     mask: Any = None,
-    default: float = 0.5,
+    default: float = DEFAULT_THRESHOLD,
     label_names: list[str] | None = None,
 ) -> ThresholdResult:
     """Per label, the threshold maximising Youden's J = sensitivity + specificity - 1."""
@@ -149,7 +150,7 @@ def tune_min_sensitivity(
     s: Any,
     min_sensitivity: float,
     mask: Any = None,
-    default: float = 0.5,
+    default: float = DEFAULT_THRESHOLD,
     label_names: list[str] | None = None,
 ) -> ThresholdResult:
     """Per label, the highest threshold whose recall is still >= ``min_sensitivity``.

@@ -27,14 +27,26 @@ def _config(**kw):
     return LRFConfig(**{"rank": 16, "keep": 4, "epochs": 2, "lr": 1e-2, **kw})
 
 
-def _run(data, tiny_vit, **kw):
+def _spec(tiny_vit):
+    from mavl_cli.options import EncoderSpec
+
+    return EncoderSpec.parse(BACKBONE, str(tiny_vit))
+
+
+def _opts(backbone_lr=1e-5, **run):
+    from mavl_cli.options import FinetuneOptions, RunOptions
+
+    return {"tune": FinetuneOptions(backbone_lr=backbone_lr), "run": RunOptions(**{"device": "cpu", "batch_size": 8, "workers": 1, **run})}
+
+
+def _run(data, tiny_vit, backbone_lr=1e-5, precision="fp32", **kw):
     from mavl_cli.finetune import finetune_lrf
 
     items, table, val = data
     config = kw.pop("config", None) or _config()
     kw.setdefault("val", val)
-    return finetune_lrf(items, table.y, table.mask, table.names, BACKBONE, str(tiny_vit), config=config,
-                        groups=table.groups, device="cpu", batch_size=8, workers=1, **kw)
+    return finetune_lrf(items, table.y, table.mask, table.names, _spec(tiny_vit), config, groups=table.groups,
+                        **_opts(backbone_lr, precision=precision), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -173,26 +185,25 @@ def test_saved_backbone_and_head_work_through_the_chain(trained, data, phantom_s
 def test_finetune_stage_from_label_csvs(phantom_set, tiny_vit, tmp_path):
     from mavl_cli import contract
     from mavl_cli.finetune import finetune_stage
+    from mavl_cli.options import ImageList, LabelOptions, Validation
 
     out, folder = tmp_path / "lrf.st", tmp_path / "bb"
-    res = finetune_stage(str(phantom_set.root), str(phantom_set.splits["train"]), str(out), str(folder), BACKBONE,
-                         str(tiny_vit), config=_config(epochs=1), only=["Cardiomegaly", "Edema"],
-                         val_labels=str(phantom_set.splits["val"]), device="cpu", batch_size=8, workers=0)
+    images = ImageList(labels=str(phantom_set.splits["train"]), root=str(phantom_set.root))
+    spec, kw = _spec(tiny_vit), _opts(workers=0)
+    res = finetune_stage(images, str(out), str(folder), spec, _config(epochs=1), label_opts=LabelOptions(only=["Cardiomegaly", "Edema"]),
+                         validation=Validation(labels=str(phantom_set.splits["val"])), **kw)
     head = contract.read_file(out, expect="lrf-head")
     assert head.labels() == ["Cardiomegaly", "Edema"] and head.tensors["classifier.weight"].shape == (2, 16)
     assert res.summary["epochs_run"] == 1 and "validation images" in res.summary["validation"]
     assert (folder / "model.safetensors").exists() and any("--weights" in n for n in res.notes)
     # saving again over the same folder replaces it; a folder with foreign files is refused
-    res = finetune_stage(str(phantom_set.root), str(phantom_set.splits["train"]), str(out), str(folder), BACKBONE,
-                         str(tiny_vit), config=_config(epochs=1), val_split=0, device="cpu", batch_size=8, workers=0)
+    res = finetune_stage(images, str(out), str(folder), spec, _config(epochs=1), validation=Validation(split=0), **kw)
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(MavlError, match="other files"):  # refused before any training
-        finetune_stage(str(phantom_set.root), str(phantom_set.splits["train"]), str(out), str(folder), BACKBONE,
-                       str(tiny_vit), config=_config(epochs=1), val_split=0, device="cpu", batch_size=8, workers=0,
+        finetune_stage(images, str(out), str(folder), spec, _config(epochs=1), validation=Validation(split=0), **kw,
                        progress=_no_progress)
     with pytest.raises(MavlError, match="folder, but a file"):
-        finetune_stage(str(phantom_set.root), str(phantom_set.splits["train"]), str(out), str(out), BACKBONE,
-                       str(tiny_vit), progress=_no_progress)
+        finetune_stage(images, str(out), str(out), spec, progress=_no_progress)
 
 
 def _no_progress(*a):
@@ -210,10 +221,9 @@ def test_unreadable_images_stop_or_are_skipped(data, tiny_vit, tmp_path):
     m = np.concatenate([table.mask, table.mask[:1]])
     from mavl_cli.finetune import finetune_lrf
 
-    kw = {"config": _config(epochs=1), "val": val, "device": "cpu", "batch_size": 8, "workers": 0}
     with pytest.raises(MavlError, match="broken.png"):
-        finetune_lrf(items2, y, m, table.names, BACKBONE, str(tiny_vit), **kw)
-    res = finetune_lrf(items2, y, m, table.names, BACKBONE, str(tiny_vit), skip_bad=True, **kw)
+        finetune_lrf(items2, y, m, table.names, _spec(tiny_vit), _config(epochs=1), val=val, **_opts(workers=0))
+    res = finetune_lrf(items2, y, m, table.names, _spec(tiny_vit), _config(epochs=1), val=val, **_opts(workers=0, skip_bad=True))
     assert [s["id"] for s in res.skipped] == ["broken.png"]
 
 
@@ -228,7 +238,7 @@ def test_bad_settings_are_refused(data, tiny_vit):
         from mavl_cli.finetune import finetune_lrf
 
         items, table, _ = data
-        finetune_lrf(items[:-1], table.y, table.mask, table.names, BACKBONE, str(tiny_vit), device="cpu")
+        finetune_lrf(items[:-1], table.y, table.mask, table.names, _spec(tiny_vit), **_opts())
 
 
 def test_augmentation_is_mild_and_never_mirrors():

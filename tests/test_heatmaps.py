@@ -206,6 +206,7 @@ def test_adapter_pools_to_the_models_own_scores(models: dict, kind: str) -> None
     """The spatial pass's pooled features give exactly the scores `mavl predict` gives."""
     import torch
 
+    from mavl_cli.options import RunOptions
     from mavl_cli.stages import predict_stage
 
     model, net, mm = _map_model(models[kind])
@@ -215,7 +216,7 @@ def test_adapter_pools_to_the_models_own_scores(models: dict, kind: str) -> None
         ours = torch.sigmoid(mm.logits(sp.pooled))[0].numpy()
         direct = net(x)[0]
     np.testing.assert_allclose(sp.pooled[0].detach().numpy(), direct.numpy(), rtol=1e-4, atol=1e-5)
-    pred, _ = predict_stage([str(models["film"])], str(models[kind]), device="cpu")
+    pred, _ = predict_stage([str(models["film"])], str(models[kind]), run=RunOptions(device="cpu"))
     np.testing.assert_allclose(ours, pred.scores[0], rtol=1e-4, atol=1e-5)
 
 
