@@ -233,11 +233,13 @@ def finetune_lrf_cmd(
     images_root: str = typer.Argument(..., help="Folder the label CSV's image paths are relative to."),
     labels: str = typer.Option(..., "--labels", help="Training labels CSV (its path column lists the images)."),
     output: str = typer.Option(..., "-o", "--output", help="Output LRF head .safetensors."),
-    backbone_out: str = typer.Option(..., "--backbone-out", help="Folder for the fine-tuned backbone (config.json + model.safetensors)."),
+    backbone_out: str = typer.Option(..., "--backbone-out", help="Folder for the fine-tuned backbone (timm: config.json + model.safetensors, for --weights FOLDER; hf, open_clip, xrv: model.safetensors, for --weights FILE)."),
     backbone: str = typer.Option(DEFAULT_IMAGE_ENCODER, "--backbone", "-b", help=BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Starting weights: file or hub-layout folder (default: the hub)."),
     random_init: bool = typer.Option(False, "--random-init", help="Start from an untrained backbone."),
-    model_args: Optional[str] = typer.Option(None, "--model-args", help="Extra timm.create_model arguments as JSON."),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help="Extra constructor arguments as JSON (timm.create_model; xrv architecture)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Feature pooling the head trains on (the family's own by default; see embed-images)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="hf: allow models whose config needs their own Python code (runs that code)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated label names to train on (default: all)."),
     rank: int = typer.Option(64, "--rank", "-r"),
     keep: int = typer.Option(16, "--keep", help="Singular values left free by the truncated nuclear norm."),
@@ -263,14 +265,16 @@ def finetune_lrf_cmd(
 ) -> None:
     """Phase 1 end to end (GPU advised): fine-tune backbone + LRF head from images.
 
-    Writes the head like `train-lrf` and the backbone as a folder for `embed-images --weights`.
+    Writes the head like `train-lrf` and the backbone into --backbone-out for `embed-images --weights`
+    (any encoder family; the command prints the options to use).
     """
     from mavl_cli.finetune import finetune_stage
     from mavl_cli.train import LRFConfig
 
     config = LRFConfig(rank=rank, keep=keep, eta=eta, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                        patience=patience, seed=seed)
-    encoder = EncoderSpec.parse(backbone, weights, pretrained=not random_init, options=_json_arg(model_args, "--model-args"))
+    encoder = EncoderSpec.parse(backbone, weights, pretrained=not random_init, pooling=pooling,
+                                options=_json_arg(model_args, "--model-args"), trust_remote_code=trust_remote_code)
     res = finetune_stage(ImageList(labels=labels, root=images_root, path_column=path_column), _out(output), backbone_out,
                          encoder, config, label_opts=LabelOptions.parse(uncertain, label_map, only),
                          validation=Validation(labels=val_labels, split=val_split),

@@ -40,7 +40,7 @@ class FinetuneResult:
     """What :func:`finetune_lrf` learned; :func:`save_finetuned` writes it."""
 
     head_state: dict[str, Any]  # LRFHead state dict (CPU tensors), keys as mavl_cli.models.lrf.LRFHead
-    backbone_state: dict[str, Any]  # timm model state dict (CPU tensors), classifier removed
+    backbone_state: dict[str, Any]  # timm: the model's state dict, classifier removed; others: the ImageEncoder's ("net.*")
     info: Any  # BackboneInfo of the backbone it started from
     names: list[str]
     config: Any  # LRFConfig
@@ -54,6 +54,7 @@ class FinetuneResult:
     augment: bool = True
     images: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    encoder: Any = None  # hf / open_clip / xrv: the fine-tuned ImageEncoder (best epoch, CPU, eval mode)
 
 
 def augment_batch(x: Any, gen: Any, max_shift: float = 0.06, scale: tuple[float, float] = (0.9, 1.1),
@@ -201,10 +202,15 @@ def finetune_lrf(
     from mavl_cli.encoders import EncoderSpec
 
     spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.parse(encoder)
-    if spec.family != "timm":
-        raise MavlError(f"finetune-lrf fine-tunes timm backbones for now; {spec.name} is a {spec.family} encoder "
-                        "(embed its features with embed-images and use train-lrf)")
-    model, info = create_backbone(spec.id, weights=spec.weights, pretrained=spec.pretrained, model_args=spec.options)
+    if spec.family == "timm":
+        if spec.pooling:
+            raise MavlError("finetune-lrf trains timm backbones with their own pooling; drop --pooling")
+        model, info = create_backbone(spec.id, weights=spec.weights, pretrained=spec.pretrained, model_args=spec.options)
+    else:  # the registry's encoder: an nn.Module from the family's own preprocessed batch to pooled features
+        from mavl_cli.encoders import build_image_encoder
+
+        model = build_image_encoder(spec)
+        info = model.info
     d = info.dim
     check_rank_keep(c.rank, c.keep, d, info.name)
     head = LRFHead(d, c.rank, len(names), c.dropout)
@@ -228,9 +234,13 @@ def finetune_lrf(
     for p in model.parameters():
         p.requires_grad_(train_backbone)
     if grad_checkpointing and train_backbone:
-        if not hasattr(model, "set_grad_checkpointing"):
+        inner = model if spec.family == "timm" else model.net
+        if hasattr(inner, "set_grad_checkpointing"):  # timm, open_clip towers
+            inner.set_grad_checkpointing(True)
+        elif getattr(inner, "supports_gradient_checkpointing", False):  # transformers
+            inner.gradient_checkpointing_enable()
+        else:
             raise MavlError(f"{info.name} does not support gradient checkpointing")
-        model.set_grad_checkpointing(True)
     groups_opt = [{"params": list(head.parameters()), "lr": c.lr}]
     if train_backbone:
         groups_opt.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": backbone_lr})
@@ -320,6 +330,10 @@ def finetune_lrf(
     res = fit(c.epochs, run_epoch, lambda: (_cpu_state(head), _cpu_state(model)), validate, patience=c.patience,
               advance=advance)
     head_state, backbone_state = res.best_state
+    encoder = None
+    if spec.family != "timm":  # the best epoch's weights, in the family's own module (what save_finetuned writes)
+        model.load_state_dict(backbone_state)
+        encoder = model.to("cpu").eval()
     if dist.active:
         for part in distributed.all_gather_object(dist, skipped, "after training"):
             skipped.update(part)
@@ -327,7 +341,7 @@ def finetune_lrf(
         head_state=head_state, backbone_state=backbone_state, info=copy.deepcopy(info), names=list(names), config=c,
         best_epoch=res.best_epoch, epochs_run=res.epochs_run, history=res.history, val_auroc=res.val_auroc,
         validation=choice.description, backbone_lr=backbone_lr, precision=precision, augment=augment, images=n,
-        skipped=list(skipped.values()),
+        skipped=list(skipped.values()), encoder=encoder,
     )
 
 
@@ -369,12 +383,39 @@ def check_backbone_out(out_dir: Path) -> Path:
     return parent
 
 
-def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path, extras: dict[str, Any] | None = None) -> None:
-    """Write the backbone folder (hub layout) and then the ``lrf-head`` file that points at it.
+def encoder_weights(encoder: Any) -> dict[str, Any]:
+    """The state dict a family's loader takes as ``--weights FILE`` (hf and xrv: the network's; open_clip: the
+    whole CLIP's, text tower included), as contiguous CPU tensors safetensors can write."""
+    net = getattr(encoder, "_clip", None) or encoder.net
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
 
-    The backbone goes to a temporary sibling folder first and its files are
-    renamed into ``backbone_out_dir``, so an interrupted save never leaves a
-    half-written ``model.safetensors``. ``extras`` (e.g. ``uncertain``,
+
+def cli_encoder_args(spec: Any) -> str:
+    """The ``--backbone ... --weights ...`` options that rebuild ``spec`` on the command line."""
+    import json
+    import shlex
+
+    args = ["--backbone", spec.name]
+    if spec.weights:
+        args += ["--weights", spec.weights]
+    if spec.options:
+        args += ["--model-args", json.dumps(spec.options, sort_keys=True)]
+    if spec.pooling:
+        args += ["--pooling", spec.pooling]
+    if spec.trust_remote_code:
+        args.append("--trust-remote-code")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path, extras: dict[str, Any] | None = None) -> Any:
+    """Write the backbone folder and then the ``lrf-head`` file that points at it; returns the EncoderSpec that
+    rebuilds the fine-tuned encoder (``embed-images`` with it, then ``fuse``: the model file records it).
+
+    timm: the hub folder layout (``config.json`` + ``model.safetensors``), ``--weights FOLDER``.
+    hf / open_clip / xrv: ``model.safetensors``, the state dict the family's loader reads as
+    ``--weights FILE`` on top of the same encoder spec (its config, preprocessing and options unchanged).
+    The files go to a temporary sibling folder first and are renamed into ``backbone_out_dir``, so an
+    interrupted save never leaves a half-written weights file. ``extras`` (e.g. ``uncertain``,
     ``train_labels``) are added to the head's metadata.
     """
     from types import SimpleNamespace
@@ -387,34 +428,52 @@ def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path,
     contract.check_output_path(lrf_out)
     parent = check_backbone_out(out_dir)
     info = result.info
-    # the state dict is all save_local_backbone reads: no need to rebuild the model (hf-hub: names would need the hub)
-    model = SimpleNamespace(state_dict=lambda: result.backbone_state)
+    enc = result.encoder
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
     try:
-        save_local_backbone(model, info.name, tmp, info.model_args)
+        if enc is None:  # timm
+            # the state dict is all save_local_backbone reads: no need to rebuild the model (hf-hub: names would need the hub)
+            save_local_backbone(SimpleNamespace(state_dict=lambda: result.backbone_state), info.name, tmp, info.model_args)
+            names = ("model.safetensors", "config.json")
+        else:
+            from safetensors.torch import save_file
+
+            save_file(encoder_weights(enc), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            names = ("model.safetensors",)
         out_dir.mkdir(exist_ok=True)
-        for name in ("model.safetensors", "config.json"):
+        for name in names:
             os.replace(tmp / name, out_dir / name)
+        if enc is not None and (out_dir / "config.json").exists():  # a timm folder saved here before: not ours now
+            (out_dir / "config.json").unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     tensors = {k: v.numpy() for k, v in result.head_state.items()}
     backbone_np = {k: v.float().numpy() if str(v.dtype) == "torch.bfloat16" else v.numpy() for k, v in result.backbone_state.items()}
     c = result.config
+    if enc is None:
+        spec = info.spec.with_(weights=str(out_dir)) if info.spec is not None else None
+        where = {"backbone": info.name, "backbone_weights": str(out_dir), "backbone_args": info.model_args,
+                 "preprocessing": info.data_config}
+    else:
+        spec = enc.spec.with_(weights=str(out_dir / "model.safetensors"), pretrained=True)
+        where = {"backbone": spec.name, "backbone_weights": spec.weights, "backbone_args": dict(spec.options),
+                 "preprocessing": enc.preprocessing, "encoder": {**spec.to_meta(), "pooling": enc.pooling},
+                 "encoder_family": spec.family}
     meta = {
         "labels": list(result.names),
         **asdict(c),
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
         "val_auroc": None if math.isnan(result.val_auroc) else result.val_auroc, "validation": result.validation,
         "fingerprint": tensor_fingerprint(tensors), "in_dim": int(info.dim),
-        "backbone": info.name, "backbone_weights": str(out_dir), "backbone_args": info.model_args,
-        "preprocessing": info.data_config, "precision": "fp32",
+        **where, "precision": "fp32",
         "finetuned": True, "backbone_fingerprint": tensor_fingerprint(backbone_np), "backbone_source": info.weights,
         "backbone_lr": result.backbone_lr, "train_precision": result.precision, "augment": result.augment,
         "train_images": result.images, "skipped": len(result.skipped), "history": result.history,
         **(extras or {}),
     }
     contract.write_file(lrf_out, "lrf-head", tensors, meta)
+    return spec
 
 
 def finetune_stage(
@@ -483,7 +542,11 @@ def finetune_stage(
                 raise
             error = f"rank 0: {exc}"
     distributed.agree(dist, error)
-    notes = [f"embed images with: mavl embed-images ... --backbone {res.info.name} --weights {backbone_out}"]
+    if res.encoder is None:
+        notes = [f"embed images with: mavl embed-images ... --backbone {res.info.name} --weights {backbone_out}"]
+    else:
+        ft = res.encoder.spec.with_(weights=str(Path(backbone_out) / "model.safetensors"), pretrained=True)
+        notes = [f"embed images with: mavl embed-images ... {cli_encoder_args(ft)}"]
     if res.skipped:
         notes.append(f"{len(res.skipped)} unreadable image(s) skipped")
     return StageResult(

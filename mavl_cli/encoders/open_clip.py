@@ -120,18 +120,16 @@ def _model_name(spec: EncoderSpec) -> tuple[str, str | None]:
     """(name for open_clip.create_model, pretrained tag or file or None)."""
     ident = spec.id
     if ident.startswith(("hf-hub:", "local-dir:")):
-        if spec.weights:
-            raise MavlError(f"{spec.name}: the folder/hub repo brings its own weights; drop --weights")
+        _weights_file_only(spec, "hub repo")
         if ident.startswith("local-dir:") and not Path(ident[len("local-dir:"):]).is_dir():
             raise MavlError(f"{ident[len('local-dir:'):]}: open_clip model folder not found")
-        return ident, None
+        return ident, spec.weights
     p = Path(ident).expanduser()
     if p.is_dir():
         if not (p / "open_clip_config.json").exists():
             raise MavlError(f"{p}: not an open_clip model folder (no open_clip_config.json)", path=p)
-        if spec.weights:
-            raise MavlError(f"{spec.name}: the folder brings its own weights; drop --weights")
-        return f"local-dir:{p}", None
+        _weights_file_only(spec, "folder")
+        return f"local-dir:{p}", spec.weights
     if p.suffix == ".json" and p.is_file():
         import open_clip
 
@@ -140,6 +138,15 @@ def _model_name(spec: EncoderSpec) -> tuple[str, str | None]:
     elif looks_local(ident):
         raise MavlError(f"{ident}: open_clip model folder not found", path=ident)
     return ident, spec.weights
+
+
+def _weights_file_only(spec: EncoderSpec, what: str) -> None:
+    """A folder or hub repo brings its own weights; ``--weights`` may only name a state-dict file to load on
+    top (e.g. the encoder ``mavl finetune-lrf`` fine-tuned), never a pretrained tag."""
+    w = spec.weights
+    if w and not (Path(w).expanduser().is_file() or Path(w).suffix in (".safetensors", ".pt", ".pth", ".bin")):
+        raise MavlError(f"{spec.name}: the {what} brings its own weights; --weights may only name a state-dict file "
+                        "to load on top of it (drop --weights otherwise)")
 
 
 def load_image(spec: EncoderSpec) -> OpenCLIPEncoder:
@@ -154,7 +161,10 @@ def load_image(spec: EncoderSpec) -> OpenCLIPEncoder:
         if file is not None:
             if not file.exists():
                 raise MavlError(f"{file}: weights file not found", path=file)
-            clip = open_clip.create_model(name, pretrained=None)
+            if name.startswith(("hf-hub:", "local-dir:")):  # the repo's config; the file's weights
+                clip = open_clip.create_model(name, load_weights=False)
+            else:
+                clip = open_clip.create_model(name, pretrained=None)
             _load_clip_state(clip, file)
         elif name.startswith(("hf-hub:", "local-dir:")):
             clip = open_clip.create_model(name, load_weights=spec.pretrained)
