@@ -120,8 +120,8 @@ def natural_images(folder: Path, size: int, seed: int = 0) -> Path:
 
 
 def demo_model(work: Path, n: int, epochs: int, seed: int, weights: Path, text_model: Path) -> Path:
-    """The demo's chain (``mavl_cli.demo.demo_commands``, the same commands ``mavl demo`` runs), resumable."""
-    from mavl_cli.demo import demo_commands, run_cli
+    """The demo's chain (``mavl_cli.demo.demo_steps``, the stages ``mavl demo`` runs), resumable."""
+    from mavl_cli.demo import demo_steps, phantoms_step, run_step
 
     d = work / "demo"
     model = d / "model_tuned.safetensors"
@@ -129,12 +129,13 @@ def demo_model(work: Path, n: int, epochs: int, seed: int, weights: Path, text_m
         return model
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "phantoms" / "test.csv").exists():
-        run_cli(["phantoms", d / "phantoms", "-n", n, "--seed", seed, "--size", 256])
-    for cmd in demo_commands(d, weights, text_model, epochs, seed):
+        run_step(phantoms_step(d / "phantoms", n, seed, 256))
+    for step in demo_steps(d, weights, text_model, epochs, seed):
+        cmd = step.argv
         out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else None
         if cmd[0] == "evaluate" or (out is not None and out.exists()):
             continue
-        run_cli(cmd)
+        run_step(step)
     return model
 
 
