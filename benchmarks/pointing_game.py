@@ -14,8 +14,12 @@ Every finding drawn in a test film (its mask exists) is one case, whether or
 not the model called it positive.
 
 Timing: on ``--time-images`` test films, one pooled forward pass (what a
-prediction costs) against one map of all six findings (its own forward pass,
-the head, and the mapping back to original pixels), on CPU, median of runs.
+prediction costs) against the maps of one finding and of all six findings
+(their own forward pass, the head, the backward passes, and the mapping back to
+original pixels), on CPU, median of runs (``--threads`` torch threads).
+
+Which map variant to ship was chosen on validation films only
+(``benchmarks/map_variants.py``); this script reports the test films.
 
 Writes ``--work``/pointing_game.json and, with ``--figure``, a grid of example
 overlays (film with the true region outlined, similarity, Grad-CAM).
@@ -38,7 +42,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-METHODS = ("similarity", "gradcam")
+from mavl_cli.maps import METHODS as ALL_METHODS  # noqa: E402 - light (numpy, Pillow)
+
+METHODS = ALL_METHODS  # the ones this run scores (--methods)
 
 
 def log(msg: str) -> None:
@@ -89,7 +95,7 @@ def test_images(work: Path) -> list[Path]:
 def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
     import torch
 
-    from mavl_cli.heatmaps import build_map_model, image_input
+    from mavl_cli.heatmaps import build_map_model, image_input, needs_grad
     from mavl_cli.maps import to_original
     from mavl_cli.mavlmodel import image_encoder
     from mavl_cli.modelfile import load_model
@@ -99,7 +105,7 @@ def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
     net, prep = image_encoder(model.meta)
     mm = build_map_model(model, net, prep)
     labels = list(range(len(model.labels)))
-    t = {"forward": [], **{m: [] for m in METHODS}}
+    t = {"forward": [], **{m: [] for m in METHODS}, **{f"{m}_one": [] for m in METHODS}}
     for path in images:
         _, crop, geom = image_input(path, mm.data_config)
         x = normalize_batch(stack_batch([crop]), mm.data_config).contiguous()
@@ -111,21 +117,23 @@ def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
                 mm.logits(net(x))
             t["forward"].append(time.perf_counter() - t0)
             for method in METHODS:
-                t0 = time.perf_counter()
-                with torch.enable_grad() if method == "gradcam" else torch.no_grad():
-                    to_original(mm.maps(x, method, labels), geom)
-                t[method].append(time.perf_counter() - t0)
+                for key, which in ((method, labels), (f"{method}_one", labels[:1])):
+                    t0 = time.perf_counter()
+                    with torch.enable_grad() if needs_grad(method) else torch.no_grad():
+                        to_original(mm.maps(x, method, which), geom)
+                    t[key].append(time.perf_counter() - t0)
     fwd = float(np.median(t["forward"]))
     out = {"threads": torch.get_num_threads(), "images": len(images), "repeats": repeats, "forward_ms": 1000 * fwd}
     for method in METHODS:
-        med = float(np.median(t[method]))
-        out[f"{method}_ms"] = 1000 * med
-        out[f"{method}_x_forward"] = med / fwd
+        for key in (method, f"{method}_one"):
+            med = float(np.median(t[key]))
+            out[f"{key}_ms"] = 1000 * med
+            out[f"{key}_x_forward"] = med / fwd
     return out
 
 
 def figure(work: Path, out: Path, per_label: int = 1) -> None:
-    """Rows: examples of different findings; columns: film + true region, similarity, Grad-CAM."""
+    """Rows: examples of different findings; columns: film + true region, then each method."""
     from PIL import Image, ImageDraw
 
     from mavl_cli import contract
@@ -147,9 +155,10 @@ def figure(work: Path, out: Path, per_label: int = 1) -> None:
             rows.append((img, m, lab_slug, files))
     film_size = 256
     label_h = 18
-    sheet = Image.new("RGB", (3 * film_size, len(rows) * (film_size + label_h) + label_h), "white")
+    cols = 1 + len(METHODS)
+    sheet = Image.new("RGB", (cols * film_size, len(rows) * (film_size + label_h) + label_h), "white")
     d = ImageDraw.Draw(sheet)
-    for j, title in enumerate(("film, true region outlined", "similarity", "gradcam")):
+    for j, title in enumerate(("film, true region outlined", *METHODS)):
         d.text((j * film_size + 6, 3), title, fill="black")
     for i, (img, mpath, lab_slug, files) in enumerate(rows):
         top = label_h + i * (film_size + label_h)
@@ -184,8 +193,15 @@ def main() -> None:
     ap.add_argument("--time-images", type=int, default=5)
     ap.add_argument("--time-repeats", type=int, default=3)
     ap.add_argument("--figure", type=Path, default=None)
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated --heatmap-method values")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the timing (0: torch's default)")
     a = ap.parse_args()
     import torch
+
+    global METHODS
+    METHODS = tuple(m for m in a.methods.split(",") if m)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     torch.manual_seed(a.seed)
     work = a.work
@@ -209,15 +225,16 @@ def main() -> None:
     result["timing"] = timing(model, images[: a.time_images], a.time_repeats)
     result["seconds"] = time.perf_counter() - t0
     (work / "pointing_game.json").write_text(json.dumps(result, indent=2))
-    print(f"\n{'finding':<18}" + "".join(f"{m + ' hit':>18}{m + ' IoU':>16}" for m in METHODS))
-    labels = list(result["methods"]["similarity"]["per_label"])
+    print(f"\n{'finding':<18}" + "".join(f"{m + ' hit':>26}{'IoU':>7}" for m in METHODS))
+    labels = list(result["methods"][METHODS[0]]["per_label"])
     for lab in labels + ["overall"]:
         cells = []
         for m in METHODS:
             r = result["methods"][m]["per_label"].get(lab) if lab != "overall" else result["methods"][m]["overall"]
             ci = r.get("hit_rate_ci", [float("nan")] * 2)
-            cells.append(f"{r['hit_rate']:.2f} [{ci[0]:.2f},{ci[1]:.2f}]".rjust(18) + f"{r['iou']:.3f}".rjust(16))
-        n = (result["methods"]["similarity"]["per_label"].get(lab) or result["methods"]["similarity"]["overall"])["images"]
+            cells.append(f"{r['hit_rate']:.2f} [{ci[0]:.2f},{ci[1]:.2f}]".rjust(26) + f"{r['iou']:.3f}".rjust(7))
+        first = result["methods"][METHODS[0]]
+        n = (first["per_label"].get(lab) or first["overall"])["images"]
         print(f"{lab + f' ({n})':<18}" + "".join(cells))
     print(json.dumps(result["timing"], indent=2))
     if a.figure:

@@ -489,7 +489,7 @@ def predict_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of stopping."),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="Write DIR/<stem>.<label>.png overlays and DIR/<stem>.maps.safetensors: where each finding is."),
     heatmap_labels: str = typer.Option("positive", "--heatmap-labels", help="Which findings get a map: positive, all, or A,B."),
-    heatmap_method: str = typer.Option("similarity", "--heatmap-method", help="similarity (patches vs. aspect text, no gradients) or gradcam."),
+    heatmap_method: str = typer.Option("similarity", "--heatmap-method", help="similarity (patches vs. aspect text, no gradients), gradcam, hirescam (gradient x activation at the stride-16 stage), or similarity-hirescam (their product)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: score only shard K (0-based) of N of the images; join --out files with `mavl merge`."),
     ood_threshold: Optional[float] = typer.Option(None, "--ood-threshold", help="Flag images whose distance to the training features exceeds this percentile of the reference (validation) distances (default 99)."),
 ) -> None:

@@ -656,7 +656,9 @@ def _check_maps(f: MavlFile) -> None:
         raise MavlError(f"{name}: maps must be float32, got {m.dtype}")
     if not isinstance(size, list) or len(size) != 2 or [v for v in size] != [m.shape[2], m.shape[1]]:
         raise MavlError(f"{name}: image_size {size} does not match the maps' {m.shape[2]}x{m.shape[1]} pixels")
-    if f.meta.get("method") not in ("similarity", "gradcam"):
+    from mavl_cli.maps import METHODS
+
+    if f.meta.get("method") not in METHODS:
         raise MavlError(f"{name}: unknown map method {f.meta.get('method')!r}")
 
 

@@ -13,6 +13,19 @@ Two methods, one spatial adapter per image-encoder family:
   their gradient would be zero), reshaped to the patch grid. Only the part of
   the network after that activation is re-run with gradients, so a map costs
   one forward pass plus a backward pass through the head.
+- ``hirescam``: HiResCAM (Draelos & Carin 2020): the element-wise product of
+  the finding's logit gradient and the activation, summed over channels, at a
+  finer layer: a timm CNN's last stride-16 stage (a 14x14 grid at 224 px
+  instead of the final 7x7; the gradient flows back through the stride-32
+  stages, so it varies over the cells, unlike the final map's gradient under
+  average pooling, where HiResCAM and Grad-CAM coincide); a ViT's tokens
+  entering its last block, as for Grad-CAM. One ordinary forward pass in which
+  a hook swaps that stage's output for a leaf (nothing before it keeps a
+  graph), then one backward pass through the later stages per finding.
+- ``similarity-hirescam``: both maps scaled to [0, 1] per finding and
+  multiplied on the finer grid (the similarity map bilinearly upsampled):
+  where a region both resembles the finding's text and raises its logit.
+  Chosen on validation phantoms (``benchmarks/map_variants.py``).
 
 Grad-CAM is written here rather than taken from the ``grad-cam`` package:
 that package hooks one module and needs a per-architecture reshape transform
@@ -114,6 +127,50 @@ class SpatialAdapter:
         if side * side != n:
             raise MavlError(f"backbone {self.name!r}: {n} patch tokens do not form a square grid")
         return side, side
+
+    def cam_stage(self) -> Any:
+        """The module whose output HiResCAM reads on a CNN: the last stage at stride <= 16 that is not
+        the final one (timm's ``feature_info``); None for a ViT or a CNN without stage information."""
+        if self.kind == "vit":
+            return None
+        info = getattr(self.model, "feature_info", None)
+        entries = [e for e in (list(info) if info is not None else []) if isinstance(e, dict) and e.get("module")]
+        final = max((int(e.get("reduction", 0)) for e in entries), default=0)
+        fine = [e for e in entries if 0 < int(e.get("reduction", 0)) <= 16 and int(e.get("reduction", 0)) < final]
+        if not fine:
+            return None
+        try:
+            return self.model.get_submodule(str(fine[-1]["module"]))
+        except AttributeError:
+            return None
+
+    def run_stage(self, x: Any) -> SpatialPass:
+        """One forward pass with the :meth:`cam_stage` output swapped for a leaf that requires grad:
+        ``act`` is that leaf, ``pooled`` keeps a graph from it, ``local`` the final map for similarity.
+        Falls back to :meth:`run` (the Grad-CAM activation) where there is no finer stage."""
+        import torch
+
+        stage = self.cam_stage()
+        if stage is None:
+            return self.run(x, grad=True)
+        m, held = self.model, {}
+
+        def swap(_mod: Any, _args: Any, out: Any) -> Any:
+            held["a"] = out.detach().requires_grad_(True)
+            return held["a"]
+
+        hook = stage.register_forward_hook(swap)
+        try:
+            with torch.enable_grad():
+                fmap = m.forward_features(x)
+                pooled = m.forward_head(fmap, pre_logits=True)
+        finally:
+            hook.remove()
+        act = held["a"]
+        local = fmap.detach()[0]
+        local = local.permute(1, 2, 0) if self.kind == "nchw" else local
+        grid = (lambda t: t[0]) if self.kind == "nhwc" else (lambda t: t[0].permute(1, 2, 0))
+        return SpatialPass(local, act, pooled, grid)
 
     def run(self, x: Any, grad: bool) -> SpatialPass:
         import torch
@@ -240,13 +297,54 @@ class MapModel:
             out.append(torch.relu((act * weights).sum(-1)).detach())
         return (torch.stack(out) if out else act.new_zeros((0, *act.shape[:2]))), logits.detach()
 
+    def hirescam_maps(self, sp: SpatialPass, labels: list[int]) -> Any:
+        """``[len(labels), h, w]`` HiResCAM maps: ReLU of the channel sum of gradient x activation."""
+        import torch
+
+        logits = self.logits(sp.pooled)[0]
+        act = sp.cam_grid(sp.act)
+        out = []
+        for k, j in enumerate(labels):
+            (g,) = torch.autograd.grad(logits[j], sp.act, retain_graph=k < len(labels) - 1)
+            out.append(torch.relu((sp.cam_grid(g) * act).sum(-1)).detach())
+        return torch.stack(out) if out else act.new_zeros((0, *act.shape[:2]))
+
     def maps(self, x: Any, method: str, labels: list[int]) -> np.ndarray:
         """``[len(labels), h, w]`` maps on the input crop's grid for one normalised input ``[1, 3, H, W]``."""
-        sp = self.adapter.run(x, grad=method == "gradcam")
         if method == "similarity":
-            return self.similarity_maps(sp)[labels].float().cpu().numpy()
-        cams, _ = self.gradcam_maps(sp, labels)
-        return cams.float().cpu().numpy()
+            return self.similarity_maps(self.adapter.run(x, grad=False))[labels].float().cpu().numpy()
+        if method == "gradcam":
+            cams, _ = self.gradcam_maps(self.adapter.run(x, grad=True), labels)
+            return cams.float().cpu().numpy()
+        run_stage = getattr(self.adapter, "run_stage", None)
+        sp = run_stage(x) if run_stage is not None else self.adapter.run(x, grad=True)
+        cams = self.hirescam_maps(sp, labels)
+        if method == "hirescam":
+            return cams.float().cpu().numpy()
+        if sp.local is None:  # an adapter whose Grad-CAM pass does not carry the final map
+            sp.local = self.adapter.run(x, grad=False).local
+        sim = self.similarity_maps(sp)[labels]
+        return (unit_range(upsample(sim, cams.shape[1:])) * unit_range(cams)).float().cpu().numpy()
+
+
+def needs_grad(method: str) -> bool:
+    return method != "similarity"
+
+
+def unit_range(t: Any) -> Any:
+    """Each ``[h, w]`` map of ``[L, h, w]`` scaled to [0, 1] (a constant map becomes 0)."""
+    flat = t.reshape(t.shape[0], -1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    return (t - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def upsample(t: Any, size: tuple[int, int]) -> Any:
+    """``[L, h, w]`` -> ``[L, *size]`` bilinearly, cell centres kept (the convention of maps.to_original)."""
+    import torch.nn.functional as F
+
+    if tuple(t.shape[1:]) == tuple(size):
+        return t
+    return F.interpolate(t[None], size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)[0]
 
 
 def build_map_model(model: Any, encoder: Any, data_config: dict[str, Any], text: np.ndarray | None = None,
@@ -368,7 +466,7 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
         else:
             chosen = [j for j in range(len(names)) if scores[i, j] >= thresholds[j]]
         if chosen:
-            with torch.enable_grad() if opts.method == "gradcam" else torch.no_grad():
+            with torch.enable_grad() if needs_grad(opts.method) else torch.no_grad():
                 maps, film, _ = maps_for_image(mm, path, opts.method, chosen)
             labs = [names[j] for j in chosen]
             meta = {**extra, "id": image_id, "scores": [round(float(scores[i, j]), 6) for j in chosen]}

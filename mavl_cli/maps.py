@@ -24,7 +24,7 @@ import numpy as np
 from mavl_cli.errors import MavlError
 
 MAPS_SUFFIX = ".maps.safetensors"
-METHODS = ("similarity", "gradcam")
+METHODS = ("similarity", "gradcam", "hirescam", "similarity-hirescam")
 
 
 def label_slug(label: str) -> str:

@@ -328,6 +328,106 @@ def test_vit_gradcam_equals_the_gradient_through_the_whole_network(models: dict,
     assert got.shape == (2, 4, 4) and np.abs(got).sum() > 0
 
 
+@pytest.mark.parametrize("kind, stage", [("effnet", "blocks.4"), ("cnn", "layer3")])
+def test_hirescam_matches_the_grad_cam_package_at_the_stride16_stage(models: dict, kind: str, stage: str) -> None:
+    """HiResCAM on the last stride-16 stage (timm's feature_info) equals the package's HiResCAM on that layer."""
+    import cv2
+    import torch
+    from pytorch_grad_cam import HiResCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, net, mm = _map_model(models[kind])
+    assert mm.adapter.cam_stage() is net.get_submodule(stage)
+    x = _input(mm, models["film"])[:, :, 48:176, 48:176]  # 128 px: an 8x8 stride-16 grid
+    ours = mm.maps(x, "hirescam", [0, 1, 2])
+    assert ours.shape == (3, 8, 8)
+
+    class Whole(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, inp):
+            return mm.logits(net.forward_head(net.forward_features(inp), pre_logits=True))
+
+    requires = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(True)
+
+    def scaled(a):
+        a = a - a.min()
+        return a / (1e-7 + a.max())
+
+    try:
+        with HiResCAM(model=Whole(), target_layers=[net.get_submodule(stage)]) as cam:
+            for j in (0, 2):
+                theirs = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(j)])[0]
+                m = scaled(cv2.resize(scaled(ours[j]), (x.shape[3], x.shape[2])))
+                np.testing.assert_allclose(m, theirs, atol=1e-4)
+                assert ours[j].max() > 0
+    finally:
+        for p, r in zip(net.parameters(), requires):
+            p.requires_grad_(r)
+
+
+def test_hirescam_gradient_varies_over_cells_unlike_the_final_maps(models: dict) -> None:
+    """Under average pooling the final map's gradient is the same in every cell (HiResCAM there = Grad-CAM);
+    at the stride-16 stage it is not, which is what makes the finer map more than an upsampled Grad-CAM.
+    The stage pass (a leaf swapped in by a hook) gives the very logits of the plain pass."""
+    import torch
+
+    _, _, mm = _map_model(models["effnet"])
+    x = _input(mm, models["film"])[:, :, 48:176, 48:176]
+    sp, st = mm.adapter.run(x, grad=True), mm.adapter.run_stage(x)
+    np.testing.assert_allclose(mm.logits(st.pooled).detach().numpy(), mm.logits(sp.pooled).detach().numpy(), rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(mm.logits(sp.pooled)[0, 0], sp.act)
+    (g16,) = torch.autograd.grad(mm.logits(st.pooled)[0, 0], st.act)
+    assert g.shape[-2:] == (4, 4) and g16.shape[-2:] == (8, 8)
+    torch.testing.assert_close(g, g[..., :1, :1].expand_as(g))
+    assert (g16 - g16[..., :1, :1]).abs().amax() > 1e-3 * g16.abs().amax()
+
+
+def test_similarity_hirescam_is_the_product_of_the_two_unit_ranged_maps(models: dict) -> None:
+    import cv2
+
+    _, _, mm = _map_model(models["effnet"])
+    x = _input(mm, models["film"])[:, :, 48:176, 48:176]
+    sim = mm.maps(x, "similarity", [0, 2])  # 4x4 at stride 32
+    hi = mm.maps(x, "hirescam", [0, 2])  # 8x8 at stride 16
+    got = mm.maps(x, "similarity-hirescam", [0, 2])
+    assert sim.shape == (2, 4, 4) and got.shape == hi.shape == (2, 8, 8)
+
+    def unit(a):
+        return (a - a.min()) / (a.max() - a.min())
+
+    for k in range(2):  # cv2's bilinear resize keeps pixel centres (half-pixel rule), as the maps do
+        want = unit(cv2.resize(sim[k].astype(np.float64), (8, 8), interpolation=cv2.INTER_LINEAR)) * unit(hi[k])
+        np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-5)
+        assert got[k].max() <= 1.0 + 1e-6 and (got[k][hi[k] == 0] == 0).all()
+
+
+def test_vit_hirescam_is_gradient_times_the_tokens_entering_the_last_block(models: dict) -> None:
+    import torch
+
+    _, net, mm = _map_model(models["vit"])
+    x = _input(mm, models["film"])
+    got = mm.maps(x, "hirescam", [1, 2])
+    held = {}
+
+    def grab(_mod, args):
+        args[0].retain_grad()
+        held["x"] = args[0]
+
+    h = net.blocks[-1].register_forward_pre_hook(grab)
+    logits = mm.logits(net.forward_head(net.forward_features(x.clone().requires_grad_(True)), pre_logits=True))[0]
+    h.remove()
+    npt = net.num_prefix_tokens
+    for k, j in enumerate([1, 2]):
+        (grad,) = torch.autograd.grad(logits[j], held["x"], retain_graph=True)
+        want = torch.relu((grad[0, npt:] * held["x"][0, npt:].detach()).sum(-1)).reshape(4, 4).numpy()
+        np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-6)
+
+
 def test_family_without_a_spatial_map_gives_one_clear_line() -> None:
     import timm
 
@@ -344,7 +444,7 @@ def test_family_without_a_spatial_map_gives_one_clear_line() -> None:
 # ------------------------------------------------------------------ the CLI
 
 
-@pytest.mark.parametrize("method", ["similarity", "gradcam"])
+@pytest.mark.parametrize("method", ["similarity", "gradcam", "similarity-hirescam"])
 def test_predict_heatmap_writes_overlays_maps_file_and_json_peaks(models: dict, tmp_path: Path, method: str) -> None:
     out = tmp_path / "maps"
     film = models["film"]
@@ -378,7 +478,7 @@ def test_predict_heatmap_positive_only_by_default(models: dict, tmp_path: Path) 
 
 @pytest.mark.parametrize("args, message", [
     (["--heatmap-labels", "Cardiomegaly,Fracture"], "--heatmap-labels: unknown label(s) Fracture"),
-    (["--heatmap-method", "saliency"], "--heatmap-method must be one of similarity, gradcam"),
+    (["--heatmap-method", "saliency"], "--heatmap-method must be one of similarity, gradcam, hirescam, similarity-hirescam"),
 ])
 def test_predict_heatmap_bad_options_one_line_nothing_written(models: dict, tmp_path: Path, args: list, message: str) -> None:
     out = tmp_path / "maps"
