@@ -3,8 +3,9 @@
 Light on purpose (numpy and Pillow, no torch): `mavl evaluate-maps` and
 `mavl info` use it without loading a model.
 
-Coordinates. The model sees a centre crop of a resized film (see
-:mod:`mavl_cli.preprocess`). A map computed on that input, on a grid of
+Coordinates. The model sees a box cut from a rescaled film, as the encoder
+family's own preprocessing makes it (each family declares that geometry,
+:func:`mavl_cli.preprocess.input_geometry`). A map computed on that input, on a grid of
 ``h x w`` cells covering the crop, is taken back to the original film by
 :func:`to_original`: each original pixel centre is carried forward through
 the resize and the crop into the grid's coordinates and the map is sampled
@@ -51,42 +52,68 @@ def split_mask_name(name: str, labels: list[str]) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class CropGeometry:
-    """How an original film became the model's input: resize the whole frame, then crop."""
+    """How an original film became the model's input: rescale the whole frame, then cut a box from it.
+
+    Every family's eval preprocessing is this shape (see :func:`crop_geometry`):
+    the frame is rescaled to ``resized_w x resized_h`` (shortest-edge, longest-edge
+    or squash rules all rescale the whole frame) and the box ``crop_w x crop_h``
+    whose top-left corner is ``(left, top)`` in the rescaled frame is the input;
+    a negative offset means the frame was padded. Crop-then-resize recipes
+    (torchxrayvision's centre square, then resize) are the same map with
+    fractional sizes and offsets. ``rule`` says in words which recipe it was.
+    """
 
     orig_w: int
     orig_h: int
-    resized_w: int
-    resized_h: int
-    left: int
-    top: int
+    resized_w: float
+    resized_h: float
+    left: float
+    top: float
     crop_w: int
     crop_h: int
+    rule: str = ""
 
     def to_crop(self, x: float, y: float) -> tuple[float, float]:
         """An original pixel centre -> continuous input-crop pixel coordinates (pixel centres at .5)."""
         return ((x + 0.5) * self.resized_w / self.orig_w - self.left,
                 (y + 0.5) * self.resized_h / self.orig_h - self.top)
 
+    def to_meta(self) -> dict[str, Any]:
+        """The geometry as JSON (recorded in maps files)."""
+        return {"rule": self.rule, "resized": [round(float(self.resized_w), 4), round(float(self.resized_h), 4)],
+                "box": [round(float(self.left), 4), round(float(self.top), 4), int(self.crop_w), int(self.crop_h)]}
+
+
+def centre_offset(size: int, crop: int, rounding: str = "round", pad: str = "floor") -> int:
+    """Offset of a centred ``crop`` in ``size`` pixels (negative: the frame is padded).
+
+    ``rounding`` for a crop inside the frame: ``round`` (torchvision's CenterCrop),
+    ``floor`` (transformers' image processors); ``pad`` for a crop larger than the
+    frame: how the padding before the frame is rounded (``floor`` torchvision,
+    ``ceil`` transformers' PIL backend).
+    """
+    if crop > size:
+        before = (crop - size) // 2 if pad == "floor" else -((size - crop) // 2)
+        return -int(before)
+    return int(round((size - crop) / 2.0)) if rounding == "round" else (size - crop) // 2
+
 
 def crop_geometry(orig_size: tuple[int, int], decoded_size: tuple[int, int], data_config: dict[str, Any]) -> CropGeometry:
-    """The geometry :func:`mavl_cli.preprocess.prepare_image` applies (timm-style recipes).
+    """The geometry the family's own eval preprocessing applies to this film.
 
     ``orig_size``: (width, height) of the film at full resolution;
     ``decoded_size``: the size the decoder handed to the preprocessing (it may
-    have downscaled already; both are rescalings of the whole frame).
+    have downscaled already; both are rescalings of the whole frame). The
+    family declares the geometry from the same recipe its preprocessing runs
+    (:func:`mavl_cli.preprocess.input_geometry`); a family that cannot is one
+    clear error.
     """
-    from mavl_cli.preprocess import kind, resized_size, target_geometry
+    from dataclasses import replace
 
-    if kind(data_config) != "timm":
-        raise MavlError(f"heatmaps map back through timm-style resize-and-crop preprocessing only; "
-                        f"this encoder's preprocessing is {kind(data_config)!r}")
-    _, h, w = target_geometry(data_config)
-    iw, ih = decoded_size
-    nw, nh = resized_size(data_config, iw, ih)
-    # torchvision's CenterCrop: rounded offsets; a crop larger than the image pads it, centred
-    left = -((w - nw) // 2) if w > nw else int(round((nw - w) / 2.0))
-    top = -((h - nh) // 2) if h > nh else int(round((nh - h) / 2.0))
-    return CropGeometry(int(orig_size[0]), int(orig_size[1]), nw, nh, left, top, w, h)
+    from mavl_cli.preprocess import input_geometry
+
+    g = input_geometry(data_config, (int(decoded_size[0]), int(decoded_size[1])))
+    return replace(g, orig_w=int(orig_size[0]), orig_h=int(orig_size[1]))
 
 
 def _axis_weights(n_out: int, n_grid: int, scale: float, offset: float, extent: int) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,27 @@ def resized_size(data_config: dict[str, Any], iw: int, ih: int) -> tuple[int, in
     return int(scale * iw / ih), scale
 
 
+def input_geometry(data_config: dict[str, Any], size: tuple[int, int]) -> Any:
+    """How a decoded image of ``size`` (width, height) becomes the model input, as a
+    :class:`mavl_cli.maps.CropGeometry` (in that image's pixels).
+
+    Declared from the same recipe :func:`prepare_image` runs: timm's here (the
+    rule above), every other family's by its module's ``geometry(cfg, w, h)``.
+    """
+    from mavl_cli.maps import CropGeometry, centre_offset
+
+    iw, ih = int(size[0]), int(size[1])
+    if kind(data_config) != "timm":
+        return _family(data_config).geometry(data_config, iw, ih)
+    _, h, w = target_geometry(data_config)
+    nw, nh = resized_size(data_config, iw, ih)
+    # center_crop below: torchvision's rounded offsets; a crop larger than the image pads it, centred
+    squash = data_config.get("crop_mode") == "squash"
+    rule = (f"{'squash' if squash else 'shortest edge'} to {nw}x{nh} "
+            f"(crop_pct {float(data_config.get('crop_pct', 1.0) or 1.0):g}), centre crop {w}x{h}")
+    return CropGeometry(iw, ih, nw, nh, centre_offset(nw, w), centre_offset(nh, h), w, h, f"timm: {rule}")
+
+
 def prepare_image(img: Any, data_config: dict[str, Any]) -> np.ndarray:
     """PIL image (L or RGB) -> one image's array ready for batching (see the module docstring)."""
     if kind(data_config) != "timm":

@@ -99,6 +99,14 @@ class ImageEncoder(torch.nn.Module):
         raise MavlError(f"{self.spec.name}: this encoder has no aligned text tower")
 
     # -- shared
+    def geometry(self, width: int, height: int) -> Any:
+        """How a ``width x height`` image maps into this encoder's input (a
+        :class:`mavl_cli.maps.CropGeometry`), declared by the family from the same
+        preprocessing recipe it runs (``self.preprocessing``)."""
+        from mavl_cli.preprocess import input_geometry
+
+        return input_geometry(self.preprocessing, (width, height))
+
     @property
     def input_size(self) -> tuple[int, int, int]:
         c, h, w = self.preprocessing["input_size"]

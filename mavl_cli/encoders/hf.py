@@ -221,6 +221,79 @@ def _processor(cfg: dict[str, Any]) -> Any:
     return proc
 
 
+def _sized(size: Any, key: str) -> int | None:
+    v = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+    return int(v) if v else None
+
+
+def _resized(size: Any, h: int, w: int) -> tuple[int, int]:
+    """The (height, width) transformers' backends resize an ``h x w`` image to (their ``resize`` rules)."""
+    from transformers.image_transforms import get_size_with_aspect_ratio
+    from transformers.image_utils import get_image_size_for_max_height_width
+
+    short, long_ = _sized(size, "shortest_edge"), _sized(size, "longest_edge")
+    if short and long_:
+        return tuple(get_size_with_aspect_ratio((h, w), short, long_))
+    if short:  # torchvision's rule (get_resize_output_image_size, default_to_square=False)
+        s, l = (w, h) if w <= h else (h, w)
+        new_s, new_l = short, int(short * l / s)
+        return (new_l, new_s) if w <= h else (new_s, new_l)
+    if _sized(size, "max_height") and _sized(size, "max_width"):
+        return tuple(get_image_size_for_max_height_width((h, w), _sized(size, "max_height"), _sized(size, "max_width")))
+    if _sized(size, "height") and _sized(size, "width"):
+        return _sized(size, "height"), _sized(size, "width")
+    raise MavlError(f"cannot tell how this image processor resizes (size {dict(size)})")
+
+
+def geometry(cfg: dict[str, Any], iw: int, ih: int) -> Any:
+    """Where an ``iw x ih`` image lands in the model input, read off the same image processor
+    :func:`prepare` runs (its class's resize and centre-crop rules, its saved settings)."""
+    from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+
+    from mavl_cli.maps import CropGeometry, centre_offset
+
+    proc = _processor(cfg)
+    cls = type(proc)
+    name = cls.__name__
+    backend = PilBackend if issubclass(cls, PilBackend) else TorchvisionBackend if issubclass(cls, TorchvisionBackend) else None
+    convnext = name.startswith("ConvNext")
+    custom = [m for m in ("resize", "center_crop", "_preprocess", "preprocess")
+              if backend is None or getattr(cls, m, None) is not getattr(backend, m, None)]
+    if (custom and not (convnext and set(custom) <= {"resize", "_preprocess"})) or getattr(proc, "do_pad", None):
+        what = "pads" if getattr(proc, "do_pad", None) else f"has its own {', '.join(custom) or 'backend'}"
+        raise MavlError(f"heatmaps cannot map back through the image processor {name}: it {what}; "
+                        "mavl knows the resize/centre-crop processors (ViT, DINOv2/BiT, ConvNeXt, Swin, ...)")
+    pad = "ceil" if backend is PilBackend else "floor"
+    _, out_h, out_w = (int(v) for v in cfg["input_size"])
+    h, w, rule = ih, iw, []
+    crop: tuple[int, int] | None = None
+    if convnext and proc.do_resize:
+        se = _sized(proc.size, "shortest_edge")
+        if se is None:
+            raise MavlError(f"{name}: size has no shortest_edge")
+        if se < 384:  # ConvNeXt's rule: short side to shortest_edge / crop_pct, then a shortest_edge square
+            h, w = _resized({"shortest_edge": int(se / proc.crop_pct)}, ih, iw)
+            crop = (se, se)
+            rule.append(f"shortest edge {int(se / proc.crop_pct)} (crop_pct {proc.crop_pct:g})")
+        else:
+            h, w = se, se
+            rule.append(f"squash to {se}x{se}")
+    elif proc.do_resize:
+        h, w = _resized(proc.size, ih, iw)
+        rule.append(f"resize {dict(proc.size)} -> {w}x{h}")
+    if proc.do_center_crop and not convnext:
+        crop = (_sized(proc.crop_size, "height"), _sized(proc.crop_size, "width"))
+    if crop is not None:
+        rule.append(f"centre crop {crop[1]}x{crop[0]}")
+        top, left = centre_offset(h, crop[0], "floor", pad), centre_offset(w, crop[1], "floor", pad)
+    else:
+        crop, top, left = (h, w), 0, 0
+    if tuple(crop) != (out_h, out_w):
+        raise MavlError(f"{name} gives {crop[1]}x{crop[0]} inputs for a {iw}x{ih} image, not the recorded "
+                        f"{out_w}x{out_h}; heatmaps cannot map back through it")
+    return CropGeometry(iw, ih, w, h, left, top, out_w, out_h, f"hf {name}: " + ", ".join(rule))
+
+
 def decode_size(cfg: dict[str, Any]) -> int:
     return DECODE_FACTOR * max(int(v) for v in cfg["input_size"][1:])
 

@@ -231,6 +231,32 @@ def _transform(cfg: dict[str, Any]) -> Any:
     return tf
 
 
+def geometry(cfg: dict[str, Any], iw: int, ih: int) -> Any:
+    """Where an ``iw x ih`` image lands in the model input, from the same ``preprocess_cfg`` that
+    :func:`prepare` builds open_clip's eval transform from (``image_transform``: ``shortest``
+    = Resize + CenterCrop, ``longest`` = ResizeKeepRatio(longest) + CenterCropOrPad, ``squash``)."""
+    from mavl_cli.maps import CropGeometry, centre_offset
+
+    pc = cfg["preprocess_cfg"]
+    mode = pc.get("resize_mode") or "shortest"
+    _, th, tw = (int(v) for v in cfg["input_size"])
+    if mode == "squash":
+        return CropGeometry(iw, ih, tw, th, 0, 0, tw, th, f"open_clip squash to {tw}x{th}")
+    if mode not in ("shortest", "longest"):
+        raise MavlError(f"open_clip resize_mode {mode!r}: heatmaps know shortest, longest and squash")
+    if mode == "shortest" and th == tw:  # torchvision Resize(int): short side exact, long side truncated
+        s, l = (iw, ih) if iw <= ih else (ih, iw)
+        ns, nl = th, int(th * l / s)
+        nw, nh = (ns, nl) if iw <= ih else (nl, ns)
+    else:  # ResizeKeepRatio: one ratio (the larger for longest, the smaller for shortest), sizes rounded
+        rh, rw = ih / th, iw / tw
+        ratio = max(rh, rw) if mode == "longest" else min(rh, rw)
+        nh, nw = round(ih / ratio), round(iw / ratio)
+    left, top = centre_offset(nw, tw, "round"), centre_offset(nh, th, "round")
+    return CropGeometry(iw, ih, nw, nh, left, top, tw, th,
+                        f"open_clip {mode} edge to {nw}x{nh}, centre {'crop/pad' if mode == 'longest' else 'crop'} {tw}x{th}")
+
+
 def decode_size(cfg: dict[str, Any]) -> int:
     mode = cfg["preprocess_cfg"].get("resize_mode", "shortest")
     interp = cfg["preprocess_cfg"].get("interpolation", "bicubic")

@@ -130,6 +130,19 @@ def load_image(spec: EncoderSpec) -> XRVEncoder:
     return enc
 
 
+def geometry(cfg: dict[str, Any], iw: int, ih: int) -> Any:
+    """Where an ``iw x ih`` image lands in the model input, as :func:`prepare` runs it:
+    ``XRayCenterCrop`` (the central ``min(w, h)`` square, offsets ``w // 2 - side // 2``), then
+    ``XRayResizer(resolution)`` of that square (pixel centres scaled, as skimage resizes)."""
+    from mavl_cli.maps import CropGeometry
+
+    side, res = min(iw, ih), int(cfg["resolution"])
+    startx, starty = iw // 2 - side // 2, ih // 2 - side // 2
+    k = res / side
+    return CropGeometry(iw, ih, iw * k, ih * k, startx * k, starty * k, res, res,
+                        f"xrv centre square {side}x{side} at ({startx}, {starty}), resize to {res}x{res}")
+
+
 def decode_size(cfg: dict[str, Any]) -> int:
     return DECODE_FACTOR * int(cfg["resolution"])
 
