@@ -211,35 +211,85 @@ class SpatialAdapter:
 class EncoderAdapter:
     """Any registry encoder (:mod:`mavl_cli.encoders`) through its own ``spatial`` map ``[B, C, h, w]``.
 
-    Similarity needs the map in the pooled feature space; Grad-CAM needs the pooled features
-    to be the map's mean (``spatial_pools``), so the logit can be re-run from the map.
+    Similarity: each location through the encoder's ``local_features`` (into the pooled feature
+    space: open_clip's projection, ConvNeXt's final norm, or the map itself). Grad-CAM: the map
+    itself when the pooled features follow from it (``spatial_pools``: ``pool_spatial`` re-runs
+    them with a graph); for class-token pooling the tokens entering the encoder's ``cam_block``
+    (its last block), swapped for a leaf by a pre-hook during one ordinary forward pass, so only
+    that block and the pooling keep a graph.
     """
 
     def __init__(self, encoder: Any) -> None:
         self.encoder, self.name, self.kind = encoder, getattr(encoder, "name", "?"), "encoder"
 
-    def run(self, x: Any, grad: bool) -> SpatialPass:
+    def _map(self, x: Any) -> Any:
         import torch
 
-        enc = self.encoder
         try:
             with torch.no_grad():
-                fmap = enc.spatial(x)
+                return self.encoder.spatial(x)
         except MavlError:
             raise
         except Exception as exc:  # noqa: BLE001 - a family without a map
             raise MavlError(f"{self.name}: this encoder gives no spatial feature map ({str(exc).splitlines()[0][:100]})") from None
-        if fmap.shape[1] != enc.dim:
-            raise MavlError(f"{self.name}: its spatial map has {fmap.shape[1]} channels but its features {enc.dim}; "
-                            "heatmaps need the map in the pooled feature space")
-        local = fmap[0].permute(1, 2, 0)
+
+    def run(self, x: Any, grad: bool) -> SpatialPass:
+        import torch
+
+        enc = self.encoder
         if not grad:
-            return SpatialPass(local)
-        if not enc.spatial_pools:
-            raise MavlError(f"{self.name}: its pooled features are not the mean of its spatial map, so Grad-CAM cannot "
-                            "re-run the logit from the map; use --heatmap-method similarity")
-        act = fmap.detach().requires_grad_(True)
-        return SpatialPass(local, act, enc.pool_spatial(act), lambda t: t[0].permute(1, 2, 0))
+            with torch.no_grad():
+                local = enc.local_features(self._map(x))
+            if local.shape[1] != enc.dim:
+                raise MavlError(f"{self.name}: its spatial map gives {local.shape[1]}-d features per location but its "
+                                f"pooled features are {enc.dim}-d; heatmaps need the map in the pooled feature space")
+            return SpatialPass(local[0].permute(1, 2, 0))
+        if enc.spatial_pools:
+            act = self._map(x).detach().requires_grad_(True)
+            return SpatialPass(None, act, enc.pool_spatial(act), lambda t: t[0].permute(1, 2, 0))
+        block = enc.cam_block()
+        if block is None:
+            self._map(x)  # a family without a map says so first
+            raise MavlError(f"{self.name}: its pooled features do not follow from its spatial map (pooling "
+                            f"{getattr(enc, 'pooling', '?')!r}), so Grad-CAM cannot re-run the logit from it; "
+                            "use --heatmap-method similarity")
+        return self._block_pass(x, block)
+
+    def _block_pass(self, x: Any, block: Any) -> SpatialPass:
+        import torch
+
+        from mavl_cli.encoders.base import grid_from_tokens
+
+        enc, held = self.encoder, {}
+
+        def swap(_mod: Any, args: tuple, kwargs: dict) -> Any:
+            if args and torch.is_tensor(args[0]):
+                held["x"] = args[0].detach().requires_grad_(True)
+                return (held["x"], *args[1:]), kwargs
+            key = next((k for k, v in kwargs.items() if torch.is_tensor(v)), None)
+            if key is None:
+                return None
+            held["x"] = kwargs[key].detach().requires_grad_(True)
+            return args, {**kwargs, key: held["x"]}
+
+        hook = block.register_forward_pre_hook(swap, with_kwargs=True)
+        try:
+            with torch.enable_grad():  # nothing before the block requires grad: only the block onwards keeps a graph
+                pooled = enc(x)
+        finally:
+            hook.remove()
+        act = held.get("x")
+        if act is None or act.ndim != 3:
+            raise MavlError(f"{self.name}: cannot read the tokens entering its last block for Grad-CAM")
+        seq_first = act.shape[1] == x.shape[0] and act.shape[0] != x.shape[0]
+        tokens = act.transpose(0, 1) if seq_first else act
+        prefix, gh, gw = grid_from_tokens(tokens, x.shape[2], x.shape[3], getattr(enc, "patch", None))
+
+        def grid(t: Any) -> Any:
+            t = t.transpose(0, 1) if seq_first else t
+            return t[0, prefix:].reshape(gh, gw, -1)
+
+        return SpatialPass(None, act, pooled, grid)
 
 
 def spatial_adapter(encoder: Any) -> Any:
@@ -467,9 +517,10 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
             chosen = [j for j in range(len(names)) if scores[i, j] >= thresholds[j]]
         if chosen:
             with torch.enable_grad() if needs_grad(opts.method) else torch.no_grad():
-                maps, film, _ = maps_for_image(mm, path, opts.method, chosen)
+                maps, film, geom = maps_for_image(mm, path, opts.method, chosen)
             labs = [names[j] for j in chosen]
-            meta = {**extra, "id": image_id, "scores": [round(float(scores[i, j]), 6) for j in chosen]}
+            meta = {**extra, "id": image_id, "scores": [round(float(scores[i, j]), 6) for j in chosen],
+                    "geometry": geom.to_meta()}
             meta.pop("grid")
             peaks = write_image_maps(folder, stem, labs, maps, film, opts.method, str(path), meta)
             out[image_id] = dict(zip(labs, peaks))

@@ -17,7 +17,13 @@ is the whole path from a decoded PIL image to a feature vector.
   tower's width before the projection (``spatial_dim``). ``spatial`` keeps
   autograd, so Grad-CAM style methods can differentiate through it; call
   :meth:`pool_spatial` on its output to get ``forward``'s features when the
-  pooling is a mean over the map (``spatial_pools`` is then True).
+  pooling reads only that map (``spatial_pools`` is then True: a mean, a
+  mean then a norm, an attention pool). :meth:`local_features` takes each
+  location into the pooled feature space (heatmaps' similarity);
+  :meth:`cam_block` names the block whose input tokens Grad-CAM uses when
+  the pooling is a class token.
+- ``geometry(w, h)``: how an image of that size maps into the input
+  (resize, crop box), declared from ``preprocessing`` by the family.
 - ``has_text``: whether an aligned text tower comes with it (open_clip);
   ``text_encoder()`` then returns it.
 """
@@ -92,8 +98,21 @@ class ImageEncoder(torch.nn.Module):
         raise NotImplementedError
 
     def pool_spatial(self, fmap: torch.Tensor) -> torch.Tensor:
-        """Mean over the map (equals ``forward`` when ``spatial_pools``)."""
-        return fmap.mean(dim=(2, 3))
+        """``forward``'s features recomputed from the ``spatial`` map (exact when ``spatial_pools``).
+
+        The default is the mean over the map of :meth:`local_features`."""
+        return self.local_features(fmap).mean(dim=(2, 3))
+
+    def local_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The ``spatial`` map taken per location into the pooled feature space, ``[B, dim, h, w]``
+        (what the pooled path applies after pooling, applied to each location: a projection, a norm).
+        The default is the map itself (its channels are the pooled features')."""
+        return fmap
+
+    def cam_block(self) -> torch.nn.Module | None:
+        """For token models whose pooled feature does not read the final patch tokens (class-token
+        pooling): the last block, whose input tokens are the Grad-CAM activation. None otherwise."""
+        return None
 
     def text_encoder(self) -> Any:
         raise MavlError(f"{self.spec.name}: this encoder has no aligned text tower")

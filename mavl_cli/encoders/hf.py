@@ -23,7 +23,15 @@ tokens, prefix tokens excluded). Models with a spatial output (ConvNeXt,
 ResNet) or without a class token (Swin): ``default`` (the model's own
 ``pooler_output``) or ``mean`` (mean of the map). Spatial map:
 ``last_hidden_state`` patch tokens reshaped to ``[B, hidden, h, w]``, or the
-4-D ``last_hidden_state`` itself.
+4-D ``last_hidden_state`` itself. How the pooled feature follows from that
+map (a mean; ConvNeXt: a mean then its final layer norm, applied per location
+for heatmaps) is probed at load; class-token pooling gives heatmaps' Grad-CAM
+the tokens entering the last encoder layer (``cam_block``).
+
+Geometry (:func:`geometry`): read off the same image processor (its resize
+rule: ``shortest_edge``, ``height``/``width`` squash, ``shortest_edge`` +
+``longest_edge``, ``max_height``/``max_width``; ConvNeXt's ``crop_pct`` rule;
+its centre crop), so heatmaps map back exactly as the image was prepared.
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ class HFEncoder(ImageEncoder):
         super().__init__(spec, net, 0, preprocessing, **kw)
         self.prefix = prefix
         self.patch = patch
+        # what the pooler applies after the mean (ConvNeXt: its layernorm); a plain attribute, not a submodule
+        object.__setattr__(self, "post", None)
+        self._pools = self.pooling == "mean"
 
     def _hidden(self, x: torch.Tensor) -> Any:
         return self.net(pixel_values=x)
@@ -83,7 +94,41 @@ class HFEncoder(ImageEncoder):
 
     @property
     def spatial_pools(self) -> bool:  # type: ignore[override]
-        return self.pooling == "mean"
+        return self._pools
+
+    def local_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        if self.post is None:
+            return fmap
+        return self.post(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def pool_spatial(self, fmap: torch.Tensor) -> torch.Tensor:
+        pooled = fmap.mean(dim=(2, 3))
+        return pooled if self.post is None else self.post(pooled)
+
+    def cam_block(self) -> torch.nn.Module | None:
+        if self.pooling != "cls":
+            return None
+        enc = getattr(self.net, "encoder", None)
+        for layers in (getattr(enc, "layer", None), getattr(enc, "layers", None), getattr(self.net, "layers", None)):
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):
+                return layers[-1]  # ViT (transformers 5: model.layers), DINOv2 (model.encoder.layer)
+        return None
+
+    def probe_pooling(self, x: torch.Tensor) -> None:
+        """Find how the pooled feature follows from the spatial map (a mean, or a mean then the model's
+        final layer norm as ConvNeXt's pooler does), checked on ``x``; Grad-CAM re-runs it from the map."""
+        with torch.inference_mode():
+            want, fmap = self(x), self.spatial(x)
+        norm = getattr(self.net, "layernorm", None)
+        for post in (None, norm if isinstance(norm, torch.nn.LayerNorm) else None):
+            object.__setattr__(self, "post", post)
+            with torch.inference_mode():
+                got = self.pool_spatial(fmap)
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6):
+                self._pools = True
+                return
+        object.__setattr__(self, "post", None)
+        self._pools = False
 
 
 def _quiet() -> None:
@@ -184,6 +229,7 @@ def load_image(spec: EncoderSpec) -> HFEncoder:
     enc = HFEncoder(final, net, pre, prefix or None, patch, pooling=spec.pooling)
     with torch.inference_mode():
         enc.dim = int(enc(torch.zeros(1, c, h, w)).shape[1])
+    enc.probe_pooling(torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)))
     return enc
 
 

@@ -25,7 +25,13 @@ Pooling: ``embed`` (``encode_image``: the tower's own pooling and projection
 into the space shared with the text tower). Spatial map (ViT towers):
 ``visual.forward_intermediates`` of the last block with the final norm,
 ``[B, width, h, w]`` (``width`` is the tower's, before the projection; see
-``spatial_dim``). ``has_text``: True; ``text_encoder()`` gives the aligned
+``spatial_dim``); heatmaps take each location through ``proj``
+(``local_features``) and run Grad-CAM on the tokens entering the last block
+(class-token pooling). ModifiedResNet towers (OpenAI RN50-style): layer4's map;
+each location through the attention pool's value and output projections, and
+Grad-CAM through the attention pool itself. timm-trunk and attention-pooled
+towers: no map (one clear line). Geometry (:func:`geometry`): from the same
+``preprocess_cfg`` (``resize_mode`` shortest / longest / squash). ``has_text``: True; ``text_encoder()`` gives the aligned
 text tower with open_clip's own tokenizer.
 """
 
@@ -54,24 +60,70 @@ class OpenCLIPEncoder(ImageEncoder):
     family = FAMILY
     poolings = ("embed",)
     has_text = True
-    spatial_pools = False
 
     def __init__(self, spec: EncoderSpec, clip: Any, model_name: str, preprocessing: dict[str, Any], **kw: Any) -> None:
         super().__init__(spec, clip.visual, int(_embed_dim(clip)), preprocessing, **kw)
         object.__setattr__(self, "_clip", clip)  # the whole model, for the text tower (not a submodule here)
         self.model_name = model_name
-        ln = getattr(clip.visual, "ln_post", None)
+        v = clip.visual
+        ln = getattr(v, "ln_post", None)
         self.spatial_dim = int(ln.normalized_shape[0]) if ln is not None and hasattr(ln, "normalized_shape") else None
+        if hasattr(v, "attnpool") and hasattr(v, "layer4"):
+            self.tower = "resnet"  # ModifiedResNet: layer4's map, attention-pooled
+            self.spatial_dim = int(v.attnpool.k_proj.in_features)
+        elif hasattr(v, "transformer") and hasattr(v, "conv1") and getattr(v, "attn_pool", None) is None:
+            self.tower = "vit"
+        else:
+            self.tower = None  # timm trunks, attention-pooled (CoCa) towers: no map mavl reads
+        patch = getattr(v, "patch_size", None)
+        self.patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch) if patch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self.net, "forward_intermediates"):
-            raise MavlError(f"{self.spec.name}: this open_clip image tower gives no spatial feature map")
+        if self.tower is None or not hasattr(self.net, "forward_intermediates"):
+            raise MavlError(f"{self.spec.name}: this open_clip image tower ({type(self.net).__name__}"
+                            f"{', attention-pooled' if getattr(self.net, 'attn_pool', None) is not None else ''}) "
+                            "gives no spatial feature map mavl can read (ViT towers and ModifiedResNet do)")
         out = self.net.forward_intermediates(x, indices=1, intermediates_only=True, normalize_intermediates=True,
                                              output_fmt="NCHW")
         return out["image_intermediates"][-1]
+
+    def local_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Each location through what the pooled path applies after pooling: ViT, the tokens (already
+        through ``ln_post``) times ``proj``; ModifiedResNet, the attention pool's value and output
+        projections (its positional embedding added), the pool's output for a location attending to itself."""
+        v = self.net
+        if self.tower == "resnet":
+            ap = v.attnpool
+            b, c, h, w = fmap.shape
+            pos = ap.positional_embedding[1:].to(fmap.dtype)
+            if pos.shape[0] != h * w:
+                raise MavlError(f"{self.spec.name}: its attention pool expects a {int(pos.shape[0] ** 0.5)}^2 map, got {h}x{w}")
+            t = fmap.flatten(2).transpose(1, 2) + pos
+            return ap.c_proj(ap.v_proj(t)).transpose(1, 2).reshape(b, -1, h, w)
+        if getattr(v, "proj", None) is None:
+            return fmap
+        return torch.einsum("bchw,cd->bdhw", fmap, v.proj)
+
+    def pool_spatial(self, fmap: torch.Tensor) -> torch.Tensor:
+        if self.tower == "resnet":
+            return self.net.attnpool(fmap)
+        return self.local_features(fmap).mean(dim=(2, 3))
+
+    @property
+    def spatial_pools(self) -> bool:  # type: ignore[override]
+        v = self.net
+        if self.tower == "resnet":
+            return True
+        return self.tower == "vit" and getattr(v, "pool_type", "tok") == "avg" and not getattr(v, "final_ln_after_pool", False)
+
+    def cam_block(self) -> torch.nn.Module | None:
+        if self.tower != "vit" or self.spatial_pools:
+            return None
+        blocks = getattr(getattr(self.net, "transformer", None), "resblocks", None)
+        return blocks[-1] if blocks is not None and len(blocks) else None
 
     def text_encoder(self) -> "OpenCLIPText":
         return OpenCLIPText(self._clip, self.model_name, self.spec)

@@ -1,0 +1,353 @@
+"""Heatmaps for every encoder family with a spatial map (hf, open_clip, xrv), on tiny models.
+
+- Geometry: each family declares how an image maps into its input (resize rule, crop box) from
+  its own preprocessing recipe; checked against the family library's own transform by pushing
+  coordinate ramps through it, and by a bright spot on non-square films (PNG and DICOM) whose
+  peak must come back to its pixel.
+- Adapters: the Grad-CAM pass's pooled features are the encoder's own; similarity's per-location
+  features are the library's own tokens/maps taken into the pooled space; class-token Grad-CAM
+  equals the gradient through the whole network.
+- The CLI: `mavl predict --heatmap` with each method on each family writes overlays and a maps
+  file that `mavl info` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from encoder_files import write_dicom
+from heatmap_families import FAMILY_CASES, LABELS, map_model, model_file, spot_image
+from mavl_cli import contract
+from mavl_cli.errors import MavlError
+from mavl_cli.maps import peak, to_original
+from mavl_cli.preprocess import input_geometry
+
+SHAPES = [(200, 150), (150, 201)]  # landscape and portrait: the crop matters; <= 256 px so ramps are exact in 8 bits
+
+
+def _ramps(w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    return (np.tile(np.arange(w, dtype=np.uint8), (h, 1)), np.tile(np.arange(h, dtype=np.uint8)[:, None], (1, w)))
+
+
+def _assert_geometry(g, got_x: np.ndarray, got_y: np.ndarray, border: int = 2) -> None:
+    """Each input pixel's source position, as the geometry predicts it, equals what the library's transform
+    put there (a linear ramp survives any resampling filter away from the borders; 8-bit rounding: 0.5)."""
+    oh, ow = got_x.shape
+    jj, ii = np.mgrid[0:oh, 0:ow]
+    px = (ii + 0.5 + g.left) * g.orig_w / g.resized_w - 0.5
+    py = (jj + 0.5 + g.top) * g.orig_h / g.resized_h - 0.5
+    step = max(1.0, g.orig_w / g.resized_w)
+    keep = (px > 2 * step) & (px < g.orig_w - 1 - 2 * step) & (py > 2 * step) & (py < g.orig_h - 1 - 2 * step)
+    keep[:border], keep[-border:], keep[:, :border], keep[:, -border:] = False, False, False, False
+    assert keep.mean() > 0.3, g
+    err = max(np.abs(px - got_x)[keep].max(), np.abs(py - got_y)[keep].max())
+    assert err <= 0.75, (g.rule, err)  # one input pixel off would be >= 4 source pixels here
+
+
+# ----------------------------------------------------------------------------- geometry vs the libraries
+
+
+def _hf_processors():
+    import transformers as T
+
+    return {
+        "bit-dinov2": T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}),
+        "bit-pil": T.BitImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 28, "width": 24}),
+        "vit-squash": T.ViTImageProcessor(size={"height": 32, "width": 40}),
+        "convnext-crop_pct": T.ConvNextImageProcessor(size={"shortest_edge": 48}, crop_pct=0.875),
+        "convnext-large": T.ConvNextImageProcessor(size={"shortest_edge": 384}),
+        "bit-crop-larger": T.BitImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 28, "width": 28}),
+    }
+
+
+@pytest.mark.parametrize("name", ["bit-dinov2", "bit-pil", "vit-squash", "convnext-crop_pct", "convnext-large",
+                                  "bit-crop-larger"])
+def test_hf_geometry_is_what_the_image_processor_does(name: str) -> None:
+    from mavl_cli.encoders.hf import processor_record
+
+    proc = _hf_processors()[name]
+    cfg = processor_record(proc)
+    mean, std = np.array(proc.image_mean)[:, None, None], np.array(proc.image_std)[:, None, None]
+    for w, h in SHAPES:
+        x, y = _ramps(w, h)
+        out = proc(images=Image.fromarray(np.stack([x, y, x], -1)), return_tensors="np")["pixel_values"][0]
+        v = (out * std + mean) * 255.0
+        g = input_geometry(cfg, (w, h))
+        assert (g.crop_h, g.crop_w) == out.shape[1:]
+        _assert_geometry(g, v[0], v[1])  # padded parts (bit-crop-larger) predict no source pixel: left out
+        if name == "bit-crop-larger":
+            assert min(g.left, g.top) < 0
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("size", [32, [40, 32]], ids=["square", "portrait-input"])
+def test_open_clip_geometry_is_what_its_preprocess_does(mode: str, size) -> None:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    pc = {"size": size, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "resize_mode": mode, "fill_color": 0}
+    tf = image_transform_v2(PreprocessCfg(**{k: tuple(v) if isinstance(v, list) else v for k, v in pc.items()}), is_train=False)
+    th, tw = (size, size) if isinstance(size, int) else size
+    cfg = {"kind": "open_clip", "preprocess_cfg": pc, "input_size": [3, th, tw]}
+    for w, h in SHAPES:
+        x, y = _ramps(w, h)
+        out = tf(Image.fromarray(np.stack([x, y, x], -1))).numpy()
+        g = input_geometry(cfg, (w, h))
+        v = (out * 0.25 + 0.5) * 255.0
+        _assert_geometry(g, v[0], v[1])  # longest: the padding predicts no source pixel, left out
+
+
+def test_xrv_geometry_is_what_its_transforms_do() -> None:
+    import torchxrayvision as xrv
+
+    cfg = {"kind": "xrv", "resolution": 64, "maxval": 255, "engine": "skimage", "input_size": [1, 64, 64]}
+
+    def run(a):
+        a = xrv.datasets.normalize(a.astype(np.float32), 255)[None]
+        return (xrv.datasets.XRayResizer(64)(xrv.datasets.XRayCenterCrop()(a))[0] + 1024) * 255 / 2048
+
+    for w, h in SHAPES:
+        x, y = _ramps(w, h)
+        _assert_geometry(input_geometry(cfg, (w, h)), run(x), run(y))
+
+
+def test_a_processor_mavl_cannot_follow_is_one_clear_line() -> None:
+    import transformers as T
+
+    from mavl_cli.encoders.hf import processor_record
+
+    cfg = processor_record(T.ViTImageProcessor(size={"height": 32, "width": 32}))
+    cfg["processor_class"] = "DonutImageProcessor"  # its own resize (thumbnail + pad)
+    cfg["processor"] = {**cfg["processor"], "do_thumbnail": True, "do_pad": True, "size": {"height": 32, "width": 32}}
+    with pytest.raises(MavlError, match="cannot map back through the image processor DonutImageProcessor"):
+        input_geometry(cfg, (200, 150))
+
+
+# ----------------------------------------------------------------------------- bright spot, each family
+
+
+def _preprocessing(case: str) -> dict:
+    import transformers as T
+
+    from mavl_cli.encoders.hf import processor_record
+
+    if case == "hf-dinov2":
+        return processor_record(T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}))
+    if case == "hf-convnext":
+        return processor_record(T.ConvNextImageProcessor(size={"shortest_edge": 48}, crop_pct=0.875))
+    if case == "hf-vit":
+        return processor_record(T.ViTImageProcessor(size={"height": 32, "width": 32}))
+    if case == "open_clip-vit":
+        return {"kind": "open_clip", "input_size": [3, 32, 32], "preprocess_cfg": {
+            "size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}}
+    return {"kind": "xrv", "resolution": 64, "maxval": 255, "engine": "skimage", "input_size": [1, 64, 64]}
+
+
+@pytest.mark.parametrize("case, fmt", [("hf-dinov2", "png"), ("hf-dinov2", "dicom-mono1"), ("hf-convnext", "png"),
+                                       ("hf-vit", "png"), ("open_clip-vit", "png"), ("xrv", "png"), ("xrv", "dicom-mono1"),
+                                       ("xrv", "dicom-mono2")])
+@pytest.mark.parametrize("shape", [(240, 160, 165, 60), (160, 250, 60, 170)], ids=["landscape", "portrait"])
+def test_bright_spot_peak_lands_on_its_pixel_after_the_familys_resize_and_crop(tmp_path: Path, case: str, fmt: str,
+                                                                              shape: tuple) -> None:
+    """The family's own prepared input, taken as a map and mapped back, peaks where the spot is on the film."""
+    from mavl_cli.heatmaps import image_input
+
+    w, h, x0, y0 = shape
+    if fmt == "png":
+        path = tmp_path / "spot.png"
+        Image.fromarray(spot_image(w, h, x0, y0, 0.05 * min(w, h))).save(path)
+    else:  # MONOCHROME1 stores the spot dark; displayed (and fed to the model) bright
+        mono1 = fmt == "dicom-mono1"
+        arr = spot_image(w, h, x0, y0, 0.05 * min(w, h), dark=mono1).astype(np.uint16) * 16
+        path = write_dicom(tmp_path / "spot.dcm", arr, "MONOCHROME1" if mono1 else "MONOCHROME2")
+    cfg = _preprocessing(case)
+    film, crop, geom = image_input(path, cfg)
+    assert film.size == (w, h) and crop.shape[1:] == tuple(cfg["input_size"][1:])
+    maps = to_original(crop[:1].astype(np.float32), geom)
+    assert maps.shape == (1, h, w)
+    px, py = peak(maps[0])
+    tol = 1.0 + min(w, h) / min(cfg["input_size"][1:])  # one input pixel, in original pixels
+    assert abs(px - x0) <= tol and abs(py - y0) <= tol, ((px, py), (x0, y0), tol, geom.rule)
+
+
+# ----------------------------------------------------------------------------- adapters on tiny models
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("hm_families")
+    out = {case: model_file(case, root) for case in FAMILY_CASES}
+    film = root / "film.png"
+    Image.fromarray(spot_image(120, 90, 80, 30, 6)).save(film)
+    out["film"] = film
+    return out
+
+
+_MM: dict = {}
+
+
+def _mm(fam: dict, case: str):
+    if case not in _MM:
+        _MM[case] = map_model(fam[case])
+    return _MM[case]
+
+
+def _x(mm, path: Path):
+    from mavl_cli.heatmaps import image_input
+    from mavl_cli.preprocess import normalize_batch, stack_batch
+
+    return normalize_batch(stack_batch([image_input(path, mm.data_config)[1]]), mm.data_config).contiguous()
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_gradcam_pass_pools_to_the_encoders_own_features(fam: dict, case: str) -> None:
+    """The logit Grad-CAM differentiates is the model's own: the pass's pooled features equal forward's."""
+    import torch
+
+    model, enc, mm = _mm(fam, case)
+    x = _x(mm, fam["film"])
+    sp = mm.adapter.run(x, grad=True)
+    assert sp.pooled.requires_grad
+    with torch.no_grad():
+        direct = enc(x)
+    np.testing.assert_allclose(sp.pooled.detach().numpy(), direct.numpy(), rtol=1e-4, atol=1e-5)
+    logits = mm.logits(sp.pooled)[0]
+    (g,) = torch.autograd.grad(logits[1], sp.act)
+    assert float(g.abs().sum()) > 0  # the logit reaches the activation
+    cams = mm.maps(x, "gradcam", [0, 1, 2])
+    assert cams.shape[0] == 3 and cams.min() >= 0 and np.isfinite(cams).all()
+
+
+def _library_locations(case: str, enc, x):
+    """Per-location features in the pooled space, from the family library's own outputs."""
+    import torch
+
+    net = enc.net
+    with torch.no_grad():
+        if case.startswith("hf"):
+            hidden = net(pixel_values=x).last_hidden_state
+            if hidden.ndim == 4:  # ConvNeXt: the pooler's layer norm, per location
+                loc = hidden[0].permute(1, 2, 0)
+                return net.layernorm(loc) if case == "hf-convnext" else loc
+            prefix = {"hf-dinov2": 1, "hf-vit": 1, "hf-swin": 0}[case]
+            n = hidden.shape[1] - prefix
+            side = int(round(n ** 0.5))
+            return hidden[0, prefix:].reshape(side, side, -1)
+        if case == "open_clip-vit":
+            net.output_tokens = True
+            try:
+                _, tokens = net(x)  # open_clip's own patch tokens after ln_post
+            finally:
+                net.output_tokens = False
+            side = int(round(tokens.shape[1] ** 0.5))
+            return (tokens[0] @ net.proj).reshape(side, side, -1)
+        if case == "open_clip-resnet":  # each location alone through the attention pool's value path
+            m = net.forward_intermediates(x, indices=1, intermediates_only=True)["image_intermediates"][-1]
+            ap = net.attnpool
+            t = m[0].flatten(1).T + ap.positional_embedding[1:]
+            v = t @ ap.v_proj.weight.T + ap.v_proj.bias
+            out = v @ ap.c_proj.weight.T + ap.c_proj.bias
+            return out.reshape(m.shape[2], m.shape[3], -1)
+        return torch.relu(net.features(x))[0].permute(1, 2, 0)  # xrv: what features2 pools
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_similarity_uses_the_librarys_own_locations(fam: dict, case: str) -> None:
+    import torch
+
+    model, enc, mm = _mm(fam, case)
+    x = _x(mm, fam["film"])
+    sp = mm.adapter.run(x, grad=False)
+    want = _library_locations(case, enc, x)
+    np.testing.assert_allclose(sp.local.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    got = mm.maps(x, "similarity", [0, 1, 2])
+    h, w, d = want.shape
+    with torch.no_grad():
+        ref = mm.fusion.similarity(mm.embed(want.reshape(h * w, d)), mm.text, mm.mask).T.reshape(-1, h, w)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.ptp(got) > 0
+
+
+@pytest.mark.parametrize("case", ["hf-dinov2", "hf-vit", "open_clip-vit"])
+def test_class_token_gradcam_equals_the_gradient_through_the_whole_network(fam: dict, case: str) -> None:
+    import torch
+
+    model, enc, mm = _mm(fam, case)
+    x = _x(mm, fam["film"])
+    got = mm.maps(x, "gradcam", [0, 1, 2])
+    held = {}
+    block = enc.cam_block()
+    assert block is not None
+
+    def grab(_mod, args):
+        args[0].retain_grad()
+        held["x"] = args[0]
+
+    xx = x.clone().requires_grad_(True)
+    hook = block.register_forward_pre_hook(grab)
+    try:
+        logits = mm.logits(enc(xx))[0]
+    finally:
+        hook.remove()
+    act = held["x"][0]
+    n = act.shape[0]
+    gh, gw = got.shape[1:]
+    prefix = n - gh * gw
+    for j in range(3):
+        (grad,) = torch.autograd.grad(logits[j], held["x"], retain_graph=True)
+        wgt = grad[0, prefix:].mean(0)
+        want = torch.relu((act[prefix:].detach() * wgt).sum(-1)).reshape(gh, gw).numpy()
+        np.testing.assert_allclose(got[j], want, rtol=1e-4, atol=1e-7)
+    assert np.abs(got).sum() > 0
+
+
+def test_open_clip_tower_without_a_map_gives_one_clear_line(tmp_path: Path) -> None:
+    import torch
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    from mavl_cli.encoders import build_image_encoder
+    from mavl_cli.heatmaps import EncoderAdapter
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
+                                           "attentional_pool": True, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
+           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    folder = tmp_path / "coca-like"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    enc = build_image_encoder(f"open_clip:{folder}")
+    for grad in (False, True):
+        with pytest.raises(MavlError, match="gives no spatial feature map mavl can read"):
+            EncoderAdapter(enc).run(torch.zeros(1, 3, 32, 32), grad=grad)
+
+
+# ----------------------------------------------------------------------------- the CLI, each family and method
+
+
+@pytest.mark.parametrize("method", ["similarity", "gradcam"])
+@pytest.mark.parametrize("case", ["hf-dinov2", "hf-convnext", "hf-swin", "open_clip-vit", "open_clip-resnet", "xrv-densenet"])
+def test_predict_heatmap_on_each_family(fam: dict, tmp_path: Path, case: str, method: str) -> None:
+    out = tmp_path / "maps"
+    film = fam["film"]
+    r = run_cli(["predict", film, "--model", fam[case], "--heatmap", out, "--heatmap-labels", "all",
+                 "--heatmap-method", method, "--json"])
+    assert r.exit_code == 0, r.stderr
+    rec = json.loads(r.stdout)["images"][0]
+    f = contract.read_file(out / "film.maps.safetensors", expect="maps")
+    w, h = Image.open(film).size
+    assert f.tensors["maps"].shape == (3, h, w) and f.labels() == LABELS and f.meta["method"] == method
+    assert f.meta["geometry"]["rule"].startswith(case.split("-")[0])
+    for k, lab in enumerate(LABELS):
+        ov = Image.open(out / f"film.{lab.replace(' ', '_')}.png")
+        assert ov.size == (w, h) and ov.mode == "RGB"
+        x, y = peak(f.tensors["maps"][k])
+        item = next(i for i in rec["findings"] if i["label"] == lab)
+        assert item["peak"] == {"x": x, "y": y}
+    info = run_cli(["info", out / "film.maps.safetensors"])
+    assert info.exit_code == 0 and f"[3, {h}, {w}] float32" in info.stdout and method in info.stdout
