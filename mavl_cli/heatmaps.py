@@ -397,13 +397,60 @@ def upsample(t: Any, size: tuple[int, int]) -> Any:
     return F.interpolate(t[None], size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)[0]
 
 
+@dataclass
+class ZeroShotMapModel(MapModel):
+    """A zero-shot model's maps (`mavl zero-shot`: an aligned tower, no LRF head, no fusion).
+
+    ``fusion`` holds the model's :class:`~mavl_cli.models.heads.ZeroShotHead`. Similarity: each
+    location through the tower's own projection (the adapter's ``local_features``), its cosine with
+    the label's positive prompt slots (averaged as the head averages them) minus its cosine with
+    the negative prompt: the zero-shot logit per location, without the temperature. Grad-CAM: on
+    the zero-shot logit itself.
+    """
+
+    def embed(self, feats: Any) -> Any:
+        return feats
+
+    def logits(self, pooled: Any) -> Any:
+        return self.fusion(pooled)
+
+    def similarity_maps(self, sp: SpatialPass) -> Any:
+        import torch
+
+        h, w, d = sp.local.shape
+        with torch.no_grad():
+            pos, neg = self.fusion.pair_cosines(sp.local.reshape(h * w, d))
+        return (pos - neg).T.reshape(-1, h, w)
+
+
+def _zero_shot_map_model(model: Any, encoder: Any, data_config: dict[str, Any], text: np.ndarray | None,
+                         mask: np.ndarray | None, negative: np.ndarray | None, device: Any) -> ZeroShotMapModel:
+    import torch
+
+    from mavl_cli.models.heads import ZeroShotHead
+
+    tensors = model.file.tensors
+    t = torch.from_numpy(np.array(tensors["text.embeddings"] if text is None else text, np.float32))
+    m = torch.from_numpy(np.array(tensors["text.mask"] if mask is None else mask).astype(bool))
+    neg = torch.from_numpy(np.array(tensors["zeroshot.negative"] if negative is None else negative, np.float32))
+    head = ZeroShotHead(t, m, neg, float(np.asarray(tensors["zeroshot.logit_scale"]).reshape(-1)[0])).to(device).eval()
+    encoder = encoder.to(device).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return ZeroShotMapModel(spatial_adapter(encoder), None, head, head.positive, head.positive_mask, data_config, device)
+
+
 def build_map_model(model: Any, encoder: Any, data_config: dict[str, Any], text: np.ndarray | None = None,
-                    mask: np.ndarray | None = None, device: Any = "cpu", bias: np.ndarray | None = None) -> MapModel:
-    """A :class:`MapModel` from a loaded model file and its image encoder (a registry encoder or a timm model)."""
+                    mask: np.ndarray | None = None, device: Any = "cpu", bias: np.ndarray | None = None,
+                    negative: np.ndarray | None = None) -> MapModel:
+    """A :class:`MapModel` from a loaded model file and its image encoder (a registry encoder or a timm model);
+    a :class:`ZeroShotMapModel` for zero-shot files (``negative``: their negative prompts, when replaced)."""
     import torch
 
     from mavl_cli.models.lrf import head_from_tensors
 
+    if model.meta.get("scorer") == "zeroshot" and hasattr(encoder, "preprocessing"):
+        return _zero_shot_map_model(model, encoder, data_config, text, mask, negative, device)
     if (model.meta.get("scorer") or "fusion") != "fusion":
         raise MavlError(f"{model.file.path}: a {model.meta.get('scorer')} model has no fusion image projector; "
                         "heatmaps need a fused model (`mavl fuse`)")
@@ -502,11 +549,13 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
                         "(run them separately, or rename)")
     dev = resolve_device(device)
     encoder, prep = image_encoder(model.meta, weights)
-    mm = build_map_model(model, encoder, prep, text, mask, dev, getattr(label_text, "bias", None))
+    mm = build_map_model(model, encoder, prep, text, mask, dev, getattr(label_text, "bias", None),
+                         getattr(label_text, "negative", None))
     folder = Path(opts.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    extra = {"model": str(model.file.path), "backbone": model.meta.get("backbone"), "aggregate": model.meta["fusion"].get("aggregate"),
-             "grid": None}
+    aggregate = (model.meta.get("fusion") or {}).get("aggregate") or \
+        (f"zero-shot {(model.meta.get('zeroshot') or {}).get('prompts', 'pair')}" if model.meta.get("scorer") == "zeroshot" else None)
+    extra = {"model": str(model.file.path), "backbone": model.meta.get("backbone"), "aggregate": aggregate, "grid": None}
     out: dict[str, dict[str, tuple[int, int]]] = {}
     for i, (path, image_id, stem) in enumerate(zip(paths, ids, stems)):
         if wanted is not None:

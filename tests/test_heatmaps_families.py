@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import run_cli
 from encoder_files import write_dicom
-from heatmap_families import FAMILY_CASES, LABELS, map_model, model_file, spot_image
+from heatmap_families import FAMILY_CASES, LABELS, encoder_spec, map_model, model_file, spot_image
 from mavl_cli import contract
 from mavl_cli.errors import MavlError
 from mavl_cli.maps import peak, to_original
@@ -351,3 +351,61 @@ def test_predict_heatmap_on_each_family(fam: dict, tmp_path: Path, case: str, me
         assert item["peak"] == {"x": x, "y": y}
     info = run_cli(["info", out / "film.maps.safetensors"])
     assert info.exit_code == 0 and f"[3, {h}, {w}] float32" in info.stdout and method in info.stdout
+
+
+# ----------------------------------------------------------------------------- zero-shot models
+
+
+@pytest.fixture(scope="module")
+def zero_shot(fam: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hm_zeroshot")
+    desc = root / "labels.txt"
+    desc.write_text("\n".join(LABELS) + "\n")
+    spec = encoder_spec("open_clip-vit", fam["open_clip-vit"].parent)[0]
+    out = root / "zs.safetensors"
+    r = run_cli(["zero-shot", "--encoder", spec, "--descriptions", desc, "-o", out])
+    assert r.exit_code == 0, r.stderr
+    return out
+
+
+def test_zero_shot_similarity_is_each_tokens_zero_shot_score(zero_shot: Path, fam: dict) -> None:
+    """Each patch token through the tower's own projection, scored against the label's prompts as the zero-shot
+    head scores the image: cos(token, positive prompts) - cos(token, negative prompt)."""
+    import torch
+
+    from mavl_cli.heatmaps import ZeroShotMapModel
+
+    model, enc, mm = map_model(zero_shot)
+    assert isinstance(mm, ZeroShotMapModel)
+    x = _x(mm, fam["film"])
+    net = enc.net
+    with torch.no_grad():
+        net.output_tokens = True
+        try:
+            pooled, tokens = net(x)
+        finally:
+            net.output_tokens = False
+    t = model.file.tensors
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    loc = unit((tokens[0] @ net.proj).numpy().astype(np.float64))  # [hw, D]
+    pos, mask, neg = unit(t["text.embeddings"].astype(np.float64)), t["text.mask"].astype(bool), unit(t["zeroshot.negative"])
+    cos = np.einsum("nd,lad->lan", loc, pos)
+    want = (cos * mask[..., None]).sum(1) / mask.sum(1, keepdims=True) - np.einsum("nd,ld->ln", loc, neg)
+    got = mm.maps(x, "similarity", [0, 1, 2])
+    np.testing.assert_allclose(got.reshape(3, -1), want, rtol=1e-4, atol=1e-5)
+    # the pooled image embedding through the same head gives predict's logits
+    with torch.no_grad():
+        np.testing.assert_allclose(mm.logits(pooled).numpy(), mm.logits(enc(x)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["similarity", "gradcam"])
+def test_predict_heatmap_on_a_zero_shot_model(zero_shot: Path, fam: dict, tmp_path: Path, method: str) -> None:
+    out = tmp_path / "maps"
+    r = run_cli(["predict", fam["film"], "--model", zero_shot, "--heatmap", out, "--heatmap-labels", "all",
+                 "--heatmap-method", method, "--json"])
+    assert r.exit_code == 0, r.stderr
+    f = contract.read_file(out / "film.maps.safetensors", expect="maps")
+    assert f.tensors["maps"].shape == (3, 90, 120) and f.meta["aggregate"] == "zero-shot pair"
+    assert np.ptp(f.tensors["maps"]) > 0
+    info = run_cli(["info", out / "film.maps.safetensors"])
+    assert info.exit_code == 0 and "[3, 90, 120] float32" in info.stdout

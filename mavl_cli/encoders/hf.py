@@ -67,7 +67,7 @@ class HFEncoder(ImageEncoder):
         self.patch = patch
         # what the pooler applies after the mean (ConvNeXt: its layernorm); a plain attribute, not a submodule
         object.__setattr__(self, "post", None)
-        self._pools = self.pooling == "mean"
+        self._pools: bool | None = True if self.pooling == "mean" else None  # None: probed on first use
 
     def _hidden(self, x: torch.Tensor) -> Any:
         return self.net(pixel_values=x)
@@ -94,14 +94,20 @@ class HFEncoder(ImageEncoder):
 
     @property
     def spatial_pools(self) -> bool:  # type: ignore[override]
-        return self._pools
+        if self._pools is None:
+            self.probe_pooling()
+        return bool(self._pools)
 
     def local_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        if self._pools is None:
+            self.probe_pooling()
         if self.post is None:
             return fmap
         return self.post(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def pool_spatial(self, fmap: torch.Tensor) -> torch.Tensor:
+        if self._pools is None:
+            self.probe_pooling()
         pooled = fmap.mean(dim=(2, 3))
         return pooled if self.post is None else self.post(pooled)
 
@@ -114,16 +120,21 @@ class HFEncoder(ImageEncoder):
                 return layers[-1]  # ViT (transformers 5: model.layers), DINOv2 (model.encoder.layer)
         return None
 
-    def probe_pooling(self, x: torch.Tensor) -> None:
+    def probe_pooling(self) -> None:
         """Find how the pooled feature follows from the spatial map (a mean, or a mean then the model's
-        final layer norm as ConvNeXt's pooler does), checked on ``x``; Grad-CAM re-runs it from the map."""
+        final layer norm as ConvNeXt's pooler does), checked on a random input; heatmaps need it
+        (Grad-CAM re-runs the pooled feature from the map), so it runs on first use, not at load."""
+        x = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0))
+        p = next(self.net.parameters(), None)
+        x = x.to(p.device) if p is not None else x
         with torch.inference_mode():
             want, fmap = self(x), self.spatial(x)
         norm = getattr(self.net, "layernorm", None)
+        self._pools = False  # while probing: pool_spatial must not probe again
         for post in (None, norm if isinstance(norm, torch.nn.LayerNorm) else None):
             object.__setattr__(self, "post", post)
             with torch.inference_mode():
-                got = self.pool_spatial(fmap)
+                got = fmap.mean(dim=(2, 3)) if post is None else post(fmap.mean(dim=(2, 3)))
             if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6):
                 self._pools = True
                 return
@@ -229,7 +240,6 @@ def load_image(spec: EncoderSpec) -> HFEncoder:
     enc = HFEncoder(final, net, pre, prefix or None, patch, pooling=spec.pooling)
     with torch.inference_mode():
         enc.dim = int(enc(torch.zeros(1, c, h, w)).shape[1])
-    enc.probe_pooling(torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)))
     return enc
 
 
