@@ -13,7 +13,8 @@ import numpy as np
 
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax"]
 #: family case -> what the spec needs; the hf cases are test_encoders' tiny models
-FAMILY_CASES = ("hf-dinov2", "hf-convnext", "hf-swin", "hf-vit", "open_clip-vit", "open_clip-resnet", "xrv-densenet")
+FAMILY_CASES = ("hf-dinov2", "hf-convnext", "hf-swin", "hf-vit", "open_clip-vit", "open_clip-resnet", "open_clip-timm",
+                "xrv-densenet")
 TINY_DENSENET = {"growth_rate": 8, "block_config": [1, 1], "num_init_features": 8}
 
 
@@ -38,6 +39,9 @@ def encoder_spec(case: str, root: Path) -> tuple[str, str | None, dict]:
             torch.manual_seed(0)
             if kind == "vit":
                 vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+            elif kind == "timm":  # BiomedCLIP's layout: a timm ViT trunk (timm's own tiny test_vit, 160 px) + linear head
+                vision = {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
+                          "timm_proj": "linear", "image_size": 160}
             else:  # ModifiedResNet (OpenAI RN50 layout): 4 stages, /32, attention pool
                 vision = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}
             cfg = {"embed_dim": 16, "vision_cfg": vision,

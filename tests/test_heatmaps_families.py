@@ -246,6 +246,10 @@ def _library_locations(case: str, enc, x):
                 net.output_tokens = False
             side = int(round(tokens.shape[1] ** 0.5))
             return (tokens[0] @ net.proj).reshape(side, side, -1)
+        if case == "open_clip-timm":  # timm's own final tokens (trunk.forward_features: after its norm), then the head
+            tokens = net.trunk.forward_features(x)[:, net.trunk.num_prefix_tokens:]
+            side = int(round(tokens.shape[1] ** 0.5))
+            return net.head(tokens[0]).reshape(side, side, -1)
         if case == "open_clip-resnet":  # each location alone through the attention pool's value path
             m = net.forward_intermediates(x, indices=1, intermediates_only=True)["image_intermediates"][-1]
             ap = net.attnpool
@@ -273,7 +277,7 @@ def test_similarity_uses_the_librarys_own_locations(fam: dict, case: str) -> Non
     assert np.ptp(got) > 0
 
 
-@pytest.mark.parametrize("case", ["hf-dinov2", "hf-vit", "open_clip-vit"])
+@pytest.mark.parametrize("case", ["hf-dinov2", "hf-vit", "open_clip-vit", "open_clip-timm"])
 def test_class_token_gradcam_equals_the_gradient_through_the_whole_network(fam: dict, case: str) -> None:
     import torch
 
@@ -331,7 +335,8 @@ def test_open_clip_tower_without_a_map_gives_one_clear_line(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("method", ["similarity", "gradcam"])
-@pytest.mark.parametrize("case", ["hf-dinov2", "hf-convnext", "hf-swin", "open_clip-vit", "open_clip-resnet", "xrv-densenet"])
+@pytest.mark.parametrize("case", ["hf-dinov2", "hf-convnext", "hf-swin", "open_clip-vit", "open_clip-resnet", "open_clip-timm",
+                                  "xrv-densenet"])
 def test_predict_heatmap_on_each_family(fam: dict, tmp_path: Path, case: str, method: str) -> None:
     out = tmp_path / "maps"
     film = fam["film"]

@@ -29,8 +29,10 @@ into the space shared with the text tower). Spatial map (ViT towers):
 (``local_features``) and run Grad-CAM on the tokens entering the last block
 (class-token pooling). ModifiedResNet towers (OpenAI RN50-style): layer4's map;
 each location through the attention pool's value and output projections, and
-Grad-CAM through the attention pool itself. timm-trunk and attention-pooled
-towers: no map (one clear line). Geometry (:func:`geometry`): from the same
+Grad-CAM through the attention pool itself. timm ViT trunks (BiomedCLIP's
+TimmModel layout): the trunk's normed patch tokens through its head, Grad-CAM
+on the tokens entering the trunk's last block. Attention-pooled towers and timm
+CNN trunks: no map (one clear line). Geometry (:func:`geometry`): from the same
 ``preprocess_cfg`` (``resize_mode`` shortest / longest / squash). ``has_text``: True; ``text_encoder()`` gives the aligned
 text tower with open_clip's own tokenizer.
 """
@@ -73,9 +75,13 @@ class OpenCLIPEncoder(ImageEncoder):
             self.spatial_dim = int(v.attnpool.k_proj.in_features)
         elif hasattr(v, "transformer") and hasattr(v, "conv1") and getattr(v, "attn_pool", None) is None:
             self.tower = "vit"
+        elif _timm_vit_trunk(v):
+            self.tower = "timm-vit"  # TimmModel around a timm ViT (BiomedCLIP's layout): trunk tokens, then its head
+            self.spatial_dim = int(v.trunk.num_features)
         else:
-            self.tower = None  # timm trunks, attention-pooled (CoCa) towers: no map mavl reads
-        patch = getattr(v, "patch_size", None)
+            self.tower = None  # attention-pooled (CoCa) towers, timm CNN trunks: no map mavl reads
+        patch = getattr(v, "patch_size", None) or getattr(getattr(getattr(v, "trunk", None), "patch_embed", None),
+                                                          "patch_size", None)
         self.patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch) if patch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +101,10 @@ class OpenCLIPEncoder(ImageEncoder):
         through ``ln_post``) times ``proj``; ModifiedResNet, the attention pool's value and output
         projections (its positional embedding added), the pool's output for a location attending to itself."""
         v = self.net
+        if self.tower == "timm-vit":  # what forward_head does after pooling (fc_norm), then the adapter head
+            fc_norm = getattr(v.trunk, "fc_norm", None) or torch.nn.Identity()
+            t = fmap.permute(0, 2, 3, 1)
+            return v.head(fc_norm(t)).permute(0, 3, 1, 2)
         if self.tower == "resnet":
             ap = v.attnpool
             b, c, h, w = fmap.shape
@@ -117,11 +127,15 @@ class OpenCLIPEncoder(ImageEncoder):
         v = self.net
         if self.tower == "resnet":
             return True
+        if self.tower == "timm-vit":  # avg pooling over the normed patch tokens, then fc_norm and the head
+            return False
         return self.tower == "vit" and getattr(v, "pool_type", "tok") == "avg" and not getattr(v, "final_ln_after_pool", False)
 
     def cam_block(self) -> torch.nn.Module | None:
-        if self.tower != "vit" or self.spatial_pools:
+        if self.tower not in ("vit", "timm-vit") or self.spatial_pools:
             return None
+        if self.tower == "timm-vit":
+            return self.net.trunk.blocks[-1]
         blocks = getattr(getattr(self.net, "transformer", None), "resblocks", None)
         return blocks[-1] if blocks is not None and len(blocks) else None
 
@@ -156,6 +170,14 @@ class OpenCLIPText:
     def encode(self, texts: list[str], device: Any = "cpu") -> torch.Tensor:
         tokens = self.tokenizer(texts).to(device)
         return self.clip.to(device).encode_text(tokens)
+
+
+def _timm_vit_trunk(visual: Any) -> bool:
+    """An open_clip TimmModel whose trunk is a timm ViT pooled by class token or mean (no attention pool)."""
+    trunk = getattr(visual, "trunk", None)
+    return trunk is not None and hasattr(visual, "head") and all(
+        hasattr(trunk, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")) and \
+        getattr(trunk, "attn_pool", None) is None and getattr(trunk, "global_pool", None) in ("token", "avg")
 
 
 def _embed_dim(clip: Any) -> int:
