@@ -297,9 +297,12 @@ def fit(y: np.ndarray, p: np.ndarray, m: np.ndarray, method: str, names: list[st
                 a = 1.0
             cal.a[j] = a
         elif method == "platt":
-            cal.a[j], cal.b[j] = fit_logistic_1d(logit(pj), yj)
-            if cal.a[j] <= 0:
-                cal.notes.append(f"{name}: Platt slope {cal.a[j]:.3g} <= 0 (scores anti-correlated with labels on validation)")
+            a, b = fit_logistic_1d(logit(pj), yj)
+            if not a > 0:  # a map with slope <= 0 would reverse (or erase) the ranking: never
+                cal.notes.append(f"{name}: Platt slope {a:.3g} <= 0 (scores anti-correlated with the labels on "
+                                 "validation); left uncalibrated, since calibration must never reverse the order of scores")
+                a, b = 1.0, 0.0
+            cal.a[j], cal.b[j] = a, b
         else:
             knots.append(fit_isotonic(pj, yj))
     if method == "isotonic":

@@ -514,9 +514,9 @@ def evaluate_maps_cmd(
     boxes: Optional[Path] = typer.Option(None, "--boxes", help="NIH-format box CSV: Image Index, Finding Label, Bbox [x, y, w, h]."),
     top_k: float = typer.Option(10.0, "--top-k", help="IoU of the map's top K percent of pixels with the region."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Only these findings (comma-separated)."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Patient-bootstrap resamples for the CIs (0 = none)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, max=limits.MAX_BOOTSTRAP, help="Patient-bootstrap resamples for the CIs (0 = none)."),
     patient_pattern: str = typer.Option(r"^(.+?)_", "--patient-pattern", help="Regex whose first group is the patient in a file stem."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=limits.MAX_SEED),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Score explanation maps against masks or boxes: pointing-game hit rate and top-k% IoU."""

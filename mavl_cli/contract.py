@@ -647,6 +647,53 @@ def check_schema(f: MavlFile) -> None:
                 raise MavlError(f"{name}: tensor {tname!r} must lie in [{lo:g}, {hi:g}]")
     if kind == "maps":
         _check_maps(f)
+    if kind == "model":
+        _check_calibration(f)
+
+
+CALIBRATION_METHODS = ("temperature", "platt", "isotonic", "none")  # ``mavl_cli.calibration.METHODS`` + none
+
+
+def _check_calibration(f: MavlFile) -> None:
+    """``calibration.*`` (from `mavl calibrate`): all of a, b, shift ``[L]`` (isotonic: knots ``[L, K]`` and
+    counts in 1..K, non-decreasing) with the metadata saying so, and a slope > 0 for every label, so a
+    stored calibration can never reverse (or erase) the order of a label's scores."""
+    name, t, info = f.path, f.tensors, f.meta.get("calibration")
+    have = sorted(k for k in t if k.startswith("calibration."))
+    if not have:
+        if isinstance(info, dict) and info.get("method") not in (None, "none"):
+            raise MavlError(f"{name}: metadata says the model is {info.get('method')}-calibrated, but it holds no "
+                            "calibration tensors")
+        return
+    if not isinstance(info, dict) or info.get("method") not in CALIBRATION_METHODS:
+        method = info.get("method") if isinstance(info, dict) else info
+        raise MavlError(f"{name}: calibration tensors, but metadata 'calibration' method is {method!r}, expected one of "
+                        f"{', '.join(CALIBRATION_METHODS)}")
+    iso = info["method"] == "isotonic"
+    want = {"calibration.a", "calibration.b", "calibration.shift",
+            *(("calibration.iso_x", "calibration.iso_y", "calibration.iso_n") if iso else ())}
+    if set(have) != want:
+        odd = sorted(set(have) ^ want)[0]
+        raise MavlError(f"{name}: {'unexpected' if odd in have else 'missing'} tensor {odd!r} for a "
+                        f"{info['method']} calibration")
+    n = t["thresholds"].shape[0]
+    for k in ("calibration.a", "calibration.b", "calibration.shift"):
+        if t[k].shape != (n,) or t[k].dtype.kind != "f":
+            raise MavlError(f"{name}: tensor {k!r} must be {n} floating-point values (one per label), got "
+                            f"{list(t[k].shape)} {t[k].dtype}")
+    if not (t["calibration.a"] > 0).all():
+        raise MavlError(f"{name}: calibration slope 'calibration.a' must be > 0 for every label (a slope <= 0 reverses "
+                        "the order of the scores); re-run `mavl calibrate`")
+    if iso:
+        x, y, cnt = t["calibration.iso_x"], t["calibration.iso_y"], t["calibration.iso_n"]
+        if x.ndim != 2 or x.shape[0] != n or y.shape != x.shape or cnt.shape != (n,) or x.dtype.kind != "f" \
+                or y.dtype.kind != "f" or cnt.dtype.kind not in "iu":
+            raise MavlError(f"{name}: isotonic knots must be [labels, K] floats with [labels] integer counts")
+        k = x.shape[1]
+        if ((cnt < 1) | (cnt > k)).any():
+            raise MavlError(f"{name}: isotonic knot counts must lie in 1..{k}")
+        if ((y < 0) | (y > 1)).any() or (np.diff(x, axis=1) < 0).any() or (np.diff(y, axis=1) < 0).any():
+            raise MavlError(f"{name}: isotonic knots must be non-decreasing, with values in [0, 1]")
 
 
 def _check_maps(f: MavlFile) -> None:
@@ -687,6 +734,33 @@ def _default_model() -> Path | None:
         return default_model_path()
     except Exception:  # noqa: BLE001 - no home folder at all: nothing to protect
         return None
+
+
+def model_inputs(*paths: Any, limit: int = 2000) -> list[Path]:
+    """The files that model paths (``--weights``, ``--text-model``, an encoder's local ID) stand for:
+    a file is itself; a folder (a hub-layout model folder) is every regular file in it, so an output
+    path compared with :func:`check_output_path` can never replace a model's weights, config or
+    tokenizer. Hub ids and missing paths stand for nothing local."""
+    out: list[Path] = []
+    for p in paths:
+        if p is None or not str(p) or is_stdout(p):
+            continue
+        text = str(getattr(p, "id", p))  # an EncoderSpec stands for its ID
+        q = Path(text).expanduser()
+        while not q.exists() and ":" in text:  # FAMILY:ID, open_clip's local-dir:PATH
+            text = text.split(":", 1)[1]
+            q = Path(text).expanduser()
+        try:
+            if q.is_file():
+                out.append(q)
+            elif q.is_dir():
+                for root, _dirs, files in os.walk(q):
+                    out.extend(Path(root) / name for name in files)
+                    if len(out) > limit:
+                        break
+        except OSError:
+            continue
+    return out
 
 
 def check_folder(folder: str | Path, create: bool = False, what: str = "output folder") -> None:

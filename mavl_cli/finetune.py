@@ -512,7 +512,7 @@ def finetune_stage(
     only, uncertain, label_map = read.names, read.uncertain, read.renames
     val_labels, val_split = v.labels, v.split
     weights, device, skip_bad = spec.weights, run.device, run.skip_bad
-    contract.check_output_path(output, [labels, *([val_labels] if val_labels else []), weights])
+    contract.check_output_path(output, [labels, *([val_labels] if val_labels else []), weights, *contract.model_inputs(weights)])
     check_backbone_out(Path(backbone_out))
     if Path(backbone_out).is_dir():  # the folder's files are outputs too: never the starting weights or the labels
         starting = [weights] if not (weights and Path(weights).is_dir()) else [p for p in Path(weights).iterdir()]

@@ -58,14 +58,18 @@ class HeatmapOptions:
     labels: str = "positive"  # positive | all | comma-separated label names
     method: str = "similarity"
 
-    def check(self, names: list[str]) -> list[str] | None:
-        """Validate before any work; the explicit label list (None for positive/all)."""
+    def check(self, names: list[str] | None) -> list[str] | None:
+        """Validate before any work; the explicit label list (None for positive/all; ``names`` None:
+        the label list is not known yet, check the rest)."""
         if self.method not in METHODS:
             raise MavlError(f"--heatmap-method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        from mavl_cli.contract import check_folder
+        from mavl_cli.contract import check_folder, is_stdout
+
+        if is_stdout(self.folder):
+            raise MavlError("--heatmap needs a folder for the overlays and maps files, not standard output")
 
         check_folder(self.folder, create=True, what="heatmap folder")
-        if self.labels in LABEL_CHOICES:
+        if self.labels in LABEL_CHOICES or names is None:
             return None
         wanted = [s.strip() for s in self.labels.split(",") if s.strip()]
         unknown = [w for w in wanted if w not in names]
@@ -73,6 +77,27 @@ class HeatmapOptions:
             raise MavlError(f"--heatmap-labels: unknown label(s) {', '.join(unknown) or repr(self.labels)}; "
                             f"use positive, all, or some of: {', '.join(names)}")
         return wanted
+
+    def check_outputs(self, paths: list[Any], names: list[str], inputs: list[Any] = ()) -> None:
+        """Before any work: no overlay or maps file may replace an input (an image in the heatmap
+        folder named like an overlay, the model, its weights) or another output of this run."""
+        from mavl_cli.contract import check_output_path
+        from mavl_cli.maps import MAPS_SUFFIX, label_slug, mask_name
+
+        slugs: dict[str, str] = {}
+        for n in names:
+            if slugs.setdefault(label_slug(n), n) != n:
+                raise MavlError(f"--heatmap: labels {slugs[label_slug(n)]!r} and {n!r} would share the overlay name "
+                                f"<stem>.{label_slug(n)}.png; rename one")
+        folder = Path(self.folder)
+        if not folder.is_dir():
+            return  # a folder this run creates holds no inputs
+        everything = [*paths, *inputs]
+        for p in paths:
+            stem = Path(p).stem
+            for out in [folder / f"{stem}{MAPS_SUFFIX}", *(folder / mask_name(stem, n) for n in names)]:
+                if out.exists():
+                    check_output_path(out, everything)
 
 
 # ------------------------------------------------------------------ adapters

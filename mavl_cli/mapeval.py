@@ -71,8 +71,10 @@ def score_map(m: np.ndarray, region: np.ndarray, top_k: float) -> tuple[bool, fl
     """(pointing-game hit, IoU of the top-k% pixels) for one map and one boolean region."""
     from mavl_cli.maps import peak
 
-    x, y = peak(m)
     flat = m.ravel()
+    if flat.size == 0 or float(flat.max()) == float(flat.min()):
+        return False, 0.0  # a flat map points nowhere: its "peak" would be the first pixel, its top-k arbitrary
+    x, y = peak(m)
     n = max(1, int(math.ceil(flat.size * top_k / 100.0)))
     top = np.zeros(flat.size, bool)
     top[np.argpartition(-flat, n - 1)[:n]] = True
@@ -83,7 +85,10 @@ def score_map(m: np.ndarray, region: np.ndarray, top_k: float) -> tuple[bool, fl
 
 def patient_of(stem: str, pattern: str) -> str:
     m = re.search(pattern, stem)
-    return (m.group(1) if m.groups() else m.group(0)) if m else stem
+    if not m:
+        return stem
+    got = m.group(1) if m.groups() else m.group(0)
+    return stem if got is None else got  # an optional group that took no part: the stem is the patient
 
 
 # ------------------------------------------------------------------ ground truth
@@ -118,7 +123,8 @@ def _read_mask(p: Path, shape: tuple[int, int], map_name: str) -> np.ndarray:
     if arr.shape != shape:
         raise MavlError(f"{p}: mask is {arr.shape[1]}x{arr.shape[0]} pixels, but the map in {map_name} is "
                         f"{shape[1]}x{shape[0]} (masks and maps must both be in the original image's pixels)", path=p)
-    return arr > 127
+    # 0/255 masks (and mode "1") or 0/1 masks (a boolean array saved as uint8): both are binary
+    return arr > (0 if arr.max(initial=0) <= 1 else 127)
 
 
 def read_boxes(path: Path) -> list[tuple[str, str, float, float, float, float]]:
@@ -129,8 +135,8 @@ def read_boxes(path: Path) -> list[tuple[str, str, float, float, float, float]]:
     try:
         with opener(path, "rt", newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MavlError(f"{path}: cannot read box file ({exc})", path=path) from None
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError) as exc:
+        raise MavlError(f"{path}: cannot read box file ({str(exc)[:120]})", path=path) from None
     if not rows or len(rows[0]) < 3 or rows[0][0].strip().lower() != "image index" or "bbox" not in rows[0][2].lower():
         raise MavlError(f"{path}: not an NIH box file (expected the header 'Image Index,Finding Label,Bbox [x,y,w,h],,,')",
                         path=path)
@@ -164,7 +170,7 @@ def _box_region(boxes: list[tuple[float, float, float, float]], shape: tuple[int
     region = np.zeros(shape, bool)
     for x, y, bw, bh in boxes:
         if x < -0.5 or y < -0.5 or x + bw > w + 0.5 or y + bh > h + 0.5:
-            raise MavlError(f"{where}: box [{x:.0f}, {y:.0f}, {bw:.0f}, {bh:.0f}] reaches outside the {w}x{h} map "
+            raise MavlError(f"{where}: box [{x:.6g}, {y:.6g}, {bw:.6g}, {bh:.6g}] reaches outside the {w}x{h} map "
                             "(boxes and maps must both be in the original image's pixels)")
         c0, c1 = int(np.ceil(x - 0.5)), int(np.floor(x + bw - 0.5))
         r0, r1 = int(np.ceil(y - 0.5)), int(np.floor(y + bh - 0.5))
@@ -182,8 +188,12 @@ def evaluate_maps(maps_dir: str | Path, opts: MapEvalOptions) -> MapReport:
         raise MavlError("evaluate-maps needs exactly one of --masks DIR or --boxes FILE")
     if not 0 < opts.top_k <= 100:
         raise MavlError(f"--top-k is a percentage in (0, 100], got {opts.top_k}")
-    if opts.bootstrap < 0:
-        raise MavlError(f"--bootstrap must be 0 or more, got {opts.bootstrap}")
+    from mavl_cli.limits import MAX_BOOTSTRAP, MAX_SEED
+
+    if not 0 <= opts.bootstrap <= MAX_BOOTSTRAP:
+        raise MavlError(f"--bootstrap must lie in 0..{MAX_BOOTSTRAP:,}, got {opts.bootstrap}")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise MavlError(f"--seed must lie in 0..{MAX_SEED}, got {opts.seed}")
     try:
         re.compile(opts.patient_pattern)
     except re.error as exc:
@@ -224,6 +234,7 @@ def evaluate_maps(maps_dir: str | Path, opts: MapEvalOptions) -> MapReport:
         if unknown_labels:
             notes.append(f"box labels with no map skipped: {', '.join(sorted(unknown_labels))}")
     cases: list[Case] = []
+    flat: list[str] = []
     for (stem, lab), (kind, spec) in sorted(regions.items()):
         f = by_stem[stem]
         if lab not in f.labels():
@@ -235,12 +246,16 @@ def evaluate_maps(maps_dir: str | Path, opts: MapEvalOptions) -> MapReport:
             notes.append(f"empty region skipped: {stem} {lab}")
             continue
         hit, iou = score_map(m, region, opts.top_k)
+        if float(m.max()) == float(m.min()):
+            flat.append(f"{stem} {lab}")
         cases.append(Case(stem, lab, patient_of(stem, opts.patient_pattern), hit, iou))
     if not cases:
         what = f"masks in {opts.masks}" if opts.masks is not None else f"boxes in {opts.boxes}"
         raise MavlError(f"{maps_dir}: none of its {len(files)} maps files has a region among the {what} "
                         f"(expected <stem>.<label>.png / Image Index rows for stems like {next(iter(by_stem))!r} "
                         f"and labels {', '.join(all_labels)})")
+    if flat:
+        notes.append(f"{len(flat)} flat map(s) (one value everywhere, e.g. {flat[0]}) counted as misses with IoU 0")
     rep = MapReport(methods[0], source, opts.top_k, cases, notes=notes)
     rng = np.random.default_rng(opts.seed)
     for lab in all_labels:

@@ -130,7 +130,7 @@ def embed_text_stage(
     text_model, pooling, trust_remote_code = text.model, text.pooling, text.trust_remote_code
     device, batch_size = run.device, run.batch(32)
 
-    contract.check_output_path(output, [descriptions])
+    contract.check_output_path(output, [descriptions, *contract.model_inputs(text_model)])
     desc = read_descriptions(descriptions)
     n = len(desc.flat())
     with (progress("embed-text", n, "text") if progress else nullcontext(None)) as advance:
@@ -486,7 +486,7 @@ def embed_images_stage(
         part, device = Shard(dist.rank, dist.world), dist.device
         if not dist.main:
             progress = None  # one progress bar per job, on rank 0
-    contract.check_output_path(output, [lrf, labels])
+    contract.check_output_path(output, [lrf, labels, *contract.model_inputs(spec, spec.weights)])
     check_precision(precision, resolve_device(device).type)
     head = contract.read_file(lrf, expect="lrf-head") if lrf else None
     items, missing = collect_inputs(inputs, labels, root, path_column)
@@ -613,10 +613,13 @@ def predict_stage(
     model = load_model(model_file)
     meta = model.meta
     w = weights or meta.get("backbone_weights")
+    if scores_out:  # never the encoder's own files (a --weights folder, or the one the model records)
+        contract.check_output_path(scores_out, contract.model_inputs(w, (meta.get("encoder") or {}).get("id")
+                                                                     if isinstance(meta.get("encoder"), dict) else None))
     if w not in ("hub", "random", None) and not Path(w).exists():
         raise MavlError(f"{model.file.path}: its backbone weights {w} are not on this machine; pass --weights FILE_OR_FOLDER")
     if heatmap is not None:
-        heatmap.check(list(model.labels))
+        heatmap.check(list(model.labels) if not descriptions else None)  # labels added from text: checked below
     items, _ = collect_inputs(images)
     if scores_out:
         contract.check_output_path(scores_out, [it.path for it in items])  # `--out a.png` must not replace the image
@@ -636,6 +639,11 @@ def predict_stage(
     module = model.module(weights, label_text=label_text)
     names = list(module.labels)
     th = module.thresholds.numpy() if threshold is None else np.full(len(names), threshold, np.float32)
+    if heatmap is not None:  # before any image is scored: overlays never replace an input
+        heatmap.check(names)
+        heatmap.check_outputs([it.path for it in items], names,
+                              [model_file, descriptions, *[it.path for it in all_items],
+                               *contract.model_inputs(w, weights)])
     if items or part is None:
         with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
             res = score_images(module, items, device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)
@@ -741,7 +749,8 @@ def zero_shot_stage(opts: Any, set_default: bool = False) -> StageResult:
     from mavl_cli.modelfile import install_default
     from mavl_cli.zeroshot import build_zero_shot
 
-    contract.check_output_path(opts.output, [p for p in (opts.descriptions, opts.weights) if p])
+    contract.check_output_path(opts.output, [p for p in (opts.descriptions, opts.weights) if p]
+                               + contract.model_inputs(opts.encoder, opts.weights))
     tensors, meta, summary = build_zero_shot(opts)
     blob = contract.to_bytes("model", tensors, meta)
     contract.atomic_write_bytes(opts.output, blob)

@@ -60,6 +60,11 @@ def write_prompts(desc: Descriptions, mode: str = "pair") -> Prompts:
         return [t for a, i in idx.items() if a.split("#")[0] == key and (t := row[i])]
 
     explicit = desc.form == "aspects" and "positive" in idx and "negative" in idx
+    half = [k for k in ("positive", "negative") if k in idx] if desc.form == "aspects" and not explicit else []
+    if half:  # explicit prompts on one side only would be silently replaced by the templates
+        other = "negative" if half[0] == "positive" else "positive"
+        raise MavlError(f"the descriptions give {half[0]!r} prompts but no {other!r} ones (or none that are not empty); "
+                        f"give both for every label, or neither to use mavl's templates")
     if explicit:
         missing = [lab for lab, row in zip(desc.labels, desc.texts) if not given(row, "positive") or not given(row, "negative")]
         if missing:

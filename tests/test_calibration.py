@@ -232,3 +232,23 @@ def test_torch_calibrated_head_equals_numpy_map():
         out = torch.sigmoid(head(torch.cat([z, extra], 1))).numpy()
         np.testing.assert_allclose(out[:, :2], cal.apply(torch.sigmoid(z).numpy()), atol=1e-5)  # float32 vs float64
         np.testing.assert_allclose(out[:, 2], torch.sigmoid(extra[:, 0]).numpy(), atol=1e-7)
+
+
+def test_s3_platt_never_reverses_the_order_of_scores():
+    """Scores anti-correlated with the labels on validation: the fitted Platt slope is negative, which would turn
+    the ranking upside down (AUROC 1 - AUROC). The label is left uncalibrated, with a note."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _data(5)
+    p_bad = 1.0 - p  # anti-correlated
+    ys, ps = np.stack([y, y], 1), np.stack([p, p_bad], 1)
+    m = np.ones_like(ys, dtype=bool)
+    assert C.fit_logistic_1d(C.logit(p_bad), y)[0] < 0  # what unregularised Platt fits
+    cal = C.fit(ys, ps, m, "platt", ["good", "bad"])
+    q = cal.apply(ps)
+    assert cal.a[0] > 0 and (cal.a[1], cal.b[1]) == (1.0, 0.0)
+    assert cal.invertible
+    for j in range(2):
+        assert roc_auc_score(ys[:, j], q[:, j]) == pytest.approx(roc_auc_score(ys[:, j], ps[:, j]))
+    np.testing.assert_allclose(q[:, 1], ps[:, 1], rtol=1e-6, atol=1e-7)  # identity (up to the clip at 1e-7)
+    assert any("bad" in n and "never reverse" in n for n in cal.notes), cal.notes

@@ -161,3 +161,57 @@ def test_bad_inputs_one_clear_line_each(tmp_path: Path) -> None:
     _one_line(run_cli(["evaluate-maps", tmp_path / "maps", "--boxes", bad]), "not an NIH box file")
     bad.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\na_1.png,Edema,10,10,50,50\n")
     _one_line(run_cli(["evaluate-maps", tmp_path / "maps", "--boxes", bad]), "reaches outside the 32x32 map")
+
+
+def test_s3_masks_saved_as_0_and_1_are_binary(tmp_path: Path) -> None:
+    """A boolean array saved as a uint8 PNG holds 0 and 1, not 0 and 255: it is the same region (was: every
+    mask read as empty, and the run refused with "none of its maps has a region")."""
+    region = np.zeros((32, 32), bool)
+    region[8:16, 4:12] = True
+    maps = _blob(32, 32, 8, 12, 3)[None]
+    _maps(tmp_path / "maps", "p1_a", ["Edema"], maps)
+    out = {}
+    for name, arr in (("m255", region.astype(np.uint8) * 255), ("m01", region.astype(np.uint8))):
+        (tmp_path / name).mkdir()
+        Image.fromarray(arr).save(tmp_path / name / mask_name("p1_a", "Edema"))
+        r = run_cli(["evaluate-maps", tmp_path / "maps", "--masks", tmp_path / name, "--json", "--bootstrap", "0"])
+        assert r.exit_code == 0, r.stderr
+        out[name] = json.loads(r.stdout)["overall"]
+    hit, iou = score_map(maps[0], region, 10.0)
+    assert out["m01"] == out["m255"] and out["m01"]["hit_rate"] == float(hit) == 1.0
+    assert out["m01"]["iou"] == pytest.approx(iou) and iou > 0
+
+
+def test_s3_a_flat_map_points_nowhere(tmp_path: Path) -> None:
+    """A map with one value everywhere (e.g. a Grad-CAM whose ReLU zeroed it) has no peak: its argmax is the first
+    pixel, which a region in the top-left corner would count as a hit. It is a miss with IoU 0, and said so."""
+    region = np.zeros((16, 16), bool)
+    region[0:4, 0:4] = True
+    assert score_map(np.zeros((16, 16), np.float32), region, 10.0) == (False, 0.0)
+    _maps(tmp_path / "maps", "p1_a", ["Edema"], np.zeros((1, 16, 16)))
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(region.astype(np.uint8) * 255).save(tmp_path / "masks" / mask_name("p1_a", "Edema"))
+    r = run_cli(["evaluate-maps", tmp_path / "maps", "--masks", tmp_path / "masks", "--json", "--bootstrap", "0"])
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["overall"]["hit_rate"] == 0.0 and rep["overall"]["iou"] == 0.0
+    assert any("flat map" in n for n in rep["notes"]), rep["notes"]
+
+
+def test_s3_patient_pattern_with_an_optional_group(tmp_path: Path) -> None:
+    """`--patient-pattern '(x)|(p\\d)'`: group 1 takes no part in a match and is None; the stem is then the
+    patient (was: an internal TypeError sorting None)."""
+    from mavl_cli.mapeval import patient_of
+
+    assert patient_of("p1_a", r"(zzz)|(p\d)") == "p1_a"
+    assert patient_of("zzz_a", r"(zzz)|(p\d)") == "zzz"
+    region = np.zeros((16, 16), bool)
+    region[4:8, 4:8] = True
+    (tmp_path / "masks").mkdir()
+    for stem in ("p1_a", "p2_a"):
+        _maps(tmp_path / "maps", stem, ["Edema"], _blob(16, 16, 6, 6, 2)[None])
+        Image.fromarray(region.astype(np.uint8) * 255).save(tmp_path / "masks" / mask_name(stem, "Edema"))
+    r = run_cli(["evaluate-maps", tmp_path / "maps", "--masks", tmp_path / "masks", "--json", "--bootstrap", "20",
+                 "--patient-pattern", r"(zzz)|(p\d)"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["overall"]["patients"] == 2

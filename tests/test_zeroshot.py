@@ -156,3 +156,17 @@ def test_zero_shot_refuses_encoders_without_text(cli, tmp_path, tiny_vit):
     r = cli(["zero-shot", "--encoder", "vit_tiny_patch16_224", "--descriptions", str(desc), "-o", str(tmp_path / "z.st")])
     assert r.exit_code == 2 and "open_clip" in r.stderr
     assert not (tmp_path / "z.st").exists()
+
+
+@pytest.mark.parametrize("given", [{"positive": ["fluid in the lungs"]}, {"positive": ["fluid"], "negative": []},
+                                   {"negative": ["clear lungs"]}])
+def test_s3_explicit_prompts_on_one_side_only_are_refused(tiny_clip, cli, tmp_path, given):
+    """`{"Edema": {"positive": [...]}}` without negatives was silently replaced by mavl's templates: the prompts
+    the user wrote were not used and nothing said so. One clear line, nothing written."""
+    desc = tmp_path / "d.json"
+    desc.write_text(json.dumps({"Edema": given}))
+    r = cli(["zero-shot", "--encoder", f"open_clip:{tiny_clip}", "--descriptions", str(desc), "-o", str(tmp_path / "z.st")])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "'positive'" in lines[0] and "'negative'" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]

@@ -235,10 +235,11 @@ def load_image(spec: EncoderSpec) -> OpenCLIPEncoder:
         if file is not None:
             if not file.exists():
                 raise MavlError(f"{file}: weights file not found", path=file)
-            if name.startswith(("hf-hub:", "local-dir:")):  # the repo's config; the file's weights
-                clip = open_clip.create_model(name, load_weights=False)
-            else:
-                clip = open_clip.create_model(name, pretrained=None)
+            with _no_weights_warning():  # mavl loads the weights itself, just below
+                if name.startswith(("hf-hub:", "local-dir:")):  # the repo's config; the file's weights
+                    clip = open_clip.create_model(name, load_weights=False)
+                else:
+                    clip = open_clip.create_model(name, pretrained=None)
             _load_clip_state(clip, file)
         elif name.startswith(("hf-hub:", "local-dir:")):
             clip = open_clip.create_model(name, load_weights=spec.pretrained)
@@ -258,6 +259,25 @@ def load_image(spec: EncoderSpec) -> OpenCLIPEncoder:
     clip.eval()
     pre = transform_record(clip)
     return OpenCLIPEncoder(spec, clip, name, pre, pooling=spec.pooling)
+
+
+class _no_weights_warning:
+    """open_clip logs "No pretrained weights loaded" on the root logger when a model is built empty;
+    mavl then loads the weights itself, and stderr must stay one clear line."""
+
+    @staticmethod
+    def filter(record: Any) -> bool:
+        return "No pretrained weights loaded" not in str(record.getMessage())
+
+    def __enter__(self) -> None:
+        import logging
+
+        logging.getLogger().addFilter(self.filter)
+
+    def __exit__(self, *exc: Any) -> None:
+        import logging
+
+        logging.getLogger().removeFilter(self.filter)
 
 
 def _load_clip_state(clip: Any, file: Path) -> None:
