@@ -277,6 +277,24 @@ def test_similarity_uses_the_librarys_own_locations(fam: dict, case: str) -> Non
     assert np.ptp(got) > 0
 
 
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_every_method_runs_on_every_family(fam: dict, case: str) -> None:
+    """Each `--heatmap-method` gives a finite map per finding on the family's grid (or a finer one)."""
+    import torch
+
+    from mavl_cli.heatmaps import needs_grad
+    from mavl_cli.maps import METHODS
+
+    model, enc, mm = _mm(fam, case)
+    x = _x(mm, fam["film"])
+    with torch.no_grad():
+        grid = enc.spatial(x).shape[2:]
+    for method in METHODS:
+        with torch.enable_grad() if needs_grad(method) else torch.no_grad():
+            m = mm.maps(x, method, [0, 2])
+        assert m.shape[0] == 2 and m.shape[1] >= grid[0] and m.shape[2] >= grid[1] and np.isfinite(m).all(), method
+
+
 @pytest.mark.parametrize("case", ["hf-dinov2", "hf-vit", "open_clip-vit", "open_clip-timm"])
 def test_class_token_gradcam_equals_the_gradient_through_the_whole_network(fam: dict, case: str) -> None:
     import torch
