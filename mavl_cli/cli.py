@@ -555,7 +555,10 @@ def info_cmd(file: str = typer.Argument(..., help="Any mavl .safetensors file ('
     from mavl_cli.contract import read_file
 
     f = read_file(file)
-    rows = [["kind", f.kind], *[[f"tensor {k}", f"{list(v.shape)} {v.dtype}"] for k, v in f.tensors.items()]]
+    carried = [k for k in f.tensors if k.startswith("encoder.")]  # a fine-tuned encoder's weights: one row
+    rows = [["kind", f.kind], *[[f"tensor {k}", f"{list(v.shape)} {v.dtype}"] for k, v in f.tensors.items() if k not in carried]]
+    if carried:
+        rows.append(["tensors encoder.*", f"{len(carried)} tensors, {sum(int(f.tensors[k].size) for k in carried):,} values (the fine-tuned image encoder)"])
     for k, v in f.meta.items():
         if k in ("ids", "texts", "aspect_texts"):
             v = f"{len(v)} entries" if isinstance(v, list) else v

@@ -449,6 +449,13 @@ def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path,
         shutil.rmtree(tmp, ignore_errors=True)
 
     tensors = {k: v.numpy() for k, v in result.head_state.items()}
+    weights_fp = None
+    try:  # what the weights file holds, exactly: `fuse` checks it before carrying the weights into the model file
+        from safetensors.numpy import load_file
+
+        weights_fp = tensor_fingerprint(load_file(str(out_dir / "model.safetensors")))
+    except Exception:  # e.g. bf16 tensors numpy cannot hold: fuse then takes the file as it is
+        pass
     backbone_np = {k: v.float().numpy() if str(v.dtype) == "torch.bfloat16" else v.numpy() for k, v in result.backbone_state.items()}
     c = result.config
     if enc is None:
@@ -468,6 +475,7 @@ def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path,
         "fingerprint": tensor_fingerprint(tensors), "in_dim": int(info.dim),
         **where, "precision": "fp32",
         "finetuned": True, "backbone_fingerprint": tensor_fingerprint(backbone_np), "backbone_source": info.weights,
+        "weights_fingerprint": weights_fp,
         "backbone_lr": result.backbone_lr, "train_precision": result.precision, "augment": result.augment,
         "train_images": result.images, "skipped": len(result.skipped), "history": result.history,
         **(extras or {}),

@@ -573,7 +573,7 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
         raise MavlError(f"--heatmap: several inputs are named {dup[0]!r}; their overlays would overwrite each other "
                         "(run them separately, or rename)")
     dev = resolve_device(device)
-    encoder, prep = image_encoder(model.meta, weights)
+    encoder, prep = image_encoder(model.meta, weights, model.file.tensors)
     mm = build_map_model(model, encoder, prep, text, mask, dev, getattr(label_text, "bias", None),
                          getattr(label_text, "negative", None))
     folder = Path(opts.folder)

@@ -127,10 +127,16 @@ def build_lrf(loaded: Any) -> nn.Module | None:
     return head_from_tensors(lrf) if lrf else None
 
 
-def image_encoder(meta: dict[str, Any], weights: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """(encoder module, preprocessing) recorded in a model file's metadata."""
+def image_encoder(meta: dict[str, Any], weights: str | None = None,
+                  tensors: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(encoder module, preprocessing) recorded in a model file's metadata; with the file's ``tensors``, a
+    fine-tuned encoder carried in the file (``encoder.*``) is rebuilt from them (``weights`` overrides)."""
     from mavl_cli.encoders import encoder_from_meta
 
+    if weights is None and tensors is not None:
+        from mavl_cli.modelfile import embedded_weights_file
+
+        weights = embedded_weights_file(tensors, meta)
     enc = encoder_from_meta(meta, weights)
     return enc, dict(enc.preprocessing)
 
@@ -152,7 +158,7 @@ def from_loaded(loaded: Any, weights: str | None = None, with_encoder: bool = Tr
     """A :class:`MavlModel` (eval mode, CPU) from a :class:`~mavl_cli.modelfile.LoadedModel`."""
     encoder, prep = (None, dict(loaded.meta.get("preprocessing") or {}))
     if with_encoder:
-        encoder, prep = image_encoder(loaded.meta, weights)
+        encoder, prep = image_encoder(loaded.meta, weights, loaded.file.tensors)
     lt = label_text
     head = build_head(loaded, *((lt.text, lt.mask, lt.bias, lt.negative) if lt else ()))
     labels, th = (lt.labels, lt.thresholds) if lt else (loaded.labels, loaded.thresholds)

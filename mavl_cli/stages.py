@@ -616,7 +616,8 @@ def predict_stage(
     if scores_out:  # never the encoder's own files (a --weights folder, or the one the model records)
         contract.check_output_path(scores_out, contract.model_inputs(w, (meta.get("encoder") or {}).get("id")
                                                                      if isinstance(meta.get("encoder"), dict) else None))
-    if w not in ("hub", "random", None) and not Path(w).exists():
+    carried = weights is None and (meta.get("encoder_weights") or {}).get("embedded")  # in the model file itself
+    if w not in ("hub", "random", None) and not carried and not Path(w).exists():
         raise MavlError(f"{model.file.path}: its backbone weights {w} are not on this machine; pass --weights FILE_OR_FOLDER")
     if heatmap is not None:
         heatmap.check(list(model.labels) if not descriptions else None)  # labels added from text: checked below

@@ -129,7 +129,9 @@ def test_val_split_by_patient_and_no_validation(data, tiny_vit):
     assert "val_auroc" not in res.history[0]
 
 
-def test_saved_backbone_and_head_work_through_the_chain(trained, data, phantom_set, tiny_vit, tiny_bert, cli, tmp_path):
+def test_saved_backbone_and_head_work_through_the_chain(trained, data, phantom_set, tiny_vit, tiny_bert, cli, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.setenv("MAVL_HOME", str(tmp_path / "home"))  # predict caches the weights the model file carries
     import torch
 
     from mavl_cli import contract
@@ -259,7 +261,7 @@ def test_augmentation_is_mild_and_never_mirrors():
     assert "flip" in augment_batch.__doc__
 
 
-def test_finetune_command_feeds_the_chain(phantom_set, tiny_vit, tiny_bert, tmp_path):
+def test_finetune_command_feeds_the_chain(phantom_set, tiny_vit, tiny_bert, tmp_path, monkeypatch):
     """`mavl finetune-lrf` -> embed-images with the new backbone -> fuse; the old backbone is refused."""
     from conftest import run_cli
 
@@ -278,3 +280,26 @@ def test_finetune_command_feeds_the_chain(phantom_set, tiny_vit, tiny_bert, tmp_
     assert r.exit_code == 0, r.stderr
     r = run_cli(f"fuse {tmp_path/'old.st'} {tmp_path/'t.st'} --lrf {tmp_path/'lrf.st'} --labels {ph.splits['train']} --epochs 1 -o {tmp_path/'m2.st'}")
     assert r.exit_code == 2 and "fine-tuned" in r.stderr
+    # the model file carries the fine-tuned backbone: predict gives the same figures once the folder is gone
+    monkeypatch.setenv("MAVL_HOME", str(tmp_path / "home"))
+    img = str(min((ph.root / "images").glob("*.png")))
+    r = run_cli(f"predict {img} --model {tmp_path/'m.st'} --json --device cpu")
+    assert r.exit_code == 0, r.stderr
+    import shutil
+
+    shutil.rmtree(bb)
+    r2 = run_cli(f"predict {img} --model {tmp_path/'m.st'} --json --device cpu")
+    assert r2.exit_code == 0, r2.stderr
+    assert json.loads(r2.stdout)["images"] == json.loads(r.stdout)["images"]
+    # a head whose weights changed after fine-tuning is refused by fuse (the model would pair it with other weights)
+    r = run_cli(f"finetune-lrf {ph.root} --labels {ph.splits['train']} --backbone vit_tiny_patch16_224 --weights {tiny_vit} "
+                f"--backbone-out {bb} --rank 8 --keep 2 --epochs 1 --batch-size 8 -o {tmp_path/'lrf2.st'}")
+    assert r.exit_code == 0, r.stderr
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(bb / "model.safetensors"))
+    first = sorted(w)[0]
+    w[first] = w[first] + 1.0
+    save_file(w, str(bb / "model.safetensors"))
+    r = run_cli(f"fuse {tmp_path/'new.st'} {tmp_path/'t.st'} --lrf {tmp_path/'lrf2.st'} --labels {ph.splits['train']} --epochs 1 -o {tmp_path/'m3.st'}")
+    assert r.exit_code == 2 and "not the ones" in r.stderr

@@ -52,7 +52,8 @@ def family_specs(tmp_path_factory, tiny_bert):
 
 
 @pytest.mark.parametrize("family", ["hf", "open_clip", "xrv"])
-def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_specs, phantom_set, cli, tmp_path):
+def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_specs, phantom_set, cli, tmp_path,
+                                                                 monkeypatch):
     from mavl_cli import contract
     from mavl_cli.encoders import build_image_encoder
     from mavl_cli.finetune import cli_encoder_args, finetune_lrf, labelled_items, save_finetuned
@@ -95,6 +96,21 @@ def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_
     for cmd in steps:
         r = cli([str(c) for c in cmd])
         assert r.exit_code == 0, f"{cmd[0]} failed: {r.stderr}"
+    # the model file carries the fine-tuned weights: predict needs no --backbone-out folder any more
+    m = contract.read_file(d / "model.st", expect="model")
+    carried = {k[len("encoder."):] for k in m.tensors if k.startswith("encoder.")}
+    from safetensors.numpy import load_file
+
+    on_disk = load_file(str(bb / "model.safetensors"))
+    assert carried == set(on_disk)  # the same values (the file format keeps a scalar as shape [1])
+    assert all(np.array_equal(np.ravel(m.tensors["encoder." + k]), np.ravel(v)) for k, v in on_disk.items())
+    assert m.meta["encoder_weights"]["embedded"] is True
+    r = cli(["info", str(d / "model.st")])
+    assert r.exit_code == 0 and f"{len(on_disk)} tensors" in r.stdout and "tensor encoder." not in r.stdout
+    import shutil
+
+    shutil.rmtree(bb)
+    monkeypatch.setenv("MAVL_HOME", str(tmp_path / "home"))  # where predict caches the carried weights as a file
     few = items[:4]
     r = cli(["predict", *[str(it.path) for it in few], "--model", str(d / "model.st"), "--json", "--device", "cpu"])
     assert r.exit_code == 0, r.stderr
