@@ -132,6 +132,31 @@ def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
     return out
 
 
+def called_positive(work: Path, folder: Path, model_path: Path) -> dict:
+    """Hit rate on the cases the model called positive (score >= its tuned threshold): the findings
+    `mavl predict --heatmap` maps by default. Peaks and scores come from the maps files' metadata."""
+    from PIL import Image
+
+    from mavl_cli.maps import label_slug, read_maps_dir, stem_of
+    from mavl_cli.modelfile import load_model
+
+    model = load_model(model_path)
+    th = dict(zip(model.labels, np.asarray(model.thresholds, float)))
+    hits: dict[str, list[int]] = {}
+    for f in read_maps_dir(folder):
+        for lab, (x, y), score in zip(f.labels(), f.meta["peaks"], f.meta["scores"]):
+            mpath = work / "phantoms" / "masks" / f"{stem_of(f)}.{label_slug(lab)}.png"
+            if score < th[lab] or not mpath.exists():
+                continue
+            region = np.asarray(Image.open(mpath)) > 0
+            if region.any():
+                hits.setdefault(lab, []).append(int(region[y, x]))
+    out = {lab: {"cases": len(v), "hit_rate": float(np.mean(v))} for lab, v in sorted(hits.items())}
+    allv = [h for v in hits.values() for h in v]
+    out["overall"] = {"cases": len(allv), "hit_rate": float(np.mean(allv)) if allv else float("nan")}
+    return out
+
+
 def figure(work: Path, out: Path, per_label: int = 1) -> None:
     """Rows: examples of different findings; columns: film + true region, then each method."""
     from PIL import Image, ImageDraw
@@ -178,7 +203,7 @@ def figure(work: Path, out: Path, per_label: int = 1) -> None:
             sheet.paste(t.resize((film_size, film_size)), (j * film_size, top + label_h))
         d.text((6, top + 3), f"{lab_slug.replace('_', ' ')} - {img.stem}", fill="black")
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    sheet.convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(out, optimize=True)  # a quarter of the RGB bytes
     log(f"figure -> {out}")
 
 
@@ -221,6 +246,7 @@ def main() -> None:
         rep = json.loads(cli(["evaluate-maps", out, "--masks", work / "phantoms" / "masks", "--json",
                               "--bootstrap", a.bootstrap, "--seed", a.seed]))
         rep["seconds"] = time.perf_counter() - t1
+        rep["called_positive"] = called_positive(work, out, model)
         result["methods"][method] = rep
     result["timing"] = timing(model, images[: a.time_images], a.time_repeats)
     result["seconds"] = time.perf_counter() - t0
@@ -236,6 +262,11 @@ def main() -> None:
         first = result["methods"][METHODS[0]]
         n = (first["per_label"].get(lab) or first["overall"])["images"]
         print(f"{lab + f' ({n})':<18}" + "".join(cells))
+    print("\nhit rate on the cases the model called positive (cases):")
+    for lab in labels + ["overall"]:
+        print(f"{lab:<18}" + "".join(
+            f"{result['methods'][m]['called_positive'].get(lab, {}).get('hit_rate', float('nan')):>12.2f}"
+            f" ({result['methods'][m]['called_positive'].get(lab, {}).get('cases', 0)})" for m in METHODS))
     print(json.dumps(result["timing"], indent=2))
     if a.figure:
         figure(work, a.figure)
