@@ -21,7 +21,11 @@ Two methods, one spatial adapter per image-encoder family:
   average pooling, where HiResCAM and Grad-CAM coincide); a ViT's tokens
   entering its last block, as for Grad-CAM. One ordinary forward pass in which
   a hook swaps that stage's output for a leaf (nothing before it keeps a
-  graph), then one backward pass through the later stages per finding.
+  graph), then one backward pass through the later stages per finding. Where
+  the activation reaches the logit only through a LayerNorm (a class-token
+  ViT's tokens entering its last block) the product cancels at every token
+  (a scale-invariant function's gradient is orthogonal to its input): that
+  gives one clear line instead of a blank map.
 - ``similarity-hirescam``: both maps scaled to [0, 1] per finding and
   multiplied on the finer grid (the similarity map bilinearly upsampled):
   where a region both resembles the finding's text and raises its logit.
@@ -48,6 +52,9 @@ from mavl_cli.errors import MavlError
 from mavl_cli.maps import METHODS
 
 LABEL_CHOICES = ("positive", "all")
+#: gradient x activation summed over channels below this fraction of its terms' magnitudes at every location:
+#: the activation is scale-invariant for the logit (LayerNorm), Euler's theorem makes the sum vanish
+HIRESCAM_CANCEL = 1e-3
 
 
 @dataclass
@@ -378,10 +385,16 @@ class MapModel:
 
         logits = self.logits(sp.pooled)[0]
         act = sp.cam_grid(sp.act)
-        out = []
+        out, net, gross = [], 0.0, 0.0
         for k, j in enumerate(labels):
             (g,) = torch.autograd.grad(logits[j], sp.act, retain_graph=k < len(labels) - 1)
-            out.append(torch.relu((sp.cam_grid(g) * act).sum(-1)).detach())
+            terms = (sp.cam_grid(g) * act).detach()
+            net, gross = net + float(terms.sum(-1).abs().sum()), gross + float(terms.abs().sum())
+            out.append(torch.relu(terms.sum(-1)))
+        if gross > 0 and net <= HIRESCAM_CANCEL * gross:
+            raise MavlError(f"{getattr(self.adapter, 'name', '?')}: HiResCAM is zero at every location of this encoder's "
+                            "map: its tokens reach the logit only through a LayerNorm, which ignores their scale, so "
+                            "gradient x activation cancels; use --heatmap-method gradcam or similarity")
         return torch.stack(out) if out else act.new_zeros((0, *act.shape[:2]))
 
     def maps(self, x: Any, method: str, labels: list[int]) -> np.ndarray:

@@ -407,9 +407,10 @@ def test_similarity_hirescam_is_the_product_of_the_two_unit_ranged_maps(models: 
 
 
 def test_vit_hirescam_is_gradient_times_the_tokens_entering_the_last_block(models: dict) -> None:
+    """Average-pooled ViT: the tokens also reach the logit through the residual path, so the product does not cancel."""
     import torch
 
-    _, net, mm = _map_model(models["vit"])
+    _, net, mm = _map_model(models["vit-avg"])
     x = _input(mm, models["film"])
     got = mm.maps(x, "hirescam", [1, 2])
     held = {}
@@ -426,6 +427,24 @@ def test_vit_hirescam_is_gradient_times_the_tokens_entering_the_last_block(model
         (grad,) = torch.autograd.grad(logits[j], held["x"], retain_graph=True)
         want = torch.relu((grad[0, npt:] * held["x"][0, npt:].detach()).sum(-1)).reshape(4, 4).numpy()
         np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=1e-6)
+    assert got.max() > 0
+
+
+def test_class_token_vit_hirescam_cancels_and_says_so(models: dict) -> None:
+    """A class-token ViT's patch tokens reach the logit only through the last block's LayerNorm: gradient x
+    activation sums to ~0 at every token (checked by hand), and the method says so in one line."""
+    import torch
+
+    from mavl_cli.errors import MavlError
+
+    _, net, mm = _map_model(models["vit"])
+    x = _input(mm, models["film"])
+    sp = mm.adapter.run(x, grad=True)
+    (g,) = torch.autograd.grad(mm.logits(sp.pooled)[0, 0], sp.act)
+    terms = (g * sp.act)[0, net.num_prefix_tokens:].detach()
+    assert terms.sum(-1).abs().sum() < 1e-4 * terms.abs().sum()
+    with pytest.raises(MavlError, match="HiResCAM is zero at every location.*LayerNorm"):
+        mm.maps(x, "hirescam", [0, 1])
 
 
 def test_family_without_a_spatial_map_gives_one_clear_line() -> None:
@@ -448,7 +467,8 @@ def test_family_without_a_spatial_map_gives_one_clear_line() -> None:
 def test_predict_heatmap_writes_overlays_maps_file_and_json_peaks(models: dict, tmp_path: Path, method: str) -> None:
     out = tmp_path / "maps"
     film = models["film"]
-    r = run_cli(["predict", film, "--model", models["vit"], "--heatmap", out, "--heatmap-labels", "all",
+    model = models["cnn" if "hirescam" in method else "vit"]  # HiResCAM cancels on a class-token ViT (own test)
+    r = run_cli(["predict", film, "--model", model, "--heatmap", out, "--heatmap-labels", "all",
                  "--heatmap-method", method, "--json"])
     assert r.exit_code == 0, r.stderr
     rec = json.loads(r.stdout)["images"][0]

@@ -432,3 +432,46 @@ def test_predict_heatmap_on_a_zero_shot_model(zero_shot: Path, fam: dict, tmp_pa
     assert np.ptp(f.tensors["maps"]) > 0
     info = run_cli(["info", out / "film.maps.safetensors"])
     assert info.exit_code == 0 and "[3, 90, 120] float32" in info.stdout
+
+
+# ----------------------------------------------------------------------------- HiResCAM on every family
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_hirescam_and_its_product_with_similarity_on_each_family(fam: dict, case: str) -> None:
+    """A family without a timm stage gets HiResCAM on its Grad-CAM activation (ReLU of the channel sum of
+    gradient x activation) and similarity-hirescam the product of the two [0, 1]-scaled maps; where that
+    activation reaches the logit only through a LayerNorm (class-token ViTs) the sum cancels at every
+    token, checked by hand here, and the method gives one line instead."""
+    import torch
+
+    _, _, mm = _mm(fam, case)
+    x = _x(mm, fam["film"])
+    sp = mm.adapter.run(x, grad=True)
+    logits = mm.logits(sp.pooled)[0]
+    act = sp.cam_grid(sp.act).detach()
+    want, net, gross = [], 0.0, 0.0
+    for j in (0, 2):
+        (g,) = torch.autograd.grad(logits[j], sp.act, retain_graph=True)
+        terms = sp.cam_grid(g) * act
+        net, gross = net + float(terms.sum(-1).abs().sum()), gross + float(terms.abs().sum())
+        want.append(torch.relu(terms.sum(-1)).numpy())
+    if net < 1e-4 * gross:
+        for method in ("hirescam", "similarity-hirescam"):
+            with pytest.raises(MavlError, match="HiResCAM is zero at every location"):
+                mm.maps(x, method, [0, 2])
+        return
+    hi = mm.maps(x, "hirescam", [0, 2])
+    np.testing.assert_allclose(hi, np.stack(want), rtol=1e-4, atol=1e-6)
+    both = mm.maps(x, "similarity-hirescam", [0, 2])
+    assert both.shape == hi.shape and np.isfinite(both).all() and both.min() >= 0 and both.max() <= 1 + 1e-6
+    assert (both[hi == 0] == 0).all()
+
+
+def test_hirescam_on_a_zero_shot_vit_is_one_clear_line(zero_shot: Path, fam: dict, tmp_path: Path) -> None:
+    """The zero-shot tower is an open_clip ViT (class token): HiResCAM cancels; predict says so, writes nothing."""
+    out = tmp_path / "maps"
+    r = run_cli(["predict", fam["film"], "--model", zero_shot, "--heatmap", out, "--heatmap-labels", "all",
+                 "--heatmap-method", "hirescam"])
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "HiResCAM is zero at every location" in r.stderr
+    assert not list(out.glob("*.maps.safetensors"))
