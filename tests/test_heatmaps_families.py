@@ -277,9 +277,13 @@ def test_similarity_uses_the_librarys_own_locations(fam: dict, case: str) -> Non
     assert np.ptp(got) > 0
 
 
+CLASS_TOKEN_CASES = ("hf-dinov2", "hf-vit", "open_clip-vit", "open_clip-timm")
+
+
 @pytest.mark.parametrize("case", FAMILY_CASES)
 def test_every_method_runs_on_every_family(fam: dict, case: str) -> None:
-    """Each `--heatmap-method` gives a finite map per finding on the family's grid (or a finer one)."""
+    """Each `--heatmap-method` gives a finite map per finding on the family's grid (or a finer one), or, for
+    HiResCAM on a class-token ViT, its one line."""
     import torch
 
     from mavl_cli.heatmaps import needs_grad
@@ -291,7 +295,11 @@ def test_every_method_runs_on_every_family(fam: dict, case: str) -> None:
         grid = enc.spatial(x).shape[2:]
     for method in METHODS:
         with torch.enable_grad() if needs_grad(method) else torch.no_grad():
-            m = mm.maps(x, method, [0, 2])
+            try:
+                m = mm.maps(x, method, [0, 2])
+            except MavlError as exc:  # class-token ViTs: gradient x activation cancels (own test below)
+                assert "hirescam" in method and case in CLASS_TOKEN_CASES and "HiResCAM is zero" in str(exc), (method, exc)
+                continue
         assert m.shape[0] == 2 and m.shape[1] >= grid[0] and m.shape[2] >= grid[1] and np.isfinite(m).all(), method
 
 
