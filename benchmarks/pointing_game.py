@@ -22,7 +22,7 @@ Which map variant to ship was chosen on validation films only
 (``benchmarks/map_variants.py``); this script reports the test films.
 
 Writes ``--work``/pointing_game.json and, with ``--figure``, a grid of example
-overlays (film with the true region outlined, similarity, Grad-CAM).
+overlays (film with the true region outlined, then each method).
 
     python benchmarks/pointing_game.py [--work DIR] [--n 600] [--epochs 100] [--figure docs/heatmaps.png]
 """
