@@ -14,8 +14,14 @@ import numpy as np
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax"]
 #: family case -> what the spec needs; the hf cases are test_encoders' tiny models
 FAMILY_CASES = ("hf-dinov2", "hf-convnext", "hf-swin", "hf-vit", "open_clip-vit", "open_clip-resnet", "open_clip-timm",
-                "xrv-densenet")
+                "xrv-densenet", "timm-vit_cls", "timm-cnn_max")
 TINY_DENSENET = {"growth_rate": 8, "block_config": [1, 1], "num_init_features": 8}
+TINY_VIT = {"img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 2, "patch_size": 8}
+#: a random LRF head whose 8 ReLU units all stay off for this encoder's features gives constant logits (and
+#: all-zero Grad-CAM maps): those cases get another seed
+HEAD_SEED = {"timm-vit_cls": 3}
+#: the pooling each case's encoder is built with (None: the family's default)
+POOLING = {"timm-vit_cls": "cls", "timm-vit_mean": "mean", "timm-cnn_max": "max"}
 
 
 def encoder_spec(case: str, root: Path) -> tuple[str, str | None, dict]:
@@ -51,6 +57,16 @@ def encoder_spec(case: str, root: Path) -> tuple[str, str | None, dict]:
             (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))
             save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()}, str(folder / "open_clip_model.safetensors"))
         return f"open_clip:{folder}", None, {}
+    if family == "timm":  # registry poolings other than the model's own (timm's own go through SpatialAdapter)
+        if not folder.exists():
+            import timm
+
+            from mavl_cli.encoders.timm import save_local_backbone
+
+            torch.manual_seed(0)
+            name, args = ("vit_tiny_patch16_224", dict(TINY_VIT)) if kind.startswith("vit") else ("resnet10t", {})
+            save_local_backbone(timm.create_model(name, pretrained=False, num_classes=0, **args), name, folder, args)
+        return f"timm:{folder}", None, {}
     if family == "xrv":
         weights = root / "xrv-densenet.pt"
         if not weights.exists():
@@ -77,8 +93,8 @@ def model_file(case: str, root: Path, aggregate: str = "mean") -> Path:
     if path.exists():
         return path
     spec, weights, options = encoder_spec(case, root)
-    enc = build_image_encoder(spec, weights=weights, options=options)
-    torch.manual_seed(1)
+    enc = build_image_encoder(spec, weights=weights, options=options, pooling=POOLING.get(case))
+    torch.manual_seed(HEAD_SEED.get(case, 1))
     head = LRFHead(enc.dim, 8, len(LABELS)).eval()
     lrf = contract.MavlFile("lrf-head", {k: v.detach().numpy() for k, v in head.state_dict().items()},
                             {"labels": LABELS, "rank": 8, "keep": 4, "eta": 0.0, "fingerprint": "x", "backbone": enc.name})

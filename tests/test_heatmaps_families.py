@@ -182,8 +182,11 @@ def test_bright_spot_peak_lands_on_its_pixel_after_the_familys_resize_and_crop(t
 def fam(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("hm_families")
     out = {case: model_file(case, root) for case in FAMILY_CASES}
-    film = root / "film.png"
-    Image.fromarray(spot_image(120, 90, 80, 30, 6)).save(film)
+    film = root / "film.png"  # a textured film (lungs, ribs, noise) with a bright spot: no model sees a flat input
+    from encoder_files import film as textured
+
+    arr = 0.6 * textured(90, 120, 5) * 255 + 0.4 * spot_image(120, 90, 80, 30, 6)
+    Image.fromarray(arr.round().clip(0, 255).astype(np.uint8)).save(film)
     out["film"] = film
     return out
 
@@ -229,6 +232,13 @@ def _library_locations(case: str, enc, x):
 
     net = enc.net
     with torch.no_grad():
+        if case.startswith("timm"):  # timm's own forward_features: ViT tokens after the final norm, or the CNN map
+            out = net.forward_features(x)
+            if out.ndim == 4:
+                return out[0].permute(1, 2, 0)
+            tokens = out[0, net.num_prefix_tokens:]
+            side = int(round(tokens.shape[0] ** 0.5))
+            return tokens.reshape(side, side, -1)
         if case.startswith("hf"):
             hidden = net(pixel_values=x).last_hidden_state
             if hidden.ndim == 4:  # ConvNeXt: the pooler's layer norm, per location
@@ -303,7 +313,7 @@ def test_every_method_runs_on_every_family(fam: dict, case: str) -> None:
         assert m.shape[0] == 2 and m.shape[1] >= grid[0] and m.shape[2] >= grid[1] and np.isfinite(m).all(), method
 
 
-@pytest.mark.parametrize("case", ["hf-dinov2", "hf-vit", "open_clip-vit", "open_clip-timm"])
+@pytest.mark.parametrize("case", ["hf-dinov2", "hf-vit", "open_clip-vit", "open_clip-timm", "timm-vit_cls"])
 def test_class_token_gradcam_equals_the_gradient_through_the_whole_network(fam: dict, case: str) -> None:
     import torch
 
@@ -362,7 +372,7 @@ def test_open_clip_tower_without_a_map_gives_one_clear_line(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("method", ["similarity", "gradcam"])
 @pytest.mark.parametrize("case", ["hf-dinov2", "hf-convnext", "hf-swin", "open_clip-vit", "open_clip-resnet", "open_clip-timm",
-                                  "xrv-densenet"])
+                                  "xrv-densenet", "timm-vit_cls"])
 def test_predict_heatmap_on_each_family(fam: dict, tmp_path: Path, case: str, method: str) -> None:
     out = tmp_path / "maps"
     film = fam["film"]

@@ -76,10 +76,26 @@ class TimmEncoder(ImageEncoder):
 
     @property
     def spatial_pools(self) -> bool:  # type: ignore[override]
-        if self.pooling == "mean":
+        if self.pooling in ("mean", "max"):
             return True
         return self.pooling == "default" and getattr(self.net, "global_pool", None) is not None and \
             str(getattr(getattr(self.net, "global_pool", None), "pool_type", "")) == "avg"
+
+    @property
+    def patch(self) -> int | None:
+        size = getattr(getattr(self.net, "patch_embed", None), "patch_size", None)
+        return int(size[0] if isinstance(size, (tuple, list)) else size) if size else None
+
+    def pool_spatial(self, fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.amax(dim=(2, 3)) if self.pooling == "max" else fmap.mean(dim=(2, 3))
+
+    def cam_block(self) -> torch.nn.Module | None:
+        """``--pooling cls`` ViTs: Grad-CAM on the tokens entering the last block (the class token after the
+        final norm does not read the last block's patch outputs)."""
+        blocks = getattr(self.net, "blocks", None)
+        if self.pooling != "cls" or not isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) or not len(blocks):
+            return None
+        return blocks[-1]
 
 
 def _read_folder(folder: Path) -> tuple[str | None, dict[str, Any], Path]:
