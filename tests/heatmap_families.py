@@ -13,7 +13,7 @@ import numpy as np
 
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax"]
 #: family case -> what the spec needs; the hf cases are test_encoders' tiny models
-FAMILY_CASES = ("hf-dinov2", "hf-convnext", "hf-swin", "hf-vit", "open_clip-vit", "open_clip-resnet", "open_clip-timm",
+FAMILY_CASES = ("hf-dinov2", "hf-dinov2_registers", "hf-convnext", "hf-swin", "hf-vit", "open_clip-vit", "open_clip-resnet", "open_clip-timm",
                 "xrv-densenet", "timm-vit_cls", "timm-cnn_max")
 TINY_DENSENET = {"growth_rate": 8, "block_config": [1, 1], "num_init_features": 8}
 TINY_VIT = {"img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 2, "patch_size": 8}

@@ -244,7 +244,7 @@ def _library_locations(case: str, enc, x):
             if hidden.ndim == 4:  # ConvNeXt: the pooler's layer norm, per location
                 loc = hidden[0].permute(1, 2, 0)
                 return net.layernorm(loc) if case == "hf-convnext" else loc
-            prefix = {"hf-dinov2": 1, "hf-vit": 1, "hf-swin": 0}[case]
+            prefix = {"hf-dinov2": 1, "hf-dinov2_registers": 5, "hf-vit": 1, "hf-swin": 0}[case]  # CLS (+ 4 registers)
             n = hidden.shape[1] - prefix
             side = int(round(n ** 0.5))
             return hidden[0, prefix:].reshape(side, side, -1)
@@ -287,7 +287,7 @@ def test_similarity_uses_the_librarys_own_locations(fam: dict, case: str) -> Non
     assert np.ptp(got) > 0
 
 
-CLASS_TOKEN_CASES = ("hf-dinov2", "hf-vit", "open_clip-vit", "open_clip-timm")
+CLASS_TOKEN_CASES = ("hf-dinov2", "hf-dinov2_registers", "hf-vit", "open_clip-vit", "open_clip-timm", "timm-vit_cls")
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)
@@ -313,7 +313,7 @@ def test_every_method_runs_on_every_family(fam: dict, case: str) -> None:
         assert m.shape[0] == 2 and m.shape[1] >= grid[0] and m.shape[2] >= grid[1] and np.isfinite(m).all(), method
 
 
-@pytest.mark.parametrize("case", ["hf-dinov2", "hf-vit", "open_clip-vit", "open_clip-timm", "timm-vit_cls"])
+@pytest.mark.parametrize("case", CLASS_TOKEN_CASES)
 def test_class_token_gradcam_equals_the_gradient_through_the_whole_network(fam: dict, case: str) -> None:
     import torch
 
