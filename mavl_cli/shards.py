@@ -22,6 +22,7 @@ writes the file the unsharded run would have written.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,31 @@ class Merged:
     rows: int
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_shard_meta(p: Any) -> None:
+    """A part's ``shard`` record (see :func:`shard_meta`) holds what it says: whole numbers with
+    ``0 <= index < count`` and ``0 <= start <= stop <= total``, ``0 <= skipped <= stop - start``, and a
+    command whose output slot lies in its argument list. Metadata never drives a loop or an index unchecked."""
+    s = p.meta["shard"]
+    keys = ("index", "count", "start", "stop", "total", "skipped")
+    bad = [k for k in keys if not _whole(s.get(k))]
+    if bad:
+        raise MavlError(f"{p.path}: damaged shard record ({bad[0]} is {s.get(bad[0])!r}, expected a whole number)")
+    if not (0 <= s["index"] < s["count"] and 0 <= s["start"] <= s["stop"] <= s["total"]
+            and 0 <= s["skipped"] <= s["stop"] - s["start"]):
+        raise MavlError(f"{p.path}: damaged shard record (shard {s['index']}/{s['count']}, inputs {s['start']}..{s['stop']} "
+                        f"of {s['total']}, {s['skipped']} skipped)")
+    cmd = s.get("command")
+    if cmd is not None:
+        args, at = cmd.get("args") if isinstance(cmd, dict) else None, cmd.get("output_at") if isinstance(cmd, dict) else None
+        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)
+                and (at is None or (_whole(at) and 0 <= at < len(args)))):
+            raise MavlError(f"{p.path}: damaged shard record (its command is not an argument list with the output in it)")
+
+
 def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
     """Check and join loaded parts (:class:`mavl_cli.contract.MavlFile`) into the unsharded file's content."""
     import shlex
@@ -139,6 +165,7 @@ def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
     for p in parts:
         if not isinstance(p.meta.get("shard"), dict):
             raise MavlError(f"{p.path}: not a shard (written without --shard); nothing to merge")
+        check_shard_meta(p)
         if p.kind != first.kind:
             raise MavlError(f"{p.path}: holds {p.kind}, but {first.path} holds {first.kind}")
     row_tensors, row_meta = MERGEABLE[first.kind]
@@ -158,10 +185,10 @@ def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
         if k in by_index:
             raise MavlError(f"{p.path} and {by_index[k].path} are both shard {k}/{count}; give each part once")
         by_index[k] = p
-    missing = [k for k in range(count) if k not in by_index]
-    if missing:
-        shown = ", ".join(f"{k}/{count}" for k in missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise MavlError(f"shard(s) {shown} missing: {len(by_index)} of {count} parts given, nothing written")
+    if len(by_index) != count:  # every index lies in 0..count-1, so some are missing (count may be large: no range())
+        missing = list(itertools.islice((k for k in range(count) if k not in by_index), 9))
+        shown = ", ".join(f"{k}/{count}" for k in missing[:8]) + (" ..." if count - len(by_index) > 8 else "")
+        raise MavlError(f"shard(s) {shown} missing: {len(by_index)} of {count} parts of {first.path}'s run given, nothing written")
     ordered = [by_index[k] for k in range(count)]
     pos = 0
     seen: dict[str, str] = {}

@@ -401,6 +401,15 @@ def forge_s3(f: dict[str, Path], d: Path) -> None:
     write_maps(f["maps_dir"] / "p1_a.maps.safetensors", m, maps_meta(["Edema"], "similarity", "p1_a.png", (8, 8), [(3, 2)]))
     f["boxes_bigfield"] = d / "boxes_bigfield.csv"
     f["boxes_bigfield"].write_text('Image Index,Finding Label,Bbox [x,y,w,h],,,\n"' + "a" * 200_000 + '",Edema,1,1,1,1\n')
+    # s3-16..18: shard records that drive a loop or an index
+    n_train = len(contract_meta(f["train"])["ids"])
+    record = {"index": 0, "count": 2, "start": 0, "stop": n_train, "total": 2 * n_train, "skipped": 0,
+              "fingerprint": "x", "command": {"args": ["embed-images", "x", "-o", "y"], "output_at": 3}}
+    for key, change in {"shard_count_1e12": {"count": 10**12, "total": n_train},
+                        "shard_skipped_text": {"skipped": "x"},
+                        "shard_output_at_99": {"command": {"args": ["embed-images"], "output_at": 99}}}.items():
+        f[key] = d / f"{key}.st"
+        f[key].write_bytes(rewrite_header(f["train"].read_bytes(), set_meta("shard", {**record, **change})))
     # s3-12, 13: stored calibrations that would reverse the order of the scores, or that are not there
     n = len(labels)
     cal_meta = json.dumps({"method": "platt"})
@@ -621,6 +630,10 @@ CASES += [
     Case("s3-09-evaluate-maps-bootstrap-1e9", lambda f, o: EM(f, "--boxes", f["boxes_bigfield"], "--bootstrap", "1000000000"), "--bootstrap"),
     Case("s3-10-evaluate-maps-seed-negative", lambda f, o: EM(f, "--boxes", f["boxes_bigfield"], "--seed", "-1"), "--seed"),
     Case("s3-11-evaluate-maps-box-field-too-large", lambda f, o: EM(f, "--boxes", f["boxes_bigfield"]), "cannot read box file", "boxes_bigfield"),
+    # 16-18: `mavl merge` checks each part's shard record before using it
+    Case("s3-16-merge-shard-count-1e12", lambda f, o: ["merge", f["shard_count_1e12"], "-o", o], "missing", "shard_count_1e12"),
+    Case("s3-17-merge-shard-skipped-not-a-number", lambda f, o: ["merge", f["shard_skipped_text"], "-o", o], "damaged shard record", "shard_skipped_text"),
+    Case("s3-18-merge-shard-command-output-slot-outside", lambda f, o: ["merge", f["shard_output_at_99"], "-o", o], "damaged shard record", "shard_output_at_99"),
     # 12-14: a stored calibration is checked on read
     Case("s3-12-model-calibration-slope-negative", lambda f, o: [*EV(f)[:1], f["cal_negative"], *EV(f)[2:]], "must be > 0", "cal_negative"),
     Case("s3-13-model-says-calibrated-without-tensors", lambda f, o: ["info", f["cal_missing"]], "no calibration tensors", "cal_missing"),
