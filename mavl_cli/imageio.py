@@ -145,6 +145,28 @@ def load_radiograph(path: Path | str, target_size: int | None = None) -> Image.I
     return im
 
 
+def as_radiograph(im: Any, target_size: int | None = None) -> Image.Image:
+    """An in-memory PIL image -> the 8-bit ``"L"``/``"RGB"`` image :func:`load_radiograph` would give for the
+    same pixels in a file (16-bit and float windowed, alpha over black, palette expanded, EXIF orientation
+    of a JPEG applied, downscaled to ``target_size`` first as a file is), so the Python API scores a PIL
+    image exactly as `mavl predict` scores its file."""
+    from mavl_cli.limits import MAX_ASPECT
+
+    if not isinstance(im, Image.Image):
+        raise MavlError(f"expected an image path or a PIL image, got {type(im).__name__}")
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise MavlError(f"the image is empty ({w}x{h} pixels)")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise MavlError(f"the image is {w}x{h} pixels: its sides differ more than {MAX_ASPECT:g}:1, not a radiograph")
+    if im.format in ("JPEG", "MPO") and im.getexif().get(0x0112, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    out = _normalise_mode(im, target_size)
+    if out.mode == "F":
+        return Image.fromarray(_float_to_uint8(np.asarray(out, dtype=np.float32)))
+    return out
+
+
 def load_array(path: Path | str, target_size: int | None = None) -> np.ndarray:
     """Decode to float32 intensities in [0, 1]: ``[H, W]`` for gray, ``[H, W, 3]`` for colour.
 

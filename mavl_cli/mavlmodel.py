@@ -71,8 +71,11 @@ class MavlModel(nn.Module):
             from mavl_cli.preprocess import load_and_prepare
 
             arr = load_and_prepare(Path(image), self.preprocessing)
-        else:
-            arr = prepare_image(image, self.preprocessing)
+        else:  # the same decoding rules as a file's (16-bit windowing, alpha, palette, EXIF)
+            from mavl_cli.imageio import as_radiograph
+            from mavl_cli.preprocess import decode_size
+
+            arr = prepare_image(as_radiograph(image, decode_size(self.preprocessing)), self.preprocessing)
         return normalize_batch(stack_batch([arr]), self.preprocessing)[0]
 
 
@@ -190,6 +193,10 @@ def score_images(model: MavlModel, items: list[Any], device: str = "auto", batch
 
     if not items:
         raise MavlError("no images to score")
+    from mavl_cli.limits import MAX_BATCH
+
+    if batch_size is not None and not 0 <= batch_size <= MAX_BATCH:  # 0 or None: the device's default
+        raise MavlError(f"batch size must lie in 1..{MAX_BATCH}, got {batch_size}")
     dev = resolve_device(device)
     model = model.to(dev).eval()
     bs = batch_size or default_batch_size(dev.type)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -117,3 +118,44 @@ def test_evaluate_and_tune_from_an_image_folder_equal_the_embeddings_path(chain,
     assert r.exit_code == 0, r.stderr
     want = contract.read_file(d / "tuned.st").tensors["thresholds"]
     np.testing.assert_allclose(contract.read_file(tmp_path / "t.st").tensors["thresholds"], want, atol=1e-6)
+
+
+def test_s3_a_pil_image_scores_as_its_file_does(chain, tmp_path):
+    """`m.probabilities(PIL image)` went straight to the encoder's resize: a 16-bit image was clipped to white, an
+    RGBA one lost its alpha over white instead of black. It now decodes like the file (`as_radiograph`)."""
+    from PIL import Image
+
+    import mavl_cli as mavl
+
+    m = mavl.load(chain["dir"] / "tuned.st")
+    gray = np.asarray(Image.open(_test_images(chain, 1)[0]).convert("L"))
+    alpha = np.full(gray.shape, 255, np.uint8)
+    alpha[:, : gray.shape[1] // 3] = 0
+    files = {"sixteen.png": Image.fromarray(gray.astype(np.uint16) * 200 + 900),
+             "rgba.png": Image.fromarray(np.dstack([gray, gray, gray, alpha]), "RGBA"),
+             "palette.png": Image.fromarray(gray).convert("P")}
+    for name, im in files.items():
+        im.save(tmp_path / name)
+        from_file = m.probabilities(str(tmp_path / name))
+        with Image.open(tmp_path / name) as opened:
+            opened.load()
+            in_memory = opened.copy()  # no filename: the in-memory path
+        np.testing.assert_allclose(m.probabilities(in_memory), from_file, rtol=0, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("bad,expect", [(np.zeros((8, 8), np.uint8), "got ndarray"), (None, "got NoneType"),
+                                        ("", "is empty"), ("IMAGE0x0", "empty (0x0")])
+def test_s3_api_misuse_is_one_clear_error(chain, bad, expect):
+    """Arrays, None, an empty path (which meant "walk the whole working folder") and a 0x0 image: a MavlError
+    that says what was expected, not an AttributeError or ZeroDivisionError from deep inside."""
+    from PIL import Image
+
+    import mavl_cli as mavl
+    from mavl_cli.errors import MavlError
+
+    m = mavl.load(chain["dir"] / "tuned.st")
+    arg = Image.new("L", (0, 0)) if isinstance(bad, str) and bad == "IMAGE0x0" else bad
+    with pytest.raises(MavlError, match=re.escape(expect)):
+        m.predict(arg)
+    with pytest.raises(MavlError, match="batch size"):
+        m.predict(_test_images(chain, 1), batch_size=-3)

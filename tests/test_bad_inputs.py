@@ -630,6 +630,9 @@ CASES += [
     Case("s3-09-evaluate-maps-bootstrap-1e9", lambda f, o: EM(f, "--boxes", f["boxes_bigfield"], "--bootstrap", "1000000000"), "--bootstrap"),
     Case("s3-10-evaluate-maps-seed-negative", lambda f, o: EM(f, "--boxes", f["boxes_bigfield"], "--seed", "-1"), "--seed"),
     Case("s3-11-evaluate-maps-box-field-too-large", lambda f, o: EM(f, "--boxes", f["boxes_bigfield"]), "cannot read box file", "boxes_bigfield"),
+    # 19: an empty image argument (an unset shell variable) walked the whole working folder
+    Case("s3-19-embed-images-empty-argument", lambda f, o: ["embed-images", "", *E, "--weights", f["vit"], "-o", o], "image argument is empty"),
+    Case("s3-19-predict-empty-argument", lambda f, o: [*PH(f, ""), "--out", o], "image argument is empty"),
     # 16-18: `mavl merge` checks each part's shard record before using it
     Case("s3-16-merge-shard-count-1e12", lambda f, o: ["merge", f["shard_count_1e12"], "-o", o], "missing", "shard_count_1e12"),
     Case("s3-17-merge-shard-skipped-not-a-number", lambda f, o: ["merge", f["shard_skipped_text"], "-o", o], "damaged shard record", "shard_skipped_text"),

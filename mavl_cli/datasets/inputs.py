@@ -170,6 +170,9 @@ def collect_inputs(
     are returned as missing rather than stopping the run. Returns (items,
     missing) where missing lists entries whose file does not exist.
     """
+    blank = [x for x in inputs if not str(x).strip()]
+    if blank:  # Path("") is ".": an unset shell variable (`mavl predict "$IMG"`) would walk the whole working folder
+        raise MavlError("an image argument is empty (an unset variable?); give a file, folder or glob, or '.' for this folder")
     if "-" in inputs:
         lines = [ln.strip() for ln in (stdin_lines if stdin_lines is not None else sys.stdin) if ln.strip()]
         inputs = [x for x in inputs if x != "-"] + lines
