@@ -7,9 +7,17 @@ module does that and writes two ordinary artefacts, so nothing downstream
 changes:
 
 - the LRF head as a normal ``lrf-head`` file (``"finetuned": true`` in its
-  metadata, ``backbone_weights`` naming the new backbone folder);
-- the backbone in the hub folder layout (``config.json`` + ``model.safetensors``),
-  loadable with ``mavl embed-images ... --backbone NAME --weights FOLDER``.
+  metadata, ``backbone_weights`` naming the new weights, ``weights_fingerprint``
+  what they hold);
+- the backbone: timm in the hub folder layout (``config.json`` +
+  ``model.safetensors``), loadable with ``mavl embed-images ... --backbone NAME
+  --weights FOLDER``; every other family (hf, open_clip, xrv: the registry's
+  encoder module is what trains) as ``model.safetensors``, the state dict its
+  loader takes with ``--weights FILE`` on top of the same spec.
+
+``fuse`` then carries those weights inside the model file (see
+:func:`mavl_cli.modelfile.read_finetuned_weights`), so ``predict`` rebuilds the
+fine-tuned encoder from the model file alone.
 
 The loss is exactly phase 1's (masked BCE + ``eta`` * truncated nuclear norm
 of the batch's low-rank features), with two AdamW parameter groups: a small
@@ -162,8 +170,9 @@ def finetune_lrf(
     :class:`~mavl_cli.encoders.EncoderSpec` (or a timm name). ``config.batch_size``
     is ignored (``run.batch_size`` is the image batch, default 32); ``config.lr``
     is the head's rate and ``tune.backbone_lr`` (:class:`mavl_cli.options.FinetuneOptions`)
-    the backbone's (0 freezes it: phase 1 with augmentation). ``run.precision`` fp16 (with a GradScaler) or bf16 runs the forward under
-    autocast on CUDA; the loss is always computed in fp32. Seeded: on CPU the
+    the backbone's (0 freezes it: phase 1 with augmentation). ``run.precision``
+    fp16 (with a GradScaler) or bf16 runs the forward under autocast on CUDA;
+    the loss is always computed in fp32. Seeded: on CPU the
     same seed gives identical weights. ``advance(1, **epoch_record)`` per epoch.
     """
     import torch
