@@ -159,6 +159,9 @@ def _encoder(meta: dict[str, Any]) -> dict[str, Any]:
     img = {"backbone": meta.get("backbone"), "weights": meta.get("backbone_weights")}
     if meta.get("image_encoder"):  # registry spec (FAMILY:ID), when the model records one
         img["spec"] = meta.get("image_encoder")
+    carried = meta.get("encoder_weights") or {}
+    if carried.get("embedded"):  # a fine-tuned encoder carried inside the model file
+        img["weights"] = f"in the model file, fine-tuned ({carried.get('source')}, {carried.get('fingerprint')})"
     return img
 
 

@@ -121,6 +121,7 @@ def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_
     module.encoder = res.encoder
     want = score_images(module, few, device="cpu").probabilities
     np.testing.assert_allclose(got, want, atol=1e-6)
+    assert json.loads(r.stdout)["model"]["image_encoder"]["weights"].startswith("in the model file, fine-tuned")
     module.encoder = build_image_encoder(spec)  # the encoder before fine-tuning scores otherwise: the match is the weights'
     before = score_images(module, few, device="cpu").probabilities
     assert np.abs(before - got).max() > 1e-4
