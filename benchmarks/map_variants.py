@@ -235,6 +235,9 @@ def main() -> None:
                 allm[f"sim*blur{sd}(hires@s4)"] = norm01(up(sim, size16)) * norm01(b)
                 allm[f"gradcam*blur{sd}(hires@s4)"] = norm01(up(allm["gradcam@fin"], size16)) * norm01(b)
             allm["sim+hires@s4"] = norm01(up(sim, size16)) + norm01(hi)
+            allm["sim*hires@s4*hires@s5"] = norm01(up(sim, size16)) * norm01(hi) * norm01(up(allm["hirescam@s5"], size16))
+            allm["sim*hires@s4*gradcam"] = norm01(up(sim, size16)) * norm01(hi) * norm01(up(allm["gradcam@fin"], size16))
+            allm["sim*hires@s4*hires@s3"] = norm01(up(sim, size16)) * norm01(hi) * norm01(allm["hirescam@s3"])
             allm["sim^.5*hires@s4"] = norm01(up(sim, size16)) ** 0.5 * norm01(hi)
             allm["sim^2*hires@s4"] = norm01(up(sim, size16)) ** 2 * norm01(hi)
             for res in (288, 320):
