@@ -327,6 +327,8 @@ def parse_prevalence(spec: str, names: list[str]) -> dict[str, float]:
         k, v = (x.strip() for x in part.rsplit("=", 1))
         if k not in names:
             raise MavlError(f"--prevalence: {k!r} is not one of the model's labels ({', '.join(names)})")
+        if k in out:
+            raise MavlError(f"--prevalence: {k} is given twice ({out[k]:g} and {v}); give each label once")
         try:
             val = float(v)
         except ValueError:

@@ -428,6 +428,9 @@ def evaluate_cmd(
     from mavl_cli.stages_eval import EvalExtras
 
     subgroup_csv = getattr(getattr(labels, "options", None), "metadata", None)  # --metadata (shared data-set option)
+    for path in (plot, html_out, csv_out):  # `--html -` / `--plot -`: the document owns stdout, the tables go to stderr
+        if path is not None:
+            _out(path)
     extras = EvalExtras(by=list(by or []), metadata=subgroup_csv, html=html_out, labels_file=str(labels), embeddings=embeddings,
                         scores=scores, model=model)
     read = LabelOptions.parse(uncertain, label_map)

@@ -6,8 +6,6 @@ not used at all, so no GUI backend or global figure state is involved.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +38,11 @@ def plot_report(
     from matplotlib.figure import Figure
 
     y, s, m, t = prepare(y_true, scores, mask, label_names, thresholds)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mavl_cli.contract import is_stdout
+
+    path = Path(path) if not is_stdout(path) else path
+    if not is_stdout(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
 
     from mavl_cli.calibration import N_BINS, reliability
 
@@ -98,14 +99,15 @@ def plot_report(
     fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    # through the one atomic writer: `-` is standard output (a PNG stream), the mode follows the umask
+    import io
+
+    from mavl_cli.contract import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:
         raise MavlError(f"Cannot write the plot: {exc.strerror or exc}.", path=path) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -14,6 +14,8 @@ per label the largest AUROC gap between subgroups with a defined AUROC.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ def parse_by(spec: str) -> BySpec:
         e = [float(x) for x in edges.split(",") if x.strip()]
     except ValueError:
         raise MavlError(f"--by {spec!r}: bin edges must be numbers, e.g. 'age:0,40,60,80'") from None
+    if not all(math.isfinite(x) for x in e):  # NaN compares false with everything: its bins would be silently wrong
+        raise MavlError(f"--by {spec!r}: bin edges must be finite numbers, e.g. 'age:0,40,60,80' (>= the last is a bin)")
     if len(e) < 2 or any(b <= a for a, b in zip(e, e[1:])):
         raise MavlError(f"--by {spec!r}: give at least two strictly increasing bin edges, e.g. 'age:0,40,60,80'")
     if not col.strip():
@@ -130,6 +134,18 @@ def _patient_col(df: Any) -> str | None:
     return next((cols[c] for c in (*_PATIENT_COLUMNS, *extra) if c in cols), None)
 
 
+def _check_repeats(source: str, col: str, have: list[str], values: list[Any], wanted: set[str]) -> None:
+    """An evaluated image listed twice with two different values: which subgroup it is in is unknown."""
+    first: dict[str, Any] = {}
+    for h, v in zip(have, values):
+        if h not in wanted:
+            continue
+        if h in first and str(first[h]) != str(v):
+            raise MavlError(f"{source}: image {h!r} is listed twice with different {col!r} values "
+                            f"({first[h]!r} and {v!r}); keep one row per image")
+        first.setdefault(h, v)
+
+
 def column_values(spec: BySpec, ids: list[str], groups: list[str] | None, labels_file: str | None,
                   metadata: str | None) -> tuple[list[Any], str]:
     """The column's value for each scored image, and where it came from."""
@@ -147,7 +163,9 @@ def column_values(spec: BySpec, ids: list[str], groups: list[str] | None, labels
         values = df[col].tolist()
         if pcol is not None:
             have = _normalize_many([str(x) for x in df[pcol].tolist()])
-            rows = _match_rows(_normalize_many([str(i) for i in ids]), have)
+            wanted = _normalize_many([str(i) for i in ids])
+            _check_repeats(source, col, have, values, set(wanted))
+            rows = _match_rows(wanted, have)
             if all(r >= 0 for r in rows):
                 return [values[r] for r in rows], f"{source}, joined on {pcol}"
         patient = _patient_col(df)

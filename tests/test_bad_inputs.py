@@ -410,6 +410,15 @@ def forge_s3(f: dict[str, Path], d: Path) -> None:
                         "shard_output_at_99": {"command": {"args": ["embed-images"], "output_at": 99}}}.items():
         f[key] = d / f"{key}.st"
         f[key].write_bytes(rewrite_header(f["train"].read_bytes(), set_meta("shard", {**record, **change})))
+    # s3-20..23: subgroup metadata, prevalences, label file encodings
+    import csv as _csv
+
+    with open(f["test_csv"], newline="") as fh:
+        test_rows = list(_csv.DictReader(fh))
+    f["meta_conflict"] = d / "meta_conflict.csv"
+    f["meta_conflict"].write_text("Path,sex\n" + "".join(f"{r['Path']},M\n" for r in test_rows) + f"{test_rows[0]['Path']},F\n")
+    f["utf16_csv"] = d / "utf16_labels.csv"
+    f["utf16_csv"].write_bytes(f["train_csv"].read_text().encode("utf-16"))
     # s3-12, 13: stored calibrations that would reverse the order of the scores, or that are not there
     n = len(labels)
     cal_meta = json.dumps({"method": "platt"})
@@ -633,6 +642,11 @@ CASES += [
     # 19: an empty image argument (an unset shell variable) walked the whole working folder
     Case("s3-19-embed-images-empty-argument", lambda f, o: ["embed-images", "", *E, "--weights", f["vit"], "-o", o], "image argument is empty"),
     Case("s3-19-predict-empty-argument", lambda f, o: [*PH(f, ""), "--out", o], "image argument is empty"),
+    # 20-23: subgroup bins and metadata, prevalences, label encodings
+    Case("s3-20-evaluate-by-nan-bin-edge", lambda f, o: [*EV(f), "--by", "Patient:nan,20"], "finite numbers"),
+    Case("s3-21-evaluate-metadata-image-twice-with-two-values", lambda f, o: [*EV(f), "--by", "sex", "--metadata", f["meta_conflict"]], "listed twice", "meta_conflict"),
+    Case("s3-22-calibrate-prevalence-given-twice", lambda f, o: ["calibrate", f["tuned"], "--prevalence", "Edema=0.3,Edema=0.5", "--source-prevalence", "Edema=0.2", "-o", o], "given twice"),
+    Case("s3-23-label-file-in-utf16", lambda f, o: ["train-lrf", f["train"], "--labels", f["utf16_csv"], *R, "-o", o], "UTF-16", "utf16_csv"),
     # 16-18: `mavl merge` checks each part's shard record before using it
     Case("s3-16-merge-shard-count-1e12", lambda f, o: ["merge", f["shard_count_1e12"], "-o", o], "missing", "shard_count_1e12"),
     Case("s3-17-merge-shard-skipped-not-a-number", lambda f, o: ["merge", f["shard_skipped_text"], "-o", o], "damaged shard record", "shard_skipped_text"),
@@ -1147,3 +1161,25 @@ def test_s3_15_heatmap_of_a_label_added_from_text(bad, tmp_path) -> None:
     assert r.exit_code == 0, r.stderr
     maps = read_file(tmp_path / "hm" / f"{bad['img0'].stem}.maps.safetensors")
     assert maps.labels() == ["Pneumonia"] and (tmp_path / "hm" / f"{bad['img0'].stem}.Pneumonia.png").is_file()
+
+
+def test_s3_24_html_and_plot_to_stdout_are_documents(bad, tmp_path, monkeypatch) -> None:
+    """`evaluate --html -` printed the report's tables after the HTML on stdout; `--plot -` wrote a file named
+    '-' (mode 0600). Now `-` is standard output for both (tables to stderr), and a plot file gets the umask's mode."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    r = run_cli([*EV(bad), "--html", "-"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.lstrip().startswith("<!DOCTYPE html>") and r.stdout.rstrip().endswith("</html>"), r.stdout[-200:]
+    assert "macro F1" in r.stderr
+    r = run_cli([*EV(bad), "--plot", "-"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout_bytes.startswith(b"\x89PNG\r\n\x1a\n") and not (tmp_path / "-").exists()
+    old = os.umask(0o022)
+    try:
+        r = run_cli([*EV(bad), "--plot", tmp_path / "p.png"])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "p.png").stat().st_mode & 0o777 == 0o644

@@ -72,6 +72,8 @@ def sniff_format(path: Path, what: str = "label file") -> tuple[str, str]:
                 head = fh.read(65536)
         except (OSError, EOFError) as exc:
             raise MavlError(f"{what} {where} cannot be read ({exc})", path=path) from exc
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode Text" export
+            raise MavlError(f"{what} {where} is UTF-16 text; save it as CSV UTF-8 (comma delimited)", path=path)
         if b"\x00" in head:
             raise MavlError(f"{what} {where} is not a CSV (it holds binary data)", path=path)
         if not head.strip():
