@@ -42,7 +42,7 @@ class MavlGroup(TyperGroup):
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True, **extra: Any) -> Any:
         render.refresh_consoles()
         render.release_stdout()
-        from mavl_cli.contract import set_command
+        from mavl_cli.invocation import set_command
 
         set_command(list(sys.argv[1:] if args is None else args))
         try:

@@ -72,30 +72,7 @@ def describe_kind(kind: str) -> str:
     return f"{name} (from `{maker}`)"
 
 
-_COMMAND: dict[str, Any] = {"line": None, "args": None}
-
-
-def set_command(args: list[str]) -> None:
-    """Record the mavl invocation being run (the CLI calls this; in-process runs too)."""
-    import shlex
-
-    _COMMAND["args"] = [str(a) for a in args]
-    _COMMAND["line"] = "mavl " + " ".join(shlex.quote(str(a)) for a in args)
-
-
-def command_args() -> list[str] | None:
-    """The arguments of the invoking mavl command (None when not run through the CLI)."""
-    return list(_COMMAND["args"]) if _COMMAND["args"] is not None else None
-
-
-def command_line() -> str:
-    """The invoking command, recorded as provenance."""
-    if _COMMAND["line"]:
-        return _COMMAND["line"]
-    argv = list(sys.argv)
-    if argv:
-        argv[0] = Path(argv[0]).name
-    return " ".join(argv)
+from mavl_cli.invocation import command_args, command_line, set_command  # noqa: E402,F401  (one home; re-exported)
 
 
 def encode_metadata(kind: str, meta: dict[str, Any]) -> dict[str, str]:
