@@ -81,23 +81,31 @@ def encoder_spec(case: str, root: Path) -> tuple[str, str | None, dict]:
 
 def model_file(case: str, root: Path, aggregate: str = "mean") -> Path:
     """A fused ``model`` file (random LRF head, fusion, 3 labels x 2 aspects) around the tiny encoder."""
-    import torch
-
-    from mavl_cli import contract
     from mavl_cli.encoders import build_image_encoder
-    from mavl_cli.modelfile import build_model
-    from mavl_cli.models.fusion import FusionModel
-    from mavl_cli.models.lrf import LRFHead
 
     path = root / f"{case}-{aggregate}.model.safetensors"
     if path.exists():
         return path
     spec, weights, options = encoder_spec(case, root)
     enc = build_image_encoder(spec, weights=weights, options=options, pooling=POOLING.get(case))
-    torch.manual_seed(HEAD_SEED.get(case, 1))
-    head = LRFHead(enc.dim, 8, len(LABELS)).eval()
+    return write_fused_model(path, enc.dim, enc.name, enc.to_meta(), aggregate, head_seed=HEAD_SEED.get(case, 1))
+
+
+def write_fused_model(path: Path, dim: int, backbone: str, encoder_meta: dict, aggregate: str = "mean",
+                      head_seed: int = 1, extra_meta: dict | None = None) -> Path:
+    """A ``model`` file for an encoder of feature size ``dim``: random LRF head (rank 8), random fusion,
+    3 labels x 2 aspects (the second label has one aspect)."""
+    import torch
+
+    from mavl_cli import contract
+    from mavl_cli.modelfile import build_model
+    from mavl_cli.models.fusion import FusionModel
+    from mavl_cli.models.lrf import LRFHead
+
+    torch.manual_seed(head_seed)
+    head = LRFHead(dim, 8, len(LABELS)).eval()
     lrf = contract.MavlFile("lrf-head", {k: v.detach().numpy() for k, v in head.state_dict().items()},
-                            {"labels": LABELS, "rank": 8, "keep": 4, "eta": 0.0, "fingerprint": "x", "backbone": enc.name})
+                            {"labels": LABELS, "rank": 8, "keep": 4, "eta": 0.0, "fingerprint": "x", "backbone": backbone})
     rng = np.random.default_rng(2)
     text = contract.MavlFile("text-embeddings", {"embeddings": rng.standard_normal((3, 2, 16)).astype(np.float32),
                                                  "mask": np.array([[1, 1], [1, 0], [1, 1]], np.uint8)},
@@ -107,7 +115,8 @@ def model_file(case: str, root: Path, aggregate: str = "mean") -> Path:
         fusion.aspect_logits.normal_()
     cfg = {"img_dim": 8, "txt_dim": 16, "dim": 16, "aggregate": aggregate, "n_aspects": 2}
     tensors, meta = build_model({k: v.detach().numpy() for k, v in fusion.state_dict().items()}, cfg, text,
-                                enc.to_meta(), lrf, {})
+                                encoder_meta, lrf, {})
+    meta.update(extra_meta or {})
     contract.write_file(path, "model", tensors, meta)
     return path
 

@@ -124,38 +124,33 @@ _BACKBONES: dict[str, tuple] = {}
 
 
 def _model_file(tmp: Path, kind: str, aggregate: str = "mean") -> Path:
-    import torch
-
+    from heatmap_families import write_fused_model
     from mavl_cli.models.backbone import create_backbone
-    from mavl_cli.models.fusion import FusionModel
-    from mavl_cli.models.lrf import LRFHead
-    from mavl_cli.modelfile import build_model
 
     if kind not in _BACKBONES:
         name, folder, args = _backbone(kind, tmp)
         _BACKBONES[kind] = (name, folder, args, create_backbone(name, weights=folder, model_args=args)[1])
     name, folder, args, info = _BACKBONES[kind]
-    torch.manual_seed(1)
-    head = LRFHead(info.dim, 8, len(LABELS)).eval()
-    lrf = contract.MavlFile("lrf-head", {k: v.detach().numpy() for k, v in head.state_dict().items()},
-                            {"labels": LABELS, "rank": 8, "keep": 4, "eta": 0.0, "fingerprint": "x", "backbone": name})
-    rng = np.random.default_rng(2)
-    text = contract.MavlFile("text-embeddings", {"embeddings": rng.standard_normal((3, 2, 16)).astype(np.float32),
-                                                 "mask": np.array([[1, 1], [1, 0], [1, 1]], np.uint8)},
-                             {"labels": LABELS, "aspects": ["a", "b"]})
-    fusion = FusionModel(8, 16, 3, 2, dim=16, aggregate=aggregate)
-    with torch.no_grad():
-        fusion.aspect_logits.normal_()
-    cfg = {"img_dim": 8, "txt_dim": 16, "dim": 16, "aggregate": aggregate, "n_aspects": 2}
-    tensors, meta = build_model({k: v.detach().numpy() for k, v in fusion.state_dict().items()}, cfg, text,
-                                info.to_meta(), lrf, {})
-    meta["backbone_weights"] = str(folder)
-    path = tmp / f"{kind}-{aggregate}.model.safetensors"
-    contract.write_file(path, "model", tensors, meta)
-    return path
+    return write_fused_model(tmp / f"{kind}-{aggregate}.model.safetensors", info.dim, name, info.to_meta(), aggregate,
+                             extra_meta={"backbone_weights": str(folder)})
 
 
 _CACHE: dict[Path, tuple] = {}
+
+
+def _whole(net, mm):
+    """The timm network and the map model's head as one module returning logits (what the grad-cam package hooks)."""
+    import torch
+
+    class Whole(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, inp):
+            return mm.logits(net.forward_head(net.forward_features(inp), pre_logits=True))
+
+    return Whole()
 
 
 def _map_model(path: Path):
@@ -274,13 +269,6 @@ def test_gradcam_matches_the_grad_cam_package_on_a_cnn(models: dict) -> None:
     model, net, mm = _map_model(models["effnet"])
     x = _input(mm, models["film"])[:, :, 48:176, 48:176]  # a CNN takes any size; 128 px keeps the test quick
 
-    class Whole(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, inp):
-            return mm.logits(net.forward_head(net.forward_features(inp), pre_logits=True))
 
     ours = mm.maps(x, "gradcam", [0, 1, 2])
     requires = [p.requires_grad for p in net.parameters()]
@@ -290,7 +278,7 @@ def test_gradcam_matches_the_grad_cam_package_on_a_cnn(models: dict) -> None:
         a = a - a.min()
         return a / (1e-7 + a.max())
 
-    with GradCAM(model=Whole(), target_layers=[net.bn2]) as cam:
+    with GradCAM(model=_whole(net, mm), target_layers=[net.bn2]) as cam:
         for j in (0, 2):
             theirs = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(j)])[0]
             m = scaled(cv2.resize(scaled(ours[j]), (x.shape[3], x.shape[2])))  # the package rescales after resizing
@@ -342,13 +330,6 @@ def test_hirescam_matches_the_grad_cam_package_at_the_stride16_stage(models: dic
     ours = mm.maps(x, "hirescam", [0, 1, 2])
     assert ours.shape == (3, 8, 8)
 
-    class Whole(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, inp):
-            return mm.logits(net.forward_head(net.forward_features(inp), pre_logits=True))
 
     requires = [p.requires_grad for p in net.parameters()]
     for p in net.parameters():
@@ -359,7 +340,7 @@ def test_hirescam_matches_the_grad_cam_package_at_the_stride16_stage(models: dic
         return a / (1e-7 + a.max())
 
     try:
-        with HiResCAM(model=Whole(), target_layers=[net.get_submodule(stage)]) as cam:
+        with HiResCAM(model=_whole(net, mm), target_layers=[net.get_submodule(stage)]) as cam:
             for j in (0, 2):
                 theirs = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(j)])[0]
                 m = scaled(cv2.resize(scaled(ours[j]), (x.shape[3], x.shape[2])))
