@@ -26,6 +26,11 @@ MAX_WORKERS = 64
 #: size (e.g. 256), so a 1x70000 px strip would become 256x17.9M px (gigabytes) while 100:1 stays at
 #: 6.5M px. Pixel counts are bounded by PIL's own decompression-bomb limit.
 MAX_ASPECT = 100.0
+#: a model's input side (--model-args img_size): radiograph models use 224-1024; a ViT at 2048 px already
+#: holds 16,384 tokens (a 1 GB attention matrix per head), and a 100,000 px pos-embed alone is 30 GB
+MAX_INPUT_SIDE = 2048
+#: parameters of a model built from --model-args (checked on the meta device first): ViT-g is 1.8e9
+MAX_PARAMETERS = 3_000_000_000
 
 
 def max_threads() -> int:

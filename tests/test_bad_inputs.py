@@ -647,6 +647,10 @@ CASES += [
     Case("s3-21-evaluate-metadata-image-twice-with-two-values", lambda f, o: [*EV(f), "--by", "sex", "--metadata", f["meta_conflict"]], "listed twice", "meta_conflict"),
     Case("s3-22-calibrate-prevalence-given-twice", lambda f, o: ["calibrate", f["tuned"], "--prevalence", "Edema=0.3,Edema=0.5", "--source-prevalence", "Edema=0.2", "-o", o], "given twice"),
     Case("s3-23-label-file-in-utf16", lambda f, o: ["train-lrf", f["train"], "--labels", f["utf16_csv"], *R, "-o", o], "UTF-16", "utf16_csv"),
+    # 25-27: --model-args that would allocate gigabytes, and a text file as weights
+    Case("s3-25-model-args-img-size-100000", lambda f, o: ["embed-images", f["root"], "--backbone", VIT, "--random-init", "--model-args", '{"img_size": 100000}', "-o", o], "in 1..2048"),
+    Case("s3-26-model-args-a-quadrillion-parameters", lambda f, o: ["embed-images", f["root"], "--backbone", VIT, "--random-init", "--model-args", '{"embed_dim": 999999, "num_heads": 3, "depth": 100}', "-o", o], "parameters"),
+    Case("s3-27-weights-file-is-text", lambda f, o: EI(f, o, f["root"])[:-4] + ["--weights", f["labels_txt"], "-o", o], "not a weights file", "labels_txt"),
     # 16-18: `mavl merge` checks each part's shard record before using it
     Case("s3-16-merge-shard-count-1e12", lambda f, o: ["merge", f["shard_count_1e12"], "-o", o], "missing", "shard_count_1e12"),
     Case("s3-17-merge-shard-skipped-not-a-number", lambda f, o: ["merge", f["shard_skipped_text"], "-o", o], "damaged shard record", "shard_skipped_text"),

@@ -38,11 +38,19 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     if not p.exists() and not p.is_symlink():
         raise MavlError(f"{p}: weights file not found", path=p)
     check_input_file(p, "a weights file (.safetensors, .pth, .bin)")
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    torch_file = head.startswith((b"PK\x03\x04", b"\x80"))  # torch's zip checkpoint, or a pickle (protocol >= 2)
     try:
-        if p.suffix == ".safetensors":
+        if p.suffix == ".safetensors" or not torch_file:  # a safetensors file under another name loads too
             from safetensors.torch import load_file
 
-            sd = load_file(str(p))
+            try:
+                sd = load_file(str(p))
+            except Exception:  # noqa: BLE001 - neither format: say so, not "pickled objects"
+                if p.suffix == ".safetensors":
+                    raise
+                raise MavlError(f"{p}: not a weights file (neither a torch checkpoint nor safetensors)", path=p) from None
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except MavlError:

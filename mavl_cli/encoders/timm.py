@@ -136,6 +136,32 @@ def _check_name(name: str) -> None:
         raise MavlError(f"unknown timm model {name!r}{hint}")
 
 
+def _check_size(name: str, args: dict[str, Any]) -> None:
+    """--model-args must not make timm allocate gigabytes: a bounded input side, and a parameter count
+    measured on the meta device (no memory) before the real build."""
+    import torch
+
+    from mavl_cli.limits import MAX_INPUT_SIDE, MAX_PARAMETERS
+
+    size = args.get("img_size")
+    if size is not None:
+        sides = list(size) if isinstance(size, (list, tuple)) else [size]
+        if not sides or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_INPUT_SIDE for v in sides):
+            raise MavlError(f"cannot build {name!r}: --model-args img_size must be a whole number (or two) in "
+                            f"1..{MAX_INPUT_SIDE}, got {size!r}")
+    import timm
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, num_classes=0, **args)
+    except Exception:  # noqa: BLE001 - the real build below reports bad arguments
+        return
+    n = sum(p.numel() for p in probe.parameters())
+    if n > MAX_PARAMETERS:
+        raise MavlError(f"cannot build {name!r}: --model-args {args} would give it {n:,} parameters (more than "
+                        f"{MAX_PARAMETERS:,}); check the sizes")
+
+
 def load_image(spec: EncoderSpec) -> TimmEncoder:
     """Build the encoder a ``timm`` spec names (classifier removed: pooled features out)."""
     import timm
@@ -165,6 +191,8 @@ def load_image(spec: EncoderSpec) -> TimmEncoder:
             state = load_state_dict(wp)
     _check_name(name)
     build_args = dict(args)
+    if build_args:
+        _check_size(name, build_args)
     try:
         if state is None and spec.pretrained:
             model = _create_pretrained(name, build_args)
