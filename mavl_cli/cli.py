@@ -504,6 +504,8 @@ def predict_cmd(
         from mavl_cli.heatmaps import HeatmapOptions
 
         hm = HeatmapOptions(heatmap, heatmap_labels, heatmap_method)
+    if out is not None:  # `--out -`: the scores file owns stdout, the tables go to stderr
+        _out(out)
     opts = PredictOptions(weights=weights, threshold=threshold, descriptions=descriptions, explain=explain, scores_out=out,
                           json_out="-" if as_json else None, shard=shard, ood_threshold=ood_threshold, heatmap=hm)
     pred, skipped = predict_stage(images, model, opts, RunOptions(device=device, skip_bad=skip_bad), progress=render.progress)

@@ -362,10 +362,19 @@ def write_file(path: str | Path, kind: str, tensors: dict[str, Any], meta: dict[
     atomic_write_bytes(path, data)
 
 
+_STDIN: dict[str, Any] = {"stream": None, "data": b""}
+
+
 def read_bytes(path: str | Path) -> bytes:
-    """Read a whole input file; ``-`` is stdin."""
+    """Read a whole input file; ``-`` is stdin, read once per process (a stage that reads its
+    ``-`` input twice, e.g. `calibrate - VAL`, gets the same bytes again, not an empty stream)."""
     if str(path) == "-":
-        data = sys.stdin.buffer.read()
+        stream = sys.stdin.buffer
+        if _STDIN["stream"] is stream:
+            data = _STDIN["data"]
+        else:
+            data = stream.read()
+            _STDIN.update(stream=stream, data=data)
         if not data:
             raise MavlError("-: nothing arrived on standard input (expected a mavl safetensors file)")
         return data

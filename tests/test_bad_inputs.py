@@ -1187,3 +1187,18 @@ def test_s3_24_html_and_plot_to_stdout_are_documents(bad, tmp_path, monkeypatch)
         os.umask(old)
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "p.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_s3_28_stages_read_stdin_once_and_pipe_cleanly(bad, tmp_path) -> None:
+    """`cat model | mavl calibrate - VAL ...` read MODEL twice from stdin and failed on the empty second read;
+    `mavl predict ... --out - | mavl evaluate --scores -` got the scores followed by the prediction tables."""
+    from mavl_cli.contract import loads, read_file
+
+    out = tmp_path / "cal.st"
+    r = run_cli(["calibrate", "-", bad["val"], "--labels", bad["val_csv"], "-o", out], input=bad["tuned"].read_bytes())
+    assert r.exit_code == 0, r.stderr
+    assert "calibration.a" in read_file(out).tensors
+    r = run_cli([*PH(bad, bad["img0"]), "--out", "-"])
+    assert r.exit_code == 0, r.stderr
+    scores = loads(r.stdout_bytes, "-")  # the whole stream is one scores file: nothing printed after it
+    assert scores.kind == "scores" and len(scores.ids()) == 1
