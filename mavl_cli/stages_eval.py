@@ -230,15 +230,26 @@ def compare_stage(a_path: str, b_path: str, labels: str, embeddings: str | None 
     dropped = sorted((set(a.names) | set(b.names)) - set(names))
     if dropped:
         notes.append(f"compared on {len(names)} shared labels; left out: {', '.join(dropped)}")
+    from mavl_cli.datasets.table import match_rows
+
     na, nb = normalize_many(a.ids), normalize_many(b.ids)
     in_b = {i: k for k, i in enumerate(nb)}
-    common = [k for k, i in enumerate(na) if i in in_b]
+    # ids written from another root (`predict data/` vs a tool's `data/images/x.png`) pair through the label row
+    # both match, as evaluate matches them; an id both name exactly is paired as before
+    ra, rb = match_rows(na, table.ids, table.suffix_aliases), match_rows(nb, table.ids, table.suffix_aliases)
+    b_at_row: dict[int, int] = {}
+    for k, r in enumerate(rb):
+        if r >= 0:
+            b_at_row.setdefault(r, k)
+    pairs = [(k, in_b[i]) if i in in_b else (k, b_at_row[ra[k]]) for k, i in enumerate(na)
+             if i in in_b or (ra[k] >= 0 and ra[k] in b_at_row)]
+    common = [k for k, _ in pairs]
     if not common:
         raise MavlError(f"{a_path} and {b_path} share no image")
     if len(common) != len(na) or len(common) != len(nb):
         notes.append(f"compared on the {len(common)} images both score ({len(na)} in A, {len(nb)} in B)")
     ids = [a.ids[k] for k in common]
-    rows_b = [in_b[na[k]] for k in common]
+    rows_b = [kb for _, kb in pairs]
     table = table.select(names).align(ids)
     ja = [a.names.index(n) for n in names]
     jb = [b.names.index(n) for n in names]

@@ -1202,3 +1202,19 @@ def test_s3_28_stages_read_stdin_once_and_pipe_cleanly(bad, tmp_path) -> None:
     assert r.exit_code == 0, r.stderr
     scores = loads(r.stdout_bytes, "-")  # the whole stream is one scores file: nothing printed after it
     assert scores.kind == "scores" and len(scores.ids()) == 1
+
+
+def test_s3_29_compare_pairs_ids_written_from_another_root(bad, tmp_path) -> None:
+    """`compare` paired A and B by exact id, so `predict data/images` ids against a tool's `data/images/x.png` ids
+    "shared no image" although `evaluate` matched both to the label file. They now pair through the label row."""
+    r = run_cli(["compare", bad["scores"], bad["scores"], "--labels", bad["root"] / "labels.csv", "--bootstrap", "20", "--json"])
+    assert r.exit_code == 0, r.stderr
+    same = json.loads(r.stdout)
+    moved = tmp_path / "moved.st"
+    ids = contract_meta(bad["scores"])["ids"]
+    moved.write_bytes(rewrite_header(bad["scores"].read_bytes(), set_meta("ids", [f"elsewhere/images/{i}" for i in ids])))
+    r = run_cli(["compare", bad["scores"], moved, "--labels", bad["root"] / "labels.csv", "--bootstrap", "20", "--json"])
+    assert r.exit_code == 0, r.stderr
+    other = json.loads(r.stdout)
+    assert other.pop("b") == str(moved) and same.pop("b") == str(bad["scores"])
+    assert other == same and other["images"] == len(ids)
