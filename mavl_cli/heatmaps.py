@@ -589,8 +589,7 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
     encoder, prep = image_encoder(model.meta, weights, model.file.tensors)
     mm = build_map_model(model, encoder, prep, text, mask, dev, getattr(label_text, "bias", None),
                          getattr(label_text, "negative", None))
-    folder = Path(opts.folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(opts.folder)  # made when the first map is written: a run that fails before leaves no empty folder
     aggregate = (model.meta.get("fusion") or {}).get("aggregate") or \
         (f"zero-shot {(model.meta.get('zeroshot') or {}).get('prompts', 'pair')}" if model.meta.get("scorer") == "zeroshot" else None)
     extra = {"model": str(model.file.path), "backbone": model.meta.get("backbone"), "aggregate": aggregate, "grid": None}
@@ -609,10 +608,12 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
             meta = {**extra, "id": image_id, "scores": [round(float(scores[i, j]), 6) for j in chosen],
                     "geometry": geom.to_meta()}
             meta.pop("grid")
+            folder.mkdir(parents=True, exist_ok=True)
             peaks = write_image_maps(folder, stem, labs, maps, film, opts.method, str(path), meta)
             out[image_id] = dict(zip(labs, peaks))
         else:
             out[image_id] = {}
         if advance:
             advance(1)
+    folder.mkdir(parents=True, exist_ok=True)  # asked for, even when no finding was positive
     return out

@@ -651,6 +651,8 @@ CASES += [
     Case("s3-25-model-args-img-size-100000", lambda f, o: ["embed-images", f["root"], "--backbone", VIT, "--random-init", "--model-args", '{"img_size": 100000}', "-o", o], "in 1..2048"),
     Case("s3-26-model-args-a-quadrillion-parameters", lambda f, o: ["embed-images", f["root"], "--backbone", VIT, "--random-init", "--model-args", '{"embed_dim": 999999, "num_heads": 3, "depth": 100}', "-o", o], "parameters"),
     Case("s3-27-weights-file-is-text", lambda f, o: EI(f, o, f["root"])[:-4] + ["--weights", f["labels_txt"], "-o", o], "not a weights file", "labels_txt"),
+    # 30: a map method that fails on the first image leaves no empty heatmap folder behind
+    Case("s3-30-heatmap-method-fails-leaves-no-folder", lambda f, o: [*PH(f, f["img0"]), "--heatmap", o.parent / "hm", "--heatmap-method", "hirescam", "--heatmap-labels", "all"], "HiResCAM"),
     # 16-18: `mavl merge` checks each part's shard record before using it
     Case("s3-16-merge-shard-count-1e12", lambda f, o: ["merge", f["shard_count_1e12"], "-o", o], "missing", "shard_count_1e12"),
     Case("s3-17-merge-shard-skipped-not-a-number", lambda f, o: ["merge", f["shard_skipped_text"], "-o", o], "damaged shard record", "shard_skipped_text"),
