@@ -486,3 +486,22 @@ def test_predict_heatmap_bad_options_one_line_nothing_written(models: dict, tmp_
     r = run_cli(["predict", models["film"], "--model", models["vit"], "--heatmap", out, *args])
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_mapping_back_a_big_film_holds_one_float32_copy():
+    """A 3000 x 2500 film with 14 labels: the result is 420 MB; mapping back must not hold float64 copies of it."""
+    import tracemalloc
+
+    g = CropGeometry(3000, 2500, 268.8, 224.0, 22.4, 0.0, 224, 224)
+    m = np.random.default_rng(0).random((14, 14, 14)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        out = to_original(m, g)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (14, 2500, 3000) and out.dtype == np.float32
+    assert peak_bytes < 1.3 * out.nbytes
+    # cut-away columns (left of the crop) hold each map's minimum; inside, values stay within the grid's range
+    assert np.allclose(out[:, :, 0], m.reshape(14, -1).min(1)[:, None])
+    assert out.max() <= m.max() + 1e-6
