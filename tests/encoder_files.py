@@ -90,3 +90,36 @@ def mavl_file_features(enc, paths) -> np.ndarray:
 
 def report(family: str, case: str, cos: float, diff: float) -> None:
     print(f"[exactness] {family:9s} {case:28s} cosine {cos:.7f}  max|diff| {diff:.3e}")
+
+
+XRV_TINY_OPTIONS = {"growth_rate": 8, "block_config": [1, 1], "num_init_features": 8}
+
+
+def write_tiny_family_models(root: Path) -> dict[str, Path]:
+    """One tiny random model per non-timm family, saved as that family's own library saves it:
+    ``hf`` a DINOv2 folder (save_pretrained + its image processor), ``open_clip`` a hub-layout folder
+    (open_clip_config.json + safetensors weights), ``xrv`` a torchxrayvision DenseNet state dict
+    (load it with ``--model-args XRV_TINY_OPTIONS``)."""
+    import json
+
+    import torch
+    import torchxrayvision as xrv
+    import transformers as T
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    dino = root / "tiny-dinov2"
+    T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=28, patch_size=7)).save_pretrained(dino)
+    T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(dino)
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    clip_dir = root / "tiny-clip"
+    clip_dir.mkdir()
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
+    o = XRV_TINY_OPTIONS
+    torch.save(xrv.models.DenseNet(num_classes=18, growth_rate=o["growth_rate"], block_config=tuple(o["block_config"]),
+                                   num_init_features=o["num_init_features"]).state_dict(), root / "densenet.pt")
+    return {"hf": dino, "open_clip": clip_dir, "xrv": root / "densenet.pt"}

@@ -18,38 +18,15 @@ from mavl_cli.phantoms import FINDINGS
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory, tiny_bert):
     """One tiny model per non-timm family, saved as that family's library saves it."""
-    import torch
+    from encoder_files import XRV_TINY_OPTIONS, write_tiny_family_models
 
-    root = tmp_path_factory.mktemp("family_models")
-    out = {}
-    import transformers as T
-
-    torch.manual_seed(0)
-    dino = root / "tiny-dinov2"
-    T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                 image_size=28, patch_size=7)).save_pretrained(dino)
-    T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(dino)
-    out["hf"] = ["--backbone", f"hf:{dino}"], str(tiny_bert)
-
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    clip_dir = root / "tiny-clip"
-    clip_dir.mkdir()
-    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
-    out["open_clip"] = ["--backbone", f"open_clip:{clip_dir}"], f"open_clip:{clip_dir}"  # its own aligned text tower
-
-    import torchxrayvision as xrv
-
-    opts = {"growth_rate": 8, "block_config": [1, 1], "num_init_features": 8}
-    torch.save(xrv.models.DenseNet(num_classes=18, growth_rate=8, block_config=(1, 1), num_init_features=8).state_dict(),
-               root / "densenet.pt")
-    out["xrv"] = (["--backbone", "xrv:densenet121-res224-all", "--weights", str(root / "densenet.pt"),
-                   "--model-args", json.dumps(opts)], str(tiny_bert))
-    return out
+    m = write_tiny_family_models(tmp_path_factory.mktemp("family_models"))
+    return {
+        "hf": (["--backbone", f"hf:{m['hf']}"], str(tiny_bert)),
+        "open_clip": (["--backbone", f"open_clip:{m['open_clip']}"], f"open_clip:{m['open_clip']}"),  # its aligned text tower
+        "xrv": (["--backbone", "xrv:densenet121-res224-all", "--weights", str(m["xrv"]),
+                 "--model-args", json.dumps(XRV_TINY_OPTIONS)], str(tiny_bert)),
+    }
 
 
 @pytest.mark.parametrize("family", ["hf", "open_clip", "xrv"])

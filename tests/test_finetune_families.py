@@ -21,33 +21,15 @@ from mavl_cli.phantoms import FINDINGS
 @pytest.fixture(scope="module")
 def family_specs(tmp_path_factory, tiny_bert):
     """(EncoderSpec, text model for embed-text) per family: a tiny random model saved by the family's library."""
-    import open_clip  # noqa: F401  (skip cleanly below if an extra is missing)
-    import torchxrayvision as xrv
-    import transformers as T
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
+    from encoder_files import XRV_TINY_OPTIONS, write_tiny_family_models
 
     from mavl_cli.options import EncoderSpec
 
-    root = tmp_path_factory.mktemp("ft_family_models")
-    torch.manual_seed(0)
-    dino = root / "tiny-dinov2"
-    T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                 image_size=28, patch_size=7)).save_pretrained(dino)
-    T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(dino)
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    clip_dir = root / "tiny-clip"
-    clip_dir.mkdir()
-    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
-    opts = {"growth_rate": 8, "block_config": [1, 1], "num_init_features": 8}
-    torch.save(xrv.models.DenseNet(num_classes=18, growth_rate=8, block_config=(1, 1), num_init_features=8).state_dict(),
-               root / "densenet.pt")
+    m = write_tiny_family_models(tmp_path_factory.mktemp("ft_family_models"))
     return {
-        "hf": (EncoderSpec.parse(f"hf:{dino}"), str(tiny_bert)),
-        "open_clip": (EncoderSpec.parse(f"open_clip:{clip_dir}"), f"open_clip:{clip_dir}"),
-        "xrv": (EncoderSpec.parse("xrv:densenet121-res224-all", root / "densenet.pt", options=opts), str(tiny_bert)),
+        "hf": (EncoderSpec.parse(f"hf:{m['hf']}"), str(tiny_bert)),
+        "open_clip": (EncoderSpec.parse(f"open_clip:{m['open_clip']}"), f"open_clip:{m['open_clip']}"),
+        "xrv": (EncoderSpec.parse("xrv:densenet121-res224-all", m["xrv"], options=dict(XRV_TINY_OPTIONS)), str(tiny_bert)),
     }
 
 
