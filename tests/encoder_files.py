@@ -37,7 +37,9 @@ def write_images(folder: Path) -> dict[str, Path]:
     return out
 
 
-def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12) -> Path:
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12, **attrs) -> Path:
+    """A 16-bit-allocated DX DICOM of ``arr`` (stored values) written with pydicom; ``attrs`` set further
+    data elements (RescaleSlope, WindowCenter, ...) by keyword. HighBit follows BitsStored."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -52,7 +54,10 @@ def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", b
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation = 16, bits, 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.HighBit = int(ds.BitsStored) - 1
     ds.PixelData = arr.astype("<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from encoder_files import write_dicom
+
 from mavl_cli import contract
 from mavl_cli.checkpoint import CheckpointLog, read_checkpoint
 
@@ -25,29 +27,6 @@ def _gray(seed: int, h: int = 40, w: int = 48) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = np.add.outer(np.linspace(0, 200, h), np.linspace(0, 50, w))
     return np.clip(base + rng.normal(0, 20, (h, w)), 0, 255).astype(np.uint8)
-
-
-def _dicom(path: Path, arr: np.ndarray, **attrs) -> Path:
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.PixelRepresentation = 1, 16, 0
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.HighBit = int(ds.BitsStored) - 1
-    ds.PixelData = arr.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    assert pydicom.dcmread(path).pixel_array.shape == arr.shape
-    return path
 
 
 def _run(cli, args: list, **kw):
@@ -77,8 +56,11 @@ def mixed_folder(tmp_path_factory) -> Path:
     colour = np.dstack([_gray(3), _gray(4), _gray(5)])
     Image.fromarray(colour, "RGB").save(d / "colour.png")
     stored = (_gray(6).astype(np.uint16) * 16) | np.uint16(0xF000)  # junk above BitsStored
-    _dicom(d / "sub" / "mono1.dcm", stored, BitsStored=12, PhotometricInterpretation="MONOCHROME1",
-           RescaleSlope="1", RescaleIntercept="-100", WindowCenter="1900", WindowWidth="3600")
+    mono1 = write_dicom(d / "sub" / "mono1.dcm", stored, "MONOCHROME1", 12,
+                        RescaleSlope="1", RescaleIntercept="-100", WindowCenter="1900", WindowWidth="3600")
+    import pydicom
+
+    assert pydicom.dcmread(mono1).pixel_array.shape == stored.shape
     return d
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
+from encoder_files import write_dicom
 from mavl_cli import contract
 from mavl_cli.maps import CropGeometry, crop_geometry, peak, to_original
 
@@ -26,24 +27,10 @@ def _spot(w: int, h: int, x0: int, y0: int, sigma: float, dark: bool = False) ->
 
 
 def _write_dicom(path: Path, arr8: np.ndarray, photometric: str) -> Path:
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """12-bit stored values (8-bit x 16) with a full-range window."""
+    import pydicom
 
-    arr = (arr8.astype(np.uint16) * 16)  # 12-bit stored values
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.PixelData = arr.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, arr8.astype(np.uint16) * 16, photometric, 12, WindowCenter=2048, WindowWidth=4096)
     assert pydicom.dcmread(path).PhotometricInterpretation == photometric
     return path
 
