@@ -67,7 +67,16 @@ def is_regular(path: Path | str) -> bool:
         return False
 
 
-_is_regular = is_regular
+def sniff_head(path: Path | str, n: int) -> bytes | None:
+    """The first ``n`` bytes of a regular file, for sniffing its kind; None for anything else (a FIFO
+    would block the read without a writer, a device never ends) or a file that cannot be opened."""
+    if not is_regular(path):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return None
 
 
 def is_dicom(path: Path | str) -> bool:
@@ -79,12 +88,8 @@ def is_dicom(path: Path | str) -> bool:
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    if not _is_regular(path):  # never open a FIFO (blocks without a writer) or a device to sniff it
-        return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
+    head = sniff_head(path, 132)
+    if head is None:
         return False
     if len(head) == 132 and head[128:132] == b"DICM":
         return True
@@ -189,7 +194,7 @@ def _decode(path: Path, target_size: int | None) -> Image.Image:
         raise MavlError(f"{path}: file not found.", path=path)
     if path.is_dir():
         raise MavlError(f"{path}: is a folder, not an image file.", path=path)
-    if not _is_regular(path):
+    if not is_regular(path):
         raise MavlError(f"{path}: not a regular file (a device, FIFO or socket), not an image file.", path=path)
     if not os.access(path, os.R_OK):
         raise MavlError(f"{path}: cannot read file (permission denied).", path=path)

@@ -41,15 +41,9 @@ def is_csv(path: str) -> bool:
     p = Path(path)
     if p.suffix.lower() in (".csv", ".tsv", ".gz") and not str(path).endswith(".safetensors"):
         return True
-    from mavl_cli.imageio import is_regular
+    from mavl_cli.imageio import sniff_head
 
-    if not is_regular(p):  # never sniff a FIFO or device: opening one can block forever
-        return False
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(8)
-    except OSError:
-        return False
+    head = sniff_head(p, 8)  # never opens a FIFO or device: that can block forever
     return bool(head) and head[:1] not in (b"\x00",) and not _looks_safetensors(head)
 
 
