@@ -68,8 +68,8 @@ def log(msg: str) -> None:
 
 
 def phantom_dataset(work: Path, n: int = 600, seed: int = 0, size: int = 256) -> Dataset:
-    from mavl_cli.demo import descriptions_path
-    from mavl_cli.phantoms import generate_phantoms
+    from mavl_cli.stages.demo import descriptions_path
+    from mavl_cli.synthetic.phantoms import generate_phantoms
 
     root = work / f"phantoms_n{n}_s{seed}_{size}px"
     if not (root / "test.csv").exists():
@@ -82,7 +82,7 @@ def phantom_dataset(work: Path, n: int = 600, seed: int = 0, size: int = 256) ->
 def nih_dataset(work: Path, data: Path) -> Dataset:
     from nih_split import make_split
 
-    from mavl_cli.demo import descriptions_path
+    from mavl_cli.stages.demo import descriptions_path
 
     out = work / "nih_split_s0"
     if not (out / "test.csv").exists():
@@ -93,7 +93,7 @@ def nih_dataset(work: Path, data: Path) -> Dataset:
 
 def choose_labels(ds: Dataset, min_pos: int) -> None:
     """Keep labels with at least ``min_pos`` positives in train and in test (AUROC needs both)."""
-    from mavl_cli.datasets import read_labels
+    from mavl_cli.datasets.reader import read_labels
 
     counts = {s: read_labels(p, uncertain="zeros") for s, p in ds.splits.items()}
     for lab in ds.descriptions:
@@ -114,7 +114,7 @@ def drop_few_patients(ds: Any, min_patients: int) -> None:
     bootstrap leaves the label out of every resample that misses them, which
     shifts the macro-AUROC interval towards the other labels.
     """
-    from mavl_cli.datasets import read_labels
+    from mavl_cli.datasets.reader import read_labels
 
     if min_patients <= 1:
         return
@@ -131,8 +131,9 @@ def drop_few_patients(ds: Any, min_patients: int) -> None:
 
 
 def embed_images(ds: Dataset, work: Path, weights: Path) -> None:
-    from mavl_cli.options import EncoderSpec, ImageList
-    from mavl_cli.stages import embed_images_stage
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.core.options import ImageList
+    from mavl_cli.stages.embed import embed_images_stage
 
     for s, csv in ds.splits.items():
         out = work / f"{ds.name}_{s}_img.safetensors"
@@ -147,8 +148,8 @@ def text_files(ds: Dataset, work: Path, text_model: Path, labels: list[str] | No
     """Write and embed the three text forms for ``labels``; cached by content."""
     import hashlib
 
-    from mavl_cli.options import RunOptions, TextSpec
-    from mavl_cli.stages import embed_text_stage
+    from mavl_cli.core.options import RunOptions, TextSpec
+    from mavl_cli.stages.text import embed_text_stage
 
     labels = labels or ds.labels
     d = {lab: ds.descriptions[lab] for lab in labels}
@@ -176,9 +177,9 @@ def text_files(ds: Dataset, work: Path, text_model: Path, labels: list[str] | No
 
 
 def train_lrf(ds: Dataset, work: Path, seed: int, labels: list[str] | None = None, tag: str = "") -> Path:
-    from mavl_cli.options import LabelOptions, Validation
-    from mavl_cli.stages import train_lrf_stage
-    from mavl_cli.train import LRFConfig
+    from mavl_cli.core.options import LabelOptions, Validation
+    from mavl_cli.stages.train import train_lrf_stage
+    from mavl_cli.training.train import LRFConfig
 
     out = work / "runs" / f"{ds.name}{tag}_lrf_s{seed}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +189,9 @@ def train_lrf(ds: Dataset, work: Path, seed: int, labels: list[str] | None = Non
 
 
 def fuse(ds: Dataset, work: Path, text: Path, lrf: Path, aggregate: str, seed: int, name: str) -> Path:
-    from mavl_cli.options import Validation
-    from mavl_cli.stages import fuse_stage
-    from mavl_cli.train import FusionConfig
+    from mavl_cli.core.options import Validation
+    from mavl_cli.stages.train import fuse_stage
+    from mavl_cli.training.train import FusionConfig
 
     out = work / "runs" / f"{name}.safetensors"
     fuse_stage(str(ds.emb["train"]), str(text), str(ds.splits["train"]), str(out), FusionConfig(aggregate=aggregate, seed=seed),
@@ -199,10 +200,10 @@ def fuse(ds: Dataset, work: Path, text: Path, lrf: Path, aggregate: str, seed: i
 
 
 def labelled(ds: Dataset, split: str, x: np.ndarray | None = None, names: list[str] | None = None) -> Any:
-    from mavl_cli import contract
-    from mavl_cli.data import load_labelled
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.datasets.join import load_labelled
 
-    emb = contract.read_file(str(ds.emb[split]), expect="image-embeddings")
+    emb = read_file(str(ds.emb[split]), expect="image-embeddings")
     return load_labelled(emb, ds.splits[split], names=names or ds.labels, uncertain="zeros", x=x)
 
 
@@ -211,7 +212,7 @@ def probe_scores(tr: Any, va: Any, te: Any) -> tuple[np.ndarray, dict[str, float
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from mavl_cli.train import masked_macro_auroc
+    from mavl_cli.training.train import masked_macro_auroc
 
     sc = StandardScaler().fit(tr.x)
     xtr, xva, xte = sc.transform(tr.x), sc.transform(va.x), sc.transform(te.x)
@@ -230,7 +231,7 @@ def probe_scores(tr: Any, va: Any, te: Any) -> tuple[np.ndarray, dict[str, float
 
 
 def metrics(ds: Dataset, scores: np.ndarray, names: list[str], boot: int, te: Any) -> dict[str, Any]:
-    from mavl_cli.metrics import evaluate
+    from mavl_cli.evaluation.metrics import evaluate
 
     groups = np.asarray(te.groups) if te.groups is not None else None
     rep = evaluate(te.y, scores.astype(np.float64), np.full(len(names), 0.5), names, mask=te.mask, bootstrap=boot,
@@ -243,11 +244,11 @@ def metrics(ds: Dataset, scores: np.ndarray, names: list[str], boot: int, te: An
 
 def run_dataset(ds: Dataset, work: Path, text_model: Path, seeds: list[int], boot: int) -> dict[str, Any]:
     """Every method for every seed; returns {method: {seed: metrics}}."""
-    from mavl_cli import contract
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.models.modelfile import load_model
     from mavl_cli.models.lrf import head_from_tensors
-    from mavl_cli.stages import score_labelled
-    from mavl_cli.train import lrf_embed
+    from mavl_cli.stages.evaluate import score_labelled
+    from mavl_cli.models.lrf import lrf_embed
 
     texts = text_files(ds, work, text_model)
     results: dict[str, dict[int, Any]] = {}
@@ -281,7 +282,7 @@ def run_dataset(ds: Dataset, work: Path, text_model: Path, seeds: list[int], boo
                 extras["learned_aspect_weights"] = {
                     lab: {a: round(float(w[i, k]), 3) for k, a in enumerate(m.meta["aspects"]) if m.file.tensors["text.mask"][i, k]}
                     for i, lab in enumerate(m.labels)}
-        head = contract.read_file(str(lrf), expect="lrf-head").tensors
+        head = read_file(str(lrf), expect="lrf-head").tensors
         feats = {s: lrf_embed(head, labelled(ds, s).x) for s in ("train", "val", "test")}
         tr, va, te = (labelled(ds, s, feats[s]) for s in ("train", "val", "test"))
         s_probe, info = probe_scores(tr, va, te)
@@ -308,12 +309,12 @@ def run_dataset(ds: Dataset, work: Path, text_model: Path, seeds: list[int], boo
 def zero_shot(ds: Dataset, work: Path, text_model: Path, seed: int, boot: int, aggregates: list[str],
               supervised: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """Leave-one-label-out: train on five findings, score the sixth from its description."""
-    from mavl_cli import contract
-    from mavl_cli.modelfile import load_model
-    from mavl_cli.stages import _extend_labels
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.models.modelfile import load_model
+    from mavl_cli.stages.predict import _extend_labels
 
     rows = []
-    test_emb = contract.read_file(str(ds.emb["test"]), expect="image-embeddings")
+    test_emb = read_file(str(ds.emb["test"]), expect="image-embeddings")
     for held in list(ds.labels):
         others = [lab for lab in ds.labels if lab != held]
         tag = f"_without-{held.replace(' ', '_')}"
@@ -410,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from nih_split import default_data
 
-    from mavl_cli.modelfile import mavl_home
-    from mavl_cli.weights import ensure_demo_backbone, minilm_folder
+    from mavl_cli.core.home import mavl_home
+    from mavl_cli.encoders.weights import ensure_demo_backbone, minilm_folder
 
     seeds = [int(s) for s in args.seeds.split(",")]
     work = args.work

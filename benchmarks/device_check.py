@@ -23,7 +23,7 @@ TINY = '{"img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 2, "patch_siz
 
 
 def _mavl(args: list[str]) -> None:
-    from mavl_cli.cli import app
+    from mavl_cli.cli.app import app
 
     try:
         app([str(a) for a in args], standalone_mode=True)
@@ -38,8 +38,8 @@ def _model(dry: bool) -> list[str]:
 
 
 def precision(dry: bool) -> bool:
-    from mavl_cli import contract
-    from mavl_cli.phantoms import generate_phantoms
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.synthetic.phantoms import generate_phantoms
 
     dev = "cpu" if dry else "cuda"
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +49,7 @@ def precision(dry: bool) -> bool:
         for prec in (["fp32"] if dry else ["fp32", "bf16", "fp16"]):
             _mavl(["embed-images", ps.root / "images", *_model(dry), "--device", dev, "--precision", prec,
                    "-o", t / f"{prec}.st"])
-            feats[prec] = contract.read_file(t / f"{prec}.st").tensors["features"]
+            feats[prec] = read_file(t / f"{prec}.st").tensors["features"]
     ref = feats["fp32"]
     parts, ok = [], True
     for prec, f in feats.items():
@@ -64,8 +64,8 @@ def precision(dry: bool) -> bool:
 
 
 def finetune(dry: bool) -> bool:
-    from mavl_cli import contract
-    from mavl_cli.phantoms import generate_phantoms
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.synthetic.phantoms import generate_phantoms
 
     dev, prec = ("cpu", "fp32") if dry else ("cuda", "bf16")
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +76,7 @@ def finetune(dry: bool) -> bool:
                "--backbone-out", t / "bb", *_model(dry), "--rank", "16", "--keep", "4", "--epochs", "1",
                "--batch-size", "8" if dry else "64", "--device", dev, "--precision", prec])
         secs = time.perf_counter() - t0
-        head = contract.read_file(t / "h.st")
+        head = read_file(t / "h.st")
     h = head.meta["history"][0]
     ok = bool(np.isfinite(h["bce"])) and head.meta["train_precision"] == prec
     print(f"finetune-lrf: {'PASS' if ok else 'FAIL'}: 1 epoch {prec} on {dev}, {head.meta['train_images']} phantoms, "

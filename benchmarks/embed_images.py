@@ -81,13 +81,14 @@ def bare_forward(model, data_config: dict, n: int, bs: int, threads: int) -> flo
 
 
 def mavl_run(folder: Path, out: Path, model_name: str, weights: Path, precision: str, bs: int | None) -> tuple[float, np.ndarray, list[str]]:
-    from mavl_cli import contract
-    from mavl_cli.options import EncoderSpec, RunOptions
-    from mavl_cli.stages import embed_images_stage
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.core.options import RunOptions
+    from mavl_cli.stages.embed import embed_images_stage
 
     res = embed_images_stage([str(folder)], str(out), EncoderSpec.parse(model_name, weights),
                              RunOptions(device="cpu", batch_size=bs, precision=precision))
-    f = contract.read_file(out)
+    f = read_file(out)
     out.unlink()
     return res.summary["images"] / res.summary["seconds"], f.tensors["features"], f.ids()
 
@@ -136,7 +137,7 @@ def decode_cost(folder: Path, data_config: dict, k: int = 16) -> tuple[float, fl
     from PIL import Image
     from torchvision import transforms as T
 
-    from mavl_cli.preprocess import load_and_prepare
+    from mavl_cli.encoders.preprocess import load_and_prepare
 
     scale = int(data_config["input_size"][1] / data_config["crop_pct"])
     tf = T.Compose([T.Resize(scale, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(data_config["input_size"][1:]),
@@ -169,7 +170,8 @@ def main() -> None:
     import timm
     import torch
 
-    from mavl_cli.models.backbone import create_backbone, quantize_int8, save_local_backbone
+    from mavl_cli.encoders.timm import create_backbone, save_local_backbone
+    from mavl_cli.encoders.common import quantize_int8
 
     large = tuple(int(v) for v in args.large_jpegs.lower().split("x")) if args.large_jpegs else None
     tmp = Path(tempfile.mkdtemp(prefix="mavl-bench-"))

@@ -60,9 +60,9 @@ def main() -> None:
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import brier_score_loss
 
-    from mavl_cli.calibration import calibration_report
-    from mavl_cli.compare import Side, compare
-    from mavl_cli.metrics import _resample_weights, evaluate, prepare, weighted_auroc_sorted
+    from mavl_cli.evaluation.calibration import calibration_report
+    from mavl_cli.evaluation.compare import Side, compare
+    from mavl_cli.evaluation.metrics import resample_weights, evaluate, prepare, weighted_auroc_sorted
 
     n, L, B = args.images, args.labels, args.bootstrap
     y, a, b, groups = make_data(n, L, args.seed)
@@ -107,7 +107,7 @@ def main() -> None:
     _, inverse = np.unique(groups, return_inverse=True)
     k = args.old_draws
     t0, c0 = time.perf_counter(), time.process_time()
-    w = _resample_weights(np.random.default_rng(0), k, inverse, int(inverse.max()) + 1)
+    w = resample_weights(np.random.default_rng(0), k, inverse, int(inverse.max()) + 1)
     for j in range(L):
         order = np.argsort(a[:, j], kind="stable")
         starts = np.concatenate(([0], np.flatnonzero(np.diff(a[order, j])) + 1))

@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from mavl_cli.metrics import evaluate
+    from mavl_cli.evaluation.metrics import evaluate
 
     rng = np.random.default_rng(args.seed)
     n, n_labels = args.images, args.labels

@@ -72,7 +72,7 @@ def bare_forward(model_name: str, model_args: dict, device: str, batch: int, pre
     """Images/s of the bare forward on one random batch, repeated for about ``seconds``."""
     import torch
 
-    from mavl_cli.models.backbone import create_backbone
+    from mavl_cli.encoders.timm import create_backbone
 
     model, info = create_backbone(model_name, pretrained=False, model_args=model_args)
     dev = torch.device(device)
@@ -102,8 +102,9 @@ def bare_forward(model_name: str, model_args: dict, device: str, batch: int, pre
 
 def mavl_end_to_end(folder: Path, model_name: str, model_args: dict, device: str, batch: int, precision: str,
                     workers: int | None) -> dict:
-    from mavl_cli.options import EncoderSpec, RunOptions
-    from mavl_cli.stages import embed_images_stage
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.core.options import RunOptions
+    from mavl_cli.stages.embed import embed_images_stage
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "feats.safetensors")
@@ -111,9 +112,9 @@ def mavl_end_to_end(folder: Path, model_name: str, model_args: dict, device: str
         res = embed_images_stage([str(folder)], out, EncoderSpec.parse(model_name, pretrained=False, options=model_args),
                                  RunOptions(device=device, batch_size=batch, workers=workers, precision=precision))
         wall = time.perf_counter() - t0
-        from mavl_cli import contract
+        from mavl_cli.io.mavlfile import read_file
 
-        meta = contract.read_file(out).meta
+        meta = read_file(out).meta
     return {"images": res.summary["images"], "loop_images_per_s": res.summary["images_per_s"],
             "wall_images_per_s": res.summary["images"] / wall, "pipeline": meta.get("pipeline")}
 

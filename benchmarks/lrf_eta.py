@@ -81,17 +81,17 @@ def spectrum(z: np.ndarray, keep: int) -> dict[str, float]:
 
 def boot_weights(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
     """[n_boot, n_images] patient-resample multiplicities, shared by every setting (paired)."""
-    from mavl_cli.metrics import _resample_weights
+    from mavl_cli.evaluation.metrics import resample_weights
 
     _, inverse = np.unique(groups, return_inverse=True)
-    return _resample_weights(np.random.default_rng(seed), n_boot, inverse.ravel(), int(inverse.max()) + 1)
+    return resample_weights(np.random.default_rng(seed), n_boot, inverse.ravel(), int(inverse.max()) + 1)
 
 
 def boot_macro_auroc(w: np.ndarray, y: np.ndarray, s: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Macro AUROC per resample (labels lacking a class in a resample are left out, as evaluate does)."""
     import warnings
 
-    from mavl_cli.metrics import weighted_auroc_sorted
+    from mavl_cli.evaluation.metrics import weighted_auroc_sorted
 
     aucs = np.full((w.shape[0], y.shape[1]), np.nan)
     for j in range(y.shape[1]):
@@ -126,11 +126,13 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
     import aspects as A
     import torch
 
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import read_file
     from mavl_cli.models.lrf import head_from_tensors
-    from mavl_cli.options import LabelOptions, Validation
-    from mavl_cli.stages import fuse_stage, score_labelled, train_lrf_stage
-    from mavl_cli.train import FusionConfig, LRFConfig, lrf_embed
+    from mavl_cli.core.options import LabelOptions, Validation
+    from mavl_cli.stages.train import fuse_stage, train_lrf_stage
+    from mavl_cli.stages.evaluate import score_labelled
+    from mavl_cli.training.train import FusionConfig, LRFConfig
+    from mavl_cli.models.lrf import lrf_embed
 
     runs = work / "lrf_eta"
     (runs / "runs").mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
     w = boot_weights(groups, boot)
     out: dict[str, Any] = {"_init": {"alive_units_test": {}}}
     from mavl_cli.models.lrf import LRFHead
-    from mavl_cli.runtime import set_seed
+    from mavl_cli.core.runtime import set_seed
 
     for seed in seeds:  # the untrained head, as train_lrf builds it: how many ReLU units start alive?
         set_seed(seed)
@@ -160,7 +162,7 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
                                   LRFConfig(eta=eta, keep=keep, rank=rank, seed=seed), label_opts=LabelOptions(only=ds.labels),
                                   validation=Validation(str(ds.emb["val"]), str(ds.splits["val"])))
             hist = res.table
-            head = contract.read_file(str(lrf), expect="lrf-head").tensors
+            head = read_file(str(lrf), expect="lrf-head").tensors
             z = lrf_embed(head, te.x)
             sp = spectrum(z, keep)
             sp["alive_units_train"] = int((lrf_embed(head, x_tr).max(0) > 0).sum())
@@ -288,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     import aspects as A
     from nih_split import default_data
 
-    from mavl_cli.modelfile import mavl_home
-    from mavl_cli.weights import ensure_demo_backbone, minilm_folder
+    from mavl_cli.core.home import mavl_home
+    from mavl_cli.encoders.weights import ensure_demo_backbone, minilm_folder
 
     seeds = [int(s) for s in args.seeds.split(",")]
     etas = [float(e) for e in args.etas.split(",")]

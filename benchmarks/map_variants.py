@@ -35,7 +35,7 @@ def films(folder: Path, split: str | None) -> list[tuple[Path, dict[str, np.ndar
     """(film, {label: mask}) for every film of a split (or all films) that has at least one mask."""
     from PIL import Image
 
-    from mavl_cli.maps import label_slug
+    from mavl_cli.explain.maps import label_slug
 
     csv_name = f"{split}.csv" if split else "labels.csv"
     with open(folder / csv_name, newline="") as fh:
@@ -118,11 +118,12 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from mavl_cli.heatmaps import build_map_model, image_input
-    from mavl_cli.maps import METHODS, to_original
-    from mavl_cli.mavlmodel import image_encoder
-    from mavl_cli.modelfile import load_model
-    from mavl_cli.preprocess import normalize_batch, stack_batch
+    from mavl_cli.explain.heatmaps import build_map_model, image_input
+    from mavl_cli.io.mavlfile import MAP_METHODS
+    from mavl_cli.explain.maps import to_original
+    from mavl_cli.models.mavlmodel import image_encoder
+    from mavl_cli.models.modelfile import load_model
+    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
 
     torch.set_num_threads(a.threads)
     model = load_model(a.work / "model_tuned.safetensors")
@@ -257,7 +258,7 @@ def main() -> None:
                     mp[:, :, -1] = lo[:, None]
                     allm[f"ring({k})"] = mp
                 if a.shipped:  # the methods as mavl ships them (heatmaps.MapModel.maps)
-                    for meth in METHODS:
+                    for meth in MAP_METHODS:
                         with torch.enable_grad():
                             allm[f"shipped:{meth}"] = torch.from_numpy(mm.maps(x0, meth, list(range(L))))
             for k, mp in allm.items():

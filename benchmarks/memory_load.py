@@ -72,7 +72,7 @@ def make_vit(folder: Path) -> Path:
     import timm
     import torch
 
-    from mavl_cli.models.backbone import save_local_backbone
+    from mavl_cli.encoders.timm import save_local_backbone
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_ARGS)
@@ -81,14 +81,14 @@ def make_vit(folder: Path) -> Path:
 
 def make_scores(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     """A scores file and a CheXpert-style labels CSV with ``n`` rows (about 20% uncertain or blank)."""
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import write_file
 
     rng = np.random.default_rng(seed)
     ids = [f"patient{i // 3:06d}/study{i % 3 + 1}/view1_frontal.jpg" for i in range(n)]
     y = (rng.random((n, len(LABELS))) < 0.15).astype(np.float32)
     scores = np.clip(0.35 * y + rng.random((n, len(LABELS))) * 0.65, 0, 1).astype(np.float32)
     sf = folder / f"scores_{n}.st"
-    contract.write_file(sf, "scores", {"scores": scores, "thresholds": np.full(len(LABELS), 0.5, np.float32)},
+    write_file(sf, "scores", {"scores": scores, "thresholds": np.full(len(LABELS), 0.5, np.float32)},
                         {"ids": ids, "labels": LABELS, "command": "benchmark"})
     cells = np.where(y == 1, "1.0", "0.0").astype(object)
     cells[rng.random(cells.shape) < 0.1] = "-1.0"

@@ -121,7 +121,7 @@ def natural_images(folder: Path, size: int, seed: int = 0) -> Path:
 
 def demo_model(work: Path, n: int, epochs: int, seed: int, weights: Path, text_model: Path) -> Path:
     """The demo's chain (``mavl_cli.demo.demo_steps``, the stages ``mavl demo`` runs), resumable."""
-    from mavl_cli.demo import demo_steps, phantoms_step, run_step
+    from mavl_cli.stages.demo import demo_steps, phantoms_step, run_step
 
     d = work / "demo"
     model = d / "model_tuned.safetensors"
@@ -148,11 +148,14 @@ def nih_model(work: Path, data: Path, weights: Path, text_model: Path, seed: int
     """Train-lrf + fuse on the NIH train split (validation: the val split). Returns (model, test embeddings, test images)."""
     from nih_split import make_split
 
-    from mavl_cli.demo import descriptions_path
-    from mavl_cli.labels import read_labels
-    from mavl_cli.options import EncoderSpec, ImageList, LabelOptions, RunOptions, TextSpec, Validation
-    from mavl_cli.stages import embed_images_stage, embed_text_stage, fuse_stage, train_lrf_stage
-    from mavl_cli.train import FusionConfig, LRFConfig
+    from mavl_cli.stages.demo import descriptions_path
+    from mavl_cli.datasets.reader import read_labels
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.core.options import ImageList, LabelOptions, RunOptions, TextSpec, Validation
+    from mavl_cli.stages.embed import embed_images_stage
+    from mavl_cli.stages.text import embed_text_stage
+    from mavl_cli.stages.train import fuse_stage, train_lrf_stage
+    from mavl_cli.training.train import FusionConfig, LRFConfig
 
     nih = data / "nih-cxr14-64px"
     split = work / "nih_split_s0"
@@ -188,8 +191,8 @@ def nih_model(work: Path, data: Path, weights: Path, text_model: Path, seed: int
 
 
 def embed_folder(folder: Path, out: Path, weights: Path) -> Path:
-    from mavl_cli.options import EncoderSpec
-    from mavl_cli.stages import embed_images_stage
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.stages.embed import embed_images_stage
 
     if not out.exists():
         t0 = time.perf_counter()
@@ -199,11 +202,12 @@ def embed_folder(folder: Path, out: Path, weights: Path) -> Path:
 
 
 def flag_rate(model_path: Path, emb_paths: Path | list[Path], percentile: float | None = None) -> dict[str, Any]:
-    from mavl_cli import contract, ood
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.trust import ood
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.models.modelfile import load_model
 
     model = load_model(model_path)
-    files = [contract.read_file(p, expect="image-embeddings") for p in (emb_paths if isinstance(emb_paths, list) else [emb_paths])]
+    files = [read_file(p, expect="image-embeddings") for p in (emb_paths if isinstance(emb_paths, list) else [emb_paths])]
     x = np.concatenate([model.to_fusion_input(f) for f in files])
     a = ood.assess_model(model, x, percentile)
     if a is None:
@@ -213,8 +217,8 @@ def flag_rate(model_path: Path, emb_paths: Path | list[Path], percentile: float 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mavl_cli.modelfile import mavl_home
-    from mavl_cli.weights import ensure_demo_backbone, minilm_folder
+    from mavl_cli.core.home import mavl_home
+    from mavl_cli.encoders.weights import ensure_demo_backbone, minilm_folder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work: Path = args.work

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mavl_cli.datasets import read_labels  # noqa: E402
+from mavl_cli.datasets.reader import read_labels
 
 FILES = ("chexpert_train.csv.gz", "nih_data_entry_2017_v2020.csv.gz")
 TARGET_S = 2.0

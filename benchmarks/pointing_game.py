@@ -42,9 +42,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mavl_cli.maps import METHODS as ALL_METHODS  # noqa: E402 - light (numpy, Pillow)
+from mavl_cli.io.mavlfile import MAP_METHODS as ALL_METHODS
 
-METHODS = ALL_METHODS  # the ones this run scores (--methods)
+MAP_METHODS = ALL_METHODS  # the ones this run scores (--methods)
 
 
 def log(msg: str) -> None:
@@ -55,7 +55,7 @@ def cli(args: list) -> str:
     """Run one mavl command in-process; its stdout."""
     from typer.testing import CliRunner
 
-    from mavl_cli.cli import app
+    from mavl_cli.cli.app import app
 
     args = [str(a) for a in args]
     log("$ mavl " + " ".join(a if len(a) < 60 else a[:57] + "..." for a in args[:12]) + (" ..." if len(args) > 12 else ""))
@@ -66,9 +66,9 @@ def cli(args: list) -> str:
 
 
 def train(work: Path, n: int, epochs: int, seed: int) -> Path:
-    from mavl_cli.demo import DEMO_BACKBONE, demo_commands
-    from mavl_cli.modelfile import mavl_home
-    from mavl_cli.weights import ensure_demo_backbone, minilm_folder
+    from mavl_cli.stages.demo import DEMO_BACKBONE, demo_commands
+    from mavl_cli.core.home import mavl_home
+    from mavl_cli.encoders.weights import ensure_demo_backbone, minilm_folder
 
     model = work / "model_tuned.safetensors"
     if model.exists() and (work / "phantoms" / "masks").is_dir():
@@ -95,17 +95,17 @@ def test_images(work: Path) -> list[Path]:
 def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
     import torch
 
-    from mavl_cli.heatmaps import build_map_model, image_input, needs_grad
-    from mavl_cli.maps import to_original
-    from mavl_cli.mavlmodel import image_encoder
-    from mavl_cli.modelfile import load_model
-    from mavl_cli.preprocess import normalize_batch, stack_batch
+    from mavl_cli.explain.heatmaps import build_map_model, image_input, needs_grad
+    from mavl_cli.explain.maps import to_original
+    from mavl_cli.models.mavlmodel import image_encoder
+    from mavl_cli.models.modelfile import load_model
+    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
 
     model = load_model(model_path)
     net, prep = image_encoder(model.meta)
     mm = build_map_model(model, net, prep)
     labels = list(range(len(model.labels)))
-    t = {"forward": [], **{m: [] for m in METHODS}, **{f"{m}_one": [] for m in METHODS}}
+    t = {"forward": [], **{m: [] for m in MAP_METHODS}, **{f"{m}_one": [] for m in MAP_METHODS}}
     for path in images:
         _, crop, geom = image_input(path, mm.data_config)
         x = normalize_batch(stack_batch([crop]), mm.data_config).contiguous()
@@ -116,7 +116,7 @@ def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
             with torch.no_grad():
                 mm.logits(net(x))
             t["forward"].append(time.perf_counter() - t0)
-            for method in METHODS:
+            for method in MAP_METHODS:
                 for key, which in ((method, labels), (f"{method}_one", labels[:1])):
                     t0 = time.perf_counter()
                     with torch.enable_grad() if needs_grad(method) else torch.no_grad():
@@ -124,7 +124,7 @@ def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
                     t[key].append(time.perf_counter() - t0)
     fwd = float(np.median(t["forward"]))
     out = {"threads": torch.get_num_threads(), "images": len(images), "repeats": repeats, "forward_ms": 1000 * fwd}
-    for method in METHODS:
+    for method in MAP_METHODS:
         for key in (method, f"{method}_one"):
             med = float(np.median(t[key]))
             out[f"{key}_ms"] = 1000 * med
@@ -137,8 +137,8 @@ def called_positive(work: Path, folder: Path, model_path: Path) -> dict:
     `mavl predict --heatmap` maps by default. Peaks and scores come from the maps files' metadata."""
     from PIL import Image
 
-    from mavl_cli.maps import label_slug, read_maps_dir, stem_of
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.explain.maps import label_slug, read_maps_dir, stem_of
+    from mavl_cli.models.modelfile import load_model
 
     model = load_model(model_path)
     th = dict(zip(model.labels, np.asarray(model.thresholds, float)))
@@ -161,8 +161,8 @@ def figure(work: Path, out: Path, per_label: int = 1) -> None:
     """Rows: examples of different findings; columns: film + true region, then each method."""
     from PIL import Image, ImageDraw
 
-    from mavl_cli import contract
-    from mavl_cli.maps import label_slug, overlay
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.explain.maps import label_slug, overlay
 
     masks = work / "phantoms" / "masks"
     ph = work / "phantoms"
@@ -173,17 +173,17 @@ def figure(work: Path, out: Path, per_label: int = 1) -> None:
             lab_slug = m.name[len(img.stem) + 1 : -4]
             if seen.get(lab_slug, 0) >= per_label:
                 continue
-            files = {meth: work / "maps" / meth / f"{img.stem}.maps.safetensors" for meth in METHODS}
+            files = {meth: work / "maps" / meth / f"{img.stem}.maps.safetensors" for meth in MAP_METHODS}
             if not all(f.exists() for f in files.values()):
                 continue
             seen[lab_slug] = seen.get(lab_slug, 0) + 1
             rows.append((img, m, lab_slug, files))
     film_size = 256
     label_h = 18
-    cols = 1 + len(METHODS)
+    cols = 1 + len(MAP_METHODS)
     sheet = Image.new("RGB", (cols * film_size, len(rows) * (film_size + label_h) + label_h), "white")
     d = ImageDraw.Draw(sheet)
-    for j, title in enumerate(("film, true region outlined", *METHODS)):
+    for j, title in enumerate(("film, true region outlined", *MAP_METHODS)):
         d.text((j * film_size + 6, 3), title, fill="black")
     for i, (img, mpath, lab_slug, files) in enumerate(rows):
         top = label_h + i * (film_size + label_h)
@@ -193,8 +193,8 @@ def figure(work: Path, out: Path, per_label: int = 1) -> None:
         base = np.stack([np.asarray(film)] * 3, -1).copy()
         base[edge] = (0, 255, 0)
         tiles = [Image.fromarray(base)]
-        for meth in METHODS:
-            f = contract.read_file(files[meth], expect="maps")
+        for meth in MAP_METHODS:
+            f = read_file(files[meth], expect="maps")
             k = [label_slug(lab) for lab in f.labels()].index(lab_slug)
             ov = np.asarray(overlay(film, f.tensors["maps"][k])).copy()
             ov[edge] = (0, 255, 0)
@@ -223,8 +223,8 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    global METHODS
-    METHODS = tuple(m for m in a.methods.split(",") if m)
+    global MAP_METHODS
+    MAP_METHODS = tuple(m for m in a.methods.split(",") if m)
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -237,7 +237,7 @@ def main() -> None:
     if a.max_images:
         images = images[: a.max_images]
     result: dict = {"model": str(model), "test_images": len(images), "methods": {}}
-    for method in METHODS:
+    for method in MAP_METHODS:
         out = work / "maps" / method
         t1 = time.perf_counter()
         if not (out.is_dir() and len(list(out.glob("*.maps.safetensors"))) == len(images)):
@@ -251,22 +251,22 @@ def main() -> None:
     result["timing"] = timing(model, images[: a.time_images], a.time_repeats)
     result["seconds"] = time.perf_counter() - t0
     (work / "pointing_game.json").write_text(json.dumps(result, indent=2))
-    print(f"\n{'finding':<18}" + "".join(f"{m + ' hit':>26}{'IoU':>7}" for m in METHODS))
-    labels = list(result["methods"][METHODS[0]]["per_label"])
+    print(f"\n{'finding':<18}" + "".join(f"{m + ' hit':>26}{'IoU':>7}" for m in MAP_METHODS))
+    labels = list(result["methods"][MAP_METHODS[0]]["per_label"])
     for lab in labels + ["overall"]:
         cells = []
-        for m in METHODS:
+        for m in MAP_METHODS:
             r = result["methods"][m]["per_label"].get(lab) if lab != "overall" else result["methods"][m]["overall"]
             ci = r.get("hit_rate_ci", [float("nan")] * 2)
             cells.append(f"{r['hit_rate']:.2f} [{ci[0]:.2f},{ci[1]:.2f}]".rjust(26) + f"{r['iou']:.3f}".rjust(7))
-        first = result["methods"][METHODS[0]]
+        first = result["methods"][MAP_METHODS[0]]
         n = (first["per_label"].get(lab) or first["overall"])["images"]
         print(f"{lab + f' ({n})':<18}" + "".join(cells))
     print("\nhit rate on the cases the model called positive (cases):")
     for lab in labels + ["overall"]:
         print(f"{lab:<18}" + "".join(
             f"{result['methods'][m]['called_positive'].get(lab, {}).get('hit_rate', float('nan')):>12.2f}"
-            f" ({result['methods'][m]['called_positive'].get(lab, {}).get('cases', 0)})" for m in METHODS))
+            f" ({result['methods'][m]['called_positive'].get(lab, {}).get('cases', 0)})" for m in MAP_METHODS))
     print(json.dumps(result["timing"], indent=2))
     if a.figure:
         figure(work, a.figure)

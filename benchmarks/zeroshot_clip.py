@@ -163,7 +163,7 @@ def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log
     if locked:
         # LiT: the image trunk starts from ImageNet weights (the demo's EfficientNet-Lite0 package) and stays
         # locked; only the projection, the text tower and the logit scale train, so trunk features are computed once
-        from mavl_cli.weights import ensure_demo_backbone
+        from mavl_cli.encoders.weights import ensure_demo_backbone
         from safetensors.torch import load_file
 
         wdir = ensure_demo_backbone(out.parent / "effnet-lite0-imagenet")
@@ -237,8 +237,8 @@ def direct_zero_shot(clip_dir: Path, ph: Path, split: str, mode: str = "pair") -
     from PIL import Image
     from sklearn.metrics import roc_auc_score
 
-    from mavl_cli.descriptions import read_descriptions
-    from mavl_cli.zeroshot import write_prompts
+    from mavl_cli.io.descriptions import read_descriptions
+    from mavl_cli.models.zeroshot import write_prompts
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from mavl_cli.core.version import __version__
+
 __all__ = ["load", "__version__"]
 
 

@@ -1,3 +1,3 @@
-from mavl_cli.cli import main
+from mavl_cli.cli.app import main
 
 main()

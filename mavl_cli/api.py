@@ -19,7 +19,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
+from mavl_cli.datasets.inputs import collect_inputs
+from mavl_cli.models.mavlmodel import score_images
+from mavl_cli.models.modelfile import find_model, load_model
+from mavl_cli.reports.tables import prediction_json
+from mavl_cli.stages.predict import Prediction
+from mavl_cli.trust import ood
 
 
 class Model:
@@ -63,9 +69,6 @@ class Model:
     def predict(self, images: Any, threshold: float | None = None, batch_size: int | None = None,
                 ood_threshold: float | None = None) -> list[dict[str, Any]]:
         """One dict per image, as the ``images`` of ``mavl predict --json``: image, findings, positive, ood, ood_score."""
-        from mavl_cli import ood
-        from mavl_cli.report_view import prediction_json
-        from mavl_cli.stages import Prediction
 
         if threshold is not None and not 0 <= threshold <= 1:
             raise MavlError(f"threshold must lie in [0, 1], got {threshold}")
@@ -81,8 +84,6 @@ class Model:
 
         items = _as_list(images)
         if all(isinstance(x, (str, Path)) for x in items):
-            from mavl_cli.datasets import collect_inputs
-            from mavl_cli.mavlmodel import score_images
 
             found, _ = collect_inputs([str(x) for x in items])
             res = score_images(self.module, found, device=self.device, batch_size=batch_size)
@@ -110,7 +111,6 @@ def load(path: str | Path | None = None, weights: str | None = None, device: str
 
     ``weights`` overrides the encoder weights path recorded in the file.
     """
-    from mavl_cli.modelfile import find_model, load_model
 
     loaded = load_model(find_model(str(path) if path is not None else None))
     return Model(loaded, loaded.module(weights), device)

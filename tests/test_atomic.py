@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from mavl_cli import contract
-from mavl_cli.errors import MavlError
+from mavl_cli.io.mavlfile import read_file, to_bytes, write_file
+from mavl_cli.core.errors import MavlError
 
 REPO = Path(__file__).resolve().parents[1]
 TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
@@ -67,7 +67,7 @@ def _check_folder(folder: Path, out: Path, previous: bytes | None) -> str:
     data = out.read_bytes()
     if previous is not None and data == previous:
         return "previous"
-    f = contract.read_file(out, expect="model")  # raises MavlError if half-written
+    f = read_file(out, expect="model")  # raises MavlError if half-written
     assert f.tensors["thresholds"].shape[0] == len(f.labels())
     return "complete"
 
@@ -104,18 +104,18 @@ def test_sigkill_at_random_moments(chain, tmp_path: Path) -> None:
 def test_sigkill_inside_the_write(tmp_path: Path) -> None:
     """Freeze a child between writing the temp file and renaming it, then SIGKILL it."""
     out = tmp_path / "emb.st"
-    out.write_bytes(contract.to_bytes("image-embeddings", {"features": [[1.0, 2.0]]}, {"ids": ["old.png"]}))
+    out.write_bytes(to_bytes("image-embeddings", {"features": [[1.0, 2.0]]}, {"ids": ["old.png"]}))
     previous = out.read_bytes()
     script = textwrap.dedent(
         f"""
         import os, sys, time
         import numpy as np
-        from mavl_cli import contract
+        from mavl_cli.io import mavlfile
         def frozen_replace(src, dst):
             print("in-write", flush=True)
             time.sleep(600)
         os.replace = frozen_replace
-        contract.write_file({str(out)!r}, "image-embeddings", {{"features": np.ones((1000, 64), np.float32)}},
+        mavlfile.write_file({str(out)!r}, "image-embeddings", {{"features": np.ones((1000, 64), np.float32)}},
                             {{"ids": [f"{{i}}.png" for i in range(1000)]}})
         """
     )
@@ -128,7 +128,7 @@ def test_sigkill_inside_the_write(tmp_path: Path) -> None:
     temps = [q for q in tmp_path.iterdir() if q != out and q.name != "home"]
     assert len(temps) == 1 and TEMP_NAME.match(temps[0].name)["target"] == out.name  # the documented leftover
     # The leftover is itself complete (fsynced before the rename) but is hidden and never read as the output.
-    assert contract.read_file(temps[0]).tensors["features"].shape == (1000, 64)
+    assert read_file(temps[0]).tensors["features"].shape == (1000, 64)
 
 
 @pytest.mark.parametrize("failure", ["fsync", "replace", "interrupt"])
@@ -145,7 +145,7 @@ def test_failed_write_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(os, "fsync" if failure == "fsync" else "replace", fail)
     exc = KeyboardInterrupt if failure == "interrupt" else MavlError
     with pytest.raises(exc):
-        contract.write_file(out, "scores", {"scores": [[0.5]]}, {"ids": ["a"], "labels": ["Edema"]})
+        write_file(out, "scores", {"scores": [[0.5]]}, {"ids": ["a"], "labels": ["Edema"]})
     assert out.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["x.st"]
 

@@ -238,7 +238,7 @@ def forge_issue15(f: dict[str, Path], d: Path) -> None:
 
 
 def contract_meta(path: Path) -> dict:
-    from mavl_cli.contract import read_file
+    from mavl_cli.io.mavlfile import read_file
 
     return read_file(path).meta
 
@@ -270,7 +270,7 @@ def bad(chain, tiny_vit: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     import timm
     import torch
 
-    from mavl_cli.models.backbone import save_local_backbone
+    from mavl_cli.encoders.timm import save_local_backbone
 
     c = chain["dir"]
     ps = chain["phantoms"]
@@ -364,7 +364,7 @@ def forge_s3(f: dict[str, Path], d: Path) -> None:
     """The inputs of session 3's attack campaign (new surfaces: heatmaps, zero-shot, evaluate-maps, calibration)."""
     import shutil
 
-    from mavl_cli.maps import maps_meta, write_maps
+    from mavl_cli.explain.maps import maps_meta, write_maps
 
     # s3-01: an input image in the heatmap folder, named like one of the overlays
     f["hm_dir"] = d / "hm_in"
@@ -666,7 +666,7 @@ CASES += [
 
 @pytest.mark.parametrize("case", CASES, ids=[(c.values[0] if hasattr(c, "values") else c).id for c in CASES])
 def test_bad_input(case: Case, bad: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mavl_cli import cli
+    from mavl_cli.cli import app as cli
 
     monkeypatch.setitem(cli._DEBUG, "on", False)
     monkeypatch.setenv("MAVL_HOME", str(tmp_path / "home"))
@@ -722,8 +722,8 @@ PAIRS = [(slot, want, build, kind) for slot, want, build in SLOTS for kind in KI
 @pytest.mark.parametrize("slot,want,build,kind", PAIRS, ids=[f"{p[0]}<-{p[3]}" for p in PAIRS])
 def test_wrong_kind(slot, want, build, kind, bad, tmp_path, monkeypatch) -> None:
     """Any mavl file in a slot meant for another kind: one line naming the file, its kind and the wanted kind."""
-    from mavl_cli import cli
-    from mavl_cli.contract import KINDS
+    from mavl_cli.cli import app as cli
+    from mavl_cli.io.mavlfile import KINDS
 
     monkeypatch.setitem(cli._DEBUG, "on", False)
     x = bad[KIND_FILES[kind]]
@@ -741,8 +741,8 @@ def test_pickled_weights_are_refused_and_never_run(bad, tmp_path, monkeypatch) -
     """`.pth` files go through torch.load(weights_only=True): a __reduce__ payload is refused, not run."""
     import torch
 
-    from mavl_cli.errors import MavlError
-    from mavl_cli.models.backbone import load_state_dict
+    from mavl_cli.core.errors import MavlError
+    from mavl_cli.encoders.common import load_state_dict
 
     calls = []
     real = torch.load
@@ -803,7 +803,7 @@ def test_i15_04_device_nodes_are_never_replaced(bad, tmp_path) -> None:
     import os
     import stat
 
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import loads, read_file
 
     node = tmp_path / "null_copy"
     try:
@@ -819,7 +819,7 @@ def test_i15_04_device_nodes_are_never_replaced(bad, tmp_path) -> None:
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     r = run_cli(_tune(bad, "/dev/stdout"))
     assert r.exit_code == 0, r.stderr
-    assert contract.loads(r.stdout_bytes).kind == "model"
+    assert loads(r.stdout_bytes).kind == "model"
     assert [p.name for p in tmp_path.iterdir()] == (["null_copy"] if node else [])
 
 
@@ -896,7 +896,7 @@ def test_i15_14_link_cycles_are_walked_once(tmp_path) -> None:
 
     from PIL import Image
 
-    from mavl_cli.embed import collect_inputs
+    from mavl_cli.datasets.inputs import collect_inputs
 
     sub = tmp_path / "images_001" / "images"
     sub.mkdir(parents=True)
@@ -950,7 +950,7 @@ def test_i15_19_file_names_that_are_not_utf8(bad, tmp_path) -> None:
     out = tmp_path / "out.st"
     r = run_cli(["embed-images", folder, *E, "--weights", bad["vit"], "-o", out])
     assert r.exit_code == 0, r.stderr
-    from mavl_cli.contract import read_file
+    from mavl_cli.io.mavlfile import read_file
 
     assert read_file(out).ids() == [name]
     (folder / name).write_bytes(b"")
@@ -1071,8 +1071,8 @@ def _forge_first_record(data: bytes, edit: Callable[[dict], None]) -> bytes:
 def test_i15_24_resume_after_a_kill_is_identical(killed_embed, tmp_path, monkeypatch) -> None:
     """The thread setting is recorded in the checkpoint and reused on --resume (whatever the tuner would pick
     now), so the resumed file's features are byte-identical to an uninterrupted run's."""
-    from mavl_cli import contract
-    from mavl_cli.checkpoint import read_checkpoint_header
+    from mavl_cli.io.mavlfile import loads, read_file
+    from mavl_cli.io.checkpoint import read_checkpoint_header
 
     partial = tmp_path / "out.st.partial"
     partial.write_bytes(killed_embed["partial"])
@@ -1080,7 +1080,7 @@ def test_i15_24_resume_after_a_kill_is_identical(killed_embed, tmp_path, monkeyp
     monkeypatch.delenv("MAVL_THREADS", raising=False)
     r = run_cli([*killed_embed["args"], "-o", tmp_path / "out.st", "--resume"])
     assert r.exit_code == 0, r.stderr
-    a, b = contract.read_file(killed_embed["ref"]), contract.read_file(tmp_path / "out.st")
+    a, b = read_file(killed_embed["ref"]), read_file(tmp_path / "out.st")
     assert b.meta["threads"] == a.meta["threads"] == 1
     assert a.ids() == b.ids() and len(a.ids()) == killed_embed["n"]
     assert a.tensors["features"].tobytes() == b.tensors["features"].tobytes()
@@ -1129,7 +1129,7 @@ def test_i15_26_a_closed_stdout_is_an_error(bad) -> None:
 
 def test_i15_32_a_byte_order_mark_is_not_part_of_a_label(bad, tiny_bert, tmp_path) -> None:
     """A UTF-8 BOM at the start of labels.txt is not part of the first label's name."""
-    from mavl_cli.contract import read_file
+    from mavl_cli.io.mavlfile import read_file
 
     txt = tmp_path / "labels.txt"
     txt.write_bytes(b"\xef\xbb\xbf" + bad["labels_txt"].read_bytes())
@@ -1159,7 +1159,7 @@ def test_s3_07_open_clip_logs_nothing_beside_the_error_line(bad, tmp_path) -> No
 def test_s3_15_heatmap_of_a_label_added_from_text(bad, tmp_path) -> None:
     """`predict --descriptions extra.json --heatmap-labels Pneumonia`: a label the descriptions add can be mapped
     (was: refused as unknown, since --heatmap-labels was checked against the model's labels only)."""
-    from mavl_cli.contract import read_file
+    from mavl_cli.io.mavlfile import read_file
 
     desc = tmp_path / "extra.json"
     desc.write_text(json.dumps({"Pneumonia": ["patchy airspace consolidation"]}))
@@ -1194,7 +1194,7 @@ def test_s3_24_html_and_plot_to_stdout_are_documents(bad, tmp_path, monkeypatch)
 def test_s3_28_stages_read_stdin_once_and_pipe_cleanly(bad, tmp_path) -> None:
     """`cat model | mavl calibrate - VAL ...` read MODEL twice from stdin and failed on the empty second read;
     `mavl predict ... --out - | mavl evaluate --scores -` got the scores followed by the prediction tables."""
-    from mavl_cli.contract import loads, read_file
+    from mavl_cli.io.mavlfile import loads, read_file
 
     out = tmp_path / "cal.st"
     r = run_cli(["calibrate", "-", bad["val"], "--labels", bad["val_csv"], "-o", out], input=bad["tuned"].read_bytes())

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mavl_cli.bootstrap import AurocEngine, Resampler, per_unit, units_of
-from mavl_cli.metrics import _resample_weights, prepare
+from mavl_cli.evaluation.bootstrap import AurocEngine, Resampler, per_unit, units_of
+from mavl_cli.evaluation.metrics import resample_weights, prepare
 
 
 @pytest.mark.parametrize("decimals, grouped", [(1, True), (3, False), (None, True)])
@@ -26,8 +26,8 @@ def test_engine_matches_sklearn_sample_weight(decimals, grouped):
     counts = np.concatenate(list(Resampler(n_units, seed=4).chunks(30, chunk=7)))
     got = engine.auroc(counts)
     w_img = counts[:, inverse]
-    # the draws are those of metrics._resample_weights for the same seed
-    np.testing.assert_array_equal(w_img, _resample_weights(np.random.default_rng(4), 30, inverse, n_units))
+    # the draws are those of metrics.resample_weights for the same seed
+    np.testing.assert_array_equal(w_img, resample_weights(np.random.default_rng(4), 30, inverse, n_units))
     for b in range(30):
         for j in range(L):
             rows = m[:, j] & (w_img[b] > 0)

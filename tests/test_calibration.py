@@ -11,10 +11,10 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, log_loss
 
-from mavl_cli import calibration as C
-from mavl_cli import contract
-from mavl_cli.errors import MavlError
-from mavl_cli.metrics import prepare
+from mavl_cli.evaluation import calibration as C
+from mavl_cli.io.mavlfile import read_file
+from mavl_cli.core.errors import MavlError
+from mavl_cli.evaluation.metrics import prepare
 
 
 def _data(seed: int, n: int = 800, decimals: int | None = None):
@@ -139,7 +139,7 @@ def test_parse_prevalence_errors():
 
 
 def test_calibrate_cli_then_evaluate_and_tune(chain, cli, tmp_path):
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.models.modelfile import load_model
 
     d, ph = chain["dir"], chain["phantoms"]
     val, test = ph.splits["val"], ph.splits["test"]
@@ -147,11 +147,11 @@ def test_calibrate_cli_then_evaluate_and_tune(chain, cli, tmp_path):
     r = cli(f"calibrate {d/'tuned.st'} {d/'val.st'} --labels {val} --method platt -o {out}")
     assert r.exit_code == 0, r.stderr
     assert "ECE before" in r.stdout
-    f = contract.read_file(out, expect="model")
+    f = read_file(out, expect="model")
     assert f.meta["calibration"]["method"] == "platt"
-    assert f.meta["calibration"]["fitted_on"]["images"] == len(contract.read_file(d / "val.st").ids())
+    assert f.meta["calibration"]["fitted_on"]["images"] == len(read_file(d / "val.st").ids())
     model, raw = load_model(out), load_model(d / "tuned.st")
-    x = raw.to_fusion_input(contract.read_file(d / "test.st"))
+    x = raw.to_fusion_input(read_file(d / "test.st"))
     import torch
 
     p_raw, p_cal = raw.score(x), model.score(x)
@@ -178,13 +178,13 @@ def test_calibrate_cli_then_evaluate_and_tune(chain, cli, tmp_path):
     # tune-threshold after calibrate keeps the calibration and tunes on calibrated scores
     r = cli(f"tune-threshold {out} {d/'val.st'} --labels {val} --method per-label -o {tmp_path/'cal_tuned.st'}")
     assert r.exit_code == 0, r.stderr
-    t = contract.read_file(tmp_path / "cal_tuned.st")
+    t = read_file(tmp_path / "cal_tuned.st")
     assert t.meta["calibration"]["method"] == "platt" and "calibration.a" in t.tensors
 
 
 def test_calibrate_prevalence_and_errors(chain, cli, tmp_path):
-    from mavl_cli.modelfile import load_model
-    from mavl_cli.phantoms import FINDINGS
+    from mavl_cli.models.modelfile import load_model
+    from mavl_cli.synthetic.phantoms import FINDINGS
 
     d, ph = chain["dir"], chain["phantoms"]
     val = ph.splits["val"]
@@ -193,15 +193,15 @@ def test_calibrate_prevalence_and_errors(chain, cli, tmp_path):
     r = cli(f"calibrate {d/'tuned.st'} {d/'val.st'} --labels {val} --method isotonic -o {iso}")
     assert r.exit_code == 0, r.stderr
     assert "thresholds reset to 0.5" in r.stderr + r.stdout
-    assert contract.read_file(iso).meta["threshold"]["method"] == "default"
+    assert read_file(iso).meta["threshold"]["method"] == "default"
     # prior shift on top of the stored calibration, with the validation prevalence as source
     shifted = tmp_path / "shift.st"
     r = cli(f"calibrate {iso} --prevalence '{lab}=0.05' -o {shifted}")
     assert r.exit_code == 0, r.stderr
-    meta = contract.read_file(shifted).meta["calibration"]
+    meta = read_file(shifted).meta["calibration"]
     src = meta["prevalence_shift"][lab]["source"]
     assert meta["method"] == "isotonic" and 0 < src < 1
-    x = load_model(iso).to_fusion_input(contract.read_file(d / "test.st"))
+    x = load_model(iso).to_fusion_input(read_file(d / "test.st"))
     a, b = load_model(iso).score(x), load_model(shifted).score(x)
     a0 = np.clip(a[:, 0].astype(np.float64), 1e-7, 1 - 1e-7)
     odds = a0 / (1 - a0) * (0.05 / 0.95) / (src / (1 - src))

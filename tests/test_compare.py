@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from mavl_cli.compare import Side, compare, delong_macro, delong_paired, midranks, structural_components
+from mavl_cli.evaluation.compare import Side, compare, delong_macro, delong_paired, midranks, structural_components
 
 
 def _psi(x, y):
@@ -115,12 +115,12 @@ def test_paired_compare_figures():
 def test_compare_cli_scores_files_and_csv(chain, cli, tmp_path):
     import pandas as pd
 
-    from mavl_cli import contract
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.models.modelfile import load_model
 
     d, ph = chain["dir"], chain["phantoms"]
     test = ph.splits["test"]
-    emb = contract.read_file(d / "test.st")
+    emb = read_file(d / "test.st")
     r = cli(f"compare {d/'tuned.st'} {d/'model.st'} --embeddings {d/'test.st'} --labels {test} --bootstrap 100 --json")
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)

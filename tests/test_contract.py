@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mavl_cli import contract
-from mavl_cli.errors import MavlError
+from mavl_cli.io.mavlfile import AGGREGATES, FORMAT_VERSION, encode_metadata, loads, read_file, to_bytes, write_file
+from mavl_cli.core.errors import MavlError
 
 
 def _emb(n=3, d=4):
@@ -16,56 +16,56 @@ def _emb(n=3, d=4):
 def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     t, meta = _emb()
     meta["backbone"] = "vit_tiny"
-    contract.write_file(tmp_path / "e.st", "image-embeddings", t, dict(meta))
-    f = contract.read_file(tmp_path / "e.st", expect="image-embeddings")
+    write_file(tmp_path / "e.st", "image-embeddings", t, dict(meta))
+    f = read_file(tmp_path / "e.st", expect="image-embeddings")
     np.testing.assert_array_equal(f.tensors["features"], t["features"])
     assert f.ids() == meta["ids"] and f.meta["backbone"] == "vit_tiny"
-    assert f.meta["mavl_kind"] == "image-embeddings" and f.meta["mavl_format"] == str(contract.FORMAT_VERSION)
+    assert f.meta["mavl_kind"] == "image-embeddings" and f.meta["mavl_format"] == str(FORMAT_VERSION)
 
 
 def test_serialisation_is_deterministic():
     t, meta = _emb()
-    assert contract.to_bytes("image-embeddings", t, dict(meta, command="x")) == contract.to_bytes(
+    assert to_bytes("image-embeddings", t, dict(meta, command="x")) == to_bytes(
         "image-embeddings", t, dict(meta, command="x"))
 
 
 def test_wrong_kind_is_refused_with_a_sentence(tmp_path):
     t, meta = _emb()
-    contract.write_file(tmp_path / "e.st", "image-embeddings", t, meta)
+    write_file(tmp_path / "e.st", "image-embeddings", t, meta)
     with pytest.raises(MavlError, match="image embeddings.*text embeddings.*expected"):
-        contract.read_file(tmp_path / "e.st", expect="text-embeddings")
+        read_file(tmp_path / "e.st", expect="text-embeddings")
 
 
 def test_newer_format_is_refused(tmp_path):
     from safetensors.numpy import save
 
     t, meta = _emb()
-    raw = contract.encode_metadata("image-embeddings", dict(meta))
+    raw = encode_metadata("image-embeddings", dict(meta))
     raw["mavl_format"] = "99"
     (tmp_path / "new.st").write_bytes(save(t, metadata=raw))
     with pytest.raises(MavlError, match="newer mavl"):
-        contract.read_file(tmp_path / "new.st")
+        read_file(tmp_path / "new.st")
 
 
 def test_nan_and_id_mismatch_are_refused(tmp_path):
     t, meta = _emb()
     t["features"][1, 2] = np.nan
-    contract.write_file(tmp_path / "nan.st", "image-embeddings", t, meta)
+    write_file(tmp_path / "nan.st", "image-embeddings", t, meta)
     with pytest.raises(MavlError, match="NaN or Inf"):
-        contract.read_file(tmp_path / "nan.st")
+        read_file(tmp_path / "nan.st")
     t, meta = _emb()
     meta["ids"] = meta["ids"][:2]
-    contract.write_file(tmp_path / "ids.st", "image-embeddings", t, meta)
+    write_file(tmp_path / "ids.st", "image-embeddings", t, meta)
     with pytest.raises(MavlError, match="ids"):
-        contract.read_file(tmp_path / "ids.st")
+        read_file(tmp_path / "ids.st")
 
 
 def test_truncated_file_is_refused(tmp_path):
     t, meta = _emb()
-    data = contract.to_bytes("image-embeddings", t, meta)
+    data = to_bytes("image-embeddings", t, meta)
     for cut in (0, 4, 12, len(data) // 2, len(data) - 1):
         with pytest.raises(MavlError):
-            contract.loads(data[:cut], "cut.st")
+            loads(data[:cut], "cut.st")
 
 
 def test_foreign_safetensors_file_is_refused(tmp_path):
@@ -73,20 +73,20 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
 
     save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(MavlError, match="not one written by mavl"):
-        contract.read_file(tmp_path / "plain.safetensors")
+        read_file(tmp_path / "plain.safetensors")
 
 
 def test_atomic_write_keeps_old_file_when_folder_missing(tmp_path):
     t, meta = _emb()
     with pytest.raises(MavlError, match="does not exist"):
-        contract.write_file(tmp_path / "nope" / "e.st", "image-embeddings", t, meta)
+        write_file(tmp_path / "nope" / "e.st", "image-embeddings", t, meta)
     assert not (tmp_path / "nope").exists()
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     t, meta = _emb()
-    contract.write_file(tmp_path / "e.st", "image-embeddings", t, meta)
-    contract.write_file(tmp_path / "e.st", "image-embeddings", t, meta)
+    write_file(tmp_path / "e.st", "image-embeddings", t, meta)
+    write_file(tmp_path / "e.st", "image-embeddings", t, meta)
     assert [p.name for p in tmp_path.iterdir()] == ["e.st"]
 
 
@@ -94,4 +94,4 @@ def test_schema_aggregates_match_the_fusion_model() -> None:
     """contract.py keeps its own copy (so reading a file never imports torch); the two must agree."""
     from mavl_cli.models.fusion import AGGREGATES
 
-    assert contract.AGGREGATES == AGGREGATES
+    assert AGGREGATES == AGGREGATES

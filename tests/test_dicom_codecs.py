@@ -21,7 +21,7 @@ from pydicom.uid import (  # noqa: E402
     generate_uid,
 )
 
-from mavl_cli.imageio import load_array, load_radiograph  # noqa: E402
+from mavl_cli.io.imageio import load_array, load_radiograph
 
 
 def _pixels() -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mavl_cli import contract
+from mavl_cli.io.mavlfile import read_file
 
 VIT = "vit_tiny_patch16_224"
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_killed_rank_fails_the_job_without_a_file_and_resume_finishes_it(cli, im
     assert partial.exists()
     rc, err = _finish(_torchrun([*args, "-o", "out.st", "--resume"], work))
     assert rc == 0, err[-2000:]
-    a, b = contract.read_file(tmp_path / "one" / "out.st"), contract.read_file(work / "out.st")
+    a, b = read_file(tmp_path / "one" / "out.st"), read_file(work / "out.st")
     assert a.ids() == b.ids() and len(a.ids()) == 90 and b.meta["skipped"] == []
     assert a.tensors["features"].tobytes() == b.tensors["features"].tobytes()  # only `command` differs: it has --resume
     assert not partial.exists()
@@ -147,7 +147,7 @@ def test_ddp_finetune_matches_one_process_and_the_loss_falls(phantom_set, tiny_v
     (tmp_path / "two").mkdir()
     rc, err = _finish(_torchrun(args, tmp_path / "two"))
     assert rc == 0, err[-2000:]
-    one, two = contract.read_file(tmp_path / "one" / "head.st"), contract.read_file(tmp_path / "two" / "head.st")
+    one, two = read_file(tmp_path / "one" / "head.st"), read_file(tmp_path / "two" / "head.st")
     assert two.meta["ranks"] == 2 and "ranks" not in one.meta
     hist = two.meta["history"]
     assert hist[-1]["bce"] < hist[0]["bce"]
@@ -161,8 +161,8 @@ def test_ddp_finetune_matches_one_process_and_the_loss_falls(phantom_set, tiny_v
 
 
 def test_launch_variables_of_torchrun_and_slurm():
-    from mavl_cli.distributed import launch_env
-    from mavl_cli.errors import MavlError
+    from mavl_cli.training.distributed import launch_env
+    from mavl_cli.core.errors import MavlError
 
     assert launch_env({}) is None
     assert launch_env({"WORLD_SIZE": "1", "RANK": "0"}) is None  # one process: no process group

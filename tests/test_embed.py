@@ -16,8 +16,8 @@ from PIL import Image
 
 from encoder_files import write_dicom
 
-from mavl_cli import contract
-from mavl_cli.checkpoint import CheckpointLog, read_checkpoint
+from mavl_cli.io.mavlfile import read_file
+from mavl_cli.io.checkpoint import CheckpointLog, read_checkpoint
 
 VIT = "vit_tiny_patch16_224"
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_mixed_folder_every_format(cli, tiny_vit, mixed_folder, tmp_path):
     out = tmp_path / "mixed.st"
     r = _run(cli, ["embed-images", mixed_folder, *_embed_args(tiny_vit, out)])
     assert r.exit_code == 0, r.stderr
-    f = contract.read_file(out, expect="image-embeddings")
+    f = read_file(out, expect="image-embeddings")
     expected = {"gray8.png", "gray16.png", "colour.png", "sub/opaque_rgba.png", "sub/palette.png",
                 "sub/deeper/photo.jpg", "sub/mono1.dcm"}
     assert set(f.ids()) == expected and f.meta["skipped"] == []
@@ -103,7 +103,7 @@ def test_chexpert_csv_with_prefix_and_root(cli, tiny_vit, tmp_path):
         out = tmp_path / f"cx_{root_arg.name}.st"
         r = _run(cli, ["embed-images", "--labels", csv, "--root", root_arg, *_embed_args(tiny_vit, out)])
         assert r.exit_code == 0, r.stderr
-        f = contract.read_file(out)
+        f = read_file(out)
         assert f.ids() == want and f.tensors["features"].shape == (3, 48)
 
 
@@ -113,14 +113,14 @@ def test_paths_and_ids_from_stdin(cli, tiny_vit, mixed_folder, tmp_path):
     paths = "".join(f"{mixed_folder / n}\n" for n in names).encode()
     r = _run(cli, ["embed-images", "-", *_embed_args(tiny_vit, out1)], input=paths)
     assert r.exit_code == 0, r.stderr
-    f1 = contract.read_file(out1)
+    f1 = read_file(out1)
     assert len(f1.ids()) == 3
     # ids relative to --root, one per line (blank lines ignored)
     out2 = tmp_path / "stdin_ids.st"
     r = _run(cli, ["embed-images", "-", "--root", mixed_folder, *_embed_args(tiny_vit, out2)],
              input=("\n".join(names) + "\n\n").encode())
     assert r.exit_code == 0, r.stderr
-    f2 = contract.read_file(out2)
+    f2 = read_file(out2)
     assert f2.ids() == names
     assert np.array_equal(f2.tensors["features"], f1.tensors["features"])
     # an id that is not under the root: stop, or skip and record it with --skip-bad
@@ -129,14 +129,14 @@ def test_paths_and_ids_from_stdin(cli, tiny_vit, mixed_folder, tmp_path):
     assert r.exit_code == 2 and "missing.png" in r.stderr
     r = _run(cli, ["embed-images", "-", "--root", mixed_folder, "--skip-bad", *_embed_args(tiny_vit, tmp_path / "y.st")], input=bad)
     assert r.exit_code == 0, r.stderr
-    assert [s["id"] for s in contract.read_file(tmp_path / "y.st").meta["skipped"]] == ["sub/missing.png"]
+    assert [s["id"] for s in read_file(tmp_path / "y.st").meta["skipped"]] == ["sub/missing.png"]
 
 
 def test_glob_input(cli, tiny_vit, mixed_folder, tmp_path):
     out = tmp_path / "glob.st"
     r = _run(cli, ["embed-images", f"{mixed_folder}/**/*.png", *_embed_args(tiny_vit, out)])
     assert r.exit_code == 0, r.stderr
-    assert len(contract.read_file(out).ids()) == 5
+    assert len(read_file(out).ids()) == 5
 
 
 # --------------------------------------------------------------------------- bad files
@@ -155,7 +155,7 @@ def test_unreadable_image_stops_or_is_skipped_and_listed(cli, tiny_vit, mixed_fo
     assert not out.exists() and not (tmp_path / "bad.st.partial").exists()  # nothing finished: no checkpoint left
     r = _run(cli, ["embed-images", d, "--skip-bad", *_embed_args(tiny_vit, out)])
     assert r.exit_code == 0, r.stderr
-    f = contract.read_file(out)
+    f = read_file(out)
     assert f.ids() == ["ok0.png", "ok1.png", "ok2.png"]
     (skip,) = f.meta["skipped"]
     assert skip["id"] == "broken.jpg" and skip["path"].endswith("broken.jpg") and skip["reason"]
@@ -171,7 +171,7 @@ def test_precision_int8_and_refusals(cli, tiny_vit, mixed_folder, tmp_path):
     assert _run(cli, ["embed-images", mixed_folder, *_embed_args(tiny_vit, out32)]).exit_code == 0
     r = _run(cli, ["embed-images", mixed_folder, "--precision", "int8", *_embed_args(tiny_vit, out8)])
     assert r.exit_code == 0, r.stderr
-    a, b = contract.read_file(out32), contract.read_file(out8)
+    a, b = read_file(out32), read_file(out8)
     assert b.meta["precision"] == "int8" and a.ids() == b.ids()
     x, y = a.tensors["features"], b.tensors["features"]
     cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
@@ -202,7 +202,7 @@ def test_checkpoint_log_roundtrip_and_torn_tail(tmp_path):
         fh.truncate(p.stat().st_size - 3)
     st, end = read_checkpoint(p)
     assert st.ids == list("abcd") and end == size_two
-    from mavl_cli.errors import MavlError
+    from mavl_cli.core.errors import MavlError
 
     with pytest.raises(MavlError, match="different image list"):
         CheckpointLog(p, {"fingerprint": "other"}, resume=True)
@@ -261,7 +261,7 @@ def test_sigkill_then_resume_gives_identical_file(cli, tiny_vit, many_images, tm
     r = _run(cli, [*args, "-o", out, "--resume"])
     assert r.exit_code == 0, r.stderr
     assert not partial.exists()
-    a, b = contract.read_file(ref), contract.read_file(out)
+    a, b = read_file(ref), read_file(out)
     assert a.ids() == b.ids() and len(a.ids()) == 400
     assert a.tensors["features"].tobytes() == b.tensors["features"].tobytes()
     assert a.meta["skipped"] == b.meta["skipped"] == []
@@ -289,7 +289,7 @@ def test_nih_style_nested_folders_are_found_by_file_name(tmp_path):
     """NIH ships images_001/images/*.png ... while its CSV names bare files: rows are found by unique file name."""
     from PIL import Image
 
-    from mavl_cli.embed import collect_inputs
+    from mavl_cli.datasets.inputs import collect_inputs
 
     for i, sub in enumerate(("images_001/images", "images_002/images")):
         (tmp_path / sub).mkdir(parents=True)

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from mavl_cli.phantoms import FINDINGS
+from mavl_cli.synthetic.phantoms import FINDINGS
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def family_models(tmp_path_factory, tiny_bert):
 
 @pytest.mark.parametrize("family", ["hf", "open_clip", "xrv"])
 def test_family_end_to_end(cli, family, family_models, phantom_set, tmp_path):
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import read_file
 
     backbone, text_model = family_models[family]
     root, sp, d = phantom_set.root, phantom_set.splits, tmp_path
@@ -55,13 +55,13 @@ def test_family_end_to_end(cli, family, family_models, phantom_set, tmp_path):
     report = json.loads(r.stdout)
     assert len(report["labels"]) == len(FINDINGS) and "macro_auroc" in report["overall"]
 
-    emb = contract.read_file(d / "test.st")
+    emb = read_file(d / "test.st")
     assert emb.meta["encoder"]["family"] == family and emb.meta["preprocessing"]["kind"] == family
-    model = contract.read_file(d / "tuned.st")
+    model = read_file(d / "tuned.st")
     assert model.meta["encoder"] == emb.meta["encoder"] and model.meta["preprocessing"] == emb.meta["preprocessing"]
 
     # predict rebuilds the encoder from the model file alone: same probabilities as from the embeddings
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.models.modelfile import load_model
 
     ids = emb.meta["ids"][:3]
     r = cli(["predict", *[str(root / i) for i in ids], "--model", str(d / "tuned.st"), "--json"])

@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 
 from encoder_files import compare, mavl_features, mavl_file_features, report, write_images
-from mavl_cli.encoders import EncoderSpec, build_image_encoder, split_spec
-from mavl_cli.errors import MavlError
+from mavl_cli.encoders.spec import EncoderSpec, split_spec
+from mavl_cli.encoders import build_image_encoder
+from mavl_cli.core.errors import MavlError
 
 COS = 0.9999
 COS_LARGE_FILE = 0.999  # see the module docstring: reduced-scale JPEG decoding
@@ -42,7 +43,7 @@ def images(tmp_path_factory):
 
 
 def decoded(paths):
-    from mavl_cli.imageio import load_radiograph
+    from mavl_cli.io.imageio import load_radiograph
 
     return {k: load_radiograph(p) for k, p in paths.items()}
 
@@ -480,7 +481,7 @@ def test_xrv_matches_torchxrayvision_transforms(xrv_weights, images, arch):
 def test_xrv_preprocessing_range_and_spatial(xrv_weights, images):
     import torch
 
-    from mavl_cli.preprocess import preprocess_images
+    from mavl_cli.encoders.preprocess import preprocess_images
 
     enc = build_image_encoder("xrv:densenet121-res224-all", weights=str(xrv_weights / "tiny.pt"), options=TINY_DENSENET)
     x = preprocess_images([decoded(images)["png8"]], enc.preprocessing)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mavl_cli import contract
+from mavl_cli.io.mavlfile import MavlFile, read_file
 
 VIT = "vit_tiny_patch16_224"
 
@@ -46,11 +46,11 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {"png": png, "jpg": jpg}
 
 
-def _embed(cli, folder: Path, out: Path, tiny_vit: Path, *extra: str) -> contract.MavlFile:
+def _embed(cli, folder: Path, out: Path, tiny_vit: Path, *extra: str) -> MavlFile:
     r = cli(["embed-images", str(folder), "--backbone", VIT, "--weights", str(tiny_vit), "--batch-size", "3",
              "--threads", "1", "-o", str(out), *extra])
     assert r.exit_code == 0, r.stderr
-    return contract.read_file(out)
+    return read_file(out)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -85,8 +85,8 @@ def test_device_pipeline_jpeg_decode_and_resize_match_pil_closely(cli, folders, 
 def test_resize_crop_geometry_and_pixels_follow_the_eval_transform(folders):
     import torch
 
-    from mavl_cli.fastpath import resize_crop
-    from mavl_cli.preprocess import prepare_image
+    from mavl_cli.encoders.fastpath import resize_crop
+    from mavl_cli.encoders.preprocess import prepare_image
 
     for dc in ({"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic"},
                {"input_size": (3, 48, 40), "crop_pct": 1.0, "interpolation": "bilinear"}):
@@ -101,8 +101,8 @@ def test_resize_crop_geometry_and_pixels_follow_the_eval_transform(folders):
 def test_choices_and_fallbacks_are_recorded(cli, folders, tiny_vit, tmp_path, monkeypatch):
     import torch
 
-    from mavl_cli.errors import MavlError
-    from mavl_cli.fastpath import choose_pipeline, nvjpeg_available
+    from mavl_cli.core.errors import MavlError
+    from mavl_cli.encoders.fastpath import choose_pipeline, nvjpeg_available
 
     cpu = torch.device("cpu")
     assert nvjpeg_available(cpu) == (False, "not a CUDA device")
@@ -165,5 +165,5 @@ def test_gpu_finetune_bf16_one_epoch(phantom_set, tiny_vit, tmp_path, cli):
              "--backbone-out", str(tmp_path / "bb"), "--backbone", VIT, "--weights", str(tiny_vit), "--rank", "16",
              "--keep", "4", "--epochs", "1", "--batch-size", "8", "--device", "cuda", "--precision", "bf16"])
     assert r.exit_code == 0, r.stderr
-    head = contract.read_file(tmp_path / "h.st")
+    head = read_file(tmp_path / "h.st")
     assert head.meta["train_precision"] == "bf16" and np.isfinite(head.meta["history"][0]["bce"])

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
 
 BACKBONE = "vit_tiny_patch16_224"
 
 
 @pytest.fixture(scope="module")
 def data(phantom_set):
-    from mavl_cli.finetune import labelled_items
+    from mavl_cli.stages.finetune import labelled_items
 
     items, table = labelled_items(str(phantom_set.root), str(phantom_set.splits["train"]))
     v_items, v_table = labelled_items(str(phantom_set.root), str(phantom_set.splits["val"]), table.names)
@@ -22,25 +22,25 @@ def data(phantom_set):
 
 
 def _config(**kw):
-    from mavl_cli.train import LRFConfig
+    from mavl_cli.training.train import LRFConfig
 
     return LRFConfig(**{"rank": 16, "keep": 4, "epochs": 2, "lr": 1e-2, **kw})
 
 
 def _spec(tiny_vit):
-    from mavl_cli.options import EncoderSpec
+    from mavl_cli.encoders.spec import EncoderSpec
 
     return EncoderSpec.parse(BACKBONE, str(tiny_vit))
 
 
 def _opts(backbone_lr=1e-5, **run):
-    from mavl_cli.options import FinetuneOptions, RunOptions
+    from mavl_cli.core.options import FinetuneOptions, RunOptions
 
     return {"tune": FinetuneOptions(backbone_lr=backbone_lr), "run": RunOptions(**{"device": "cpu", "batch_size": 8, "workers": 1, **run})}
 
 
 def _run(data, tiny_vit, backbone_lr=1e-5, precision="fp32", **kw):
-    from mavl_cli.finetune import finetune_lrf
+    from mavl_cli.training.finetune import finetune_lrf
 
     items, table, val = data
     config = kw.pop("config", None) or _config()
@@ -56,9 +56,9 @@ def trained(data, tiny_vit):
 
 def _initial_head(tiny_vit, n_labels: int):
     """The head finetune_lrf starts from: same seed, same RNG use before it (building the backbone)."""
-    from mavl_cli.models.backbone import create_backbone
+    from mavl_cli.encoders.timm import create_backbone
     from mavl_cli.models.lrf import LRFHead
-    from mavl_cli.runtime import set_seed
+    from mavl_cli.core.runtime import set_seed
 
     set_seed(0)
     _, info = create_backbone(BACKBONE, str(tiny_vit))
@@ -68,7 +68,7 @@ def _initial_head(tiny_vit, n_labels: int):
 def test_two_epochs_change_backbone_and_head(trained, data, tiny_vit):
     import torch
 
-    from mavl_cli.models.backbone import load_state_dict
+    from mavl_cli.encoders.common import load_state_dict
     from mavl_cli.models.lrf import LRFHead
 
     start = load_state_dict(tiny_vit / "model.safetensors")  # the fixture keeps its 1000-class head
@@ -89,7 +89,7 @@ def test_two_epochs_change_backbone_and_head(trained, data, tiny_vit):
 def test_backbone_lr_zero_freezes_the_backbone(data, tiny_vit):
     import torch
 
-    from mavl_cli.models.backbone import load_state_dict
+    from mavl_cli.encoders.common import load_state_dict
 
     res = _run(data, tiny_vit, backbone_lr=0.0, config=_config(epochs=1))
     start = load_state_dict(tiny_vit / "model.safetensors")
@@ -134,10 +134,10 @@ def test_saved_backbone_and_head_work_through_the_chain(trained, data, phantom_s
     monkeypatch.setenv("MAVL_HOME", str(tmp_path / "home"))  # predict caches the weights the model file carries
     import torch
 
-    from mavl_cli import contract
-    from mavl_cli.finetune import save_finetuned
-    from mavl_cli.models.backbone import create_backbone
-    from mavl_cli.phantoms import FINDINGS
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.training.finetune import save_finetuned
+    from mavl_cli.encoders.timm import create_backbone
+    from mavl_cli.synthetic.phantoms import FINDINGS
 
     lrf, folder = tmp_path / "lrf.st", tmp_path / "ft_vit"
     save_finetuned(trained, str(lrf), folder, {"uncertain": "zeros"})
@@ -149,14 +149,14 @@ def test_saved_backbone_and_head_work_through_the_chain(trained, data, phantom_s
     for k, v in model.state_dict().items():
         assert torch.equal(v, trained.backbone_state[k]), k
 
-    head = contract.read_file(lrf, expect="lrf-head")
+    head = read_file(lrf, expect="lrf-head")
     assert head.meta["finetuned"] is True and head.meta["backbone"] == BACKBONE
     assert head.meta["backbone_weights"] == str(folder) and head.meta["in_dim"] == 48
     assert head.meta["labels"] == list(data[1].names) and head.meta["rank"] == 16 and head.meta["keep"] == 4
     assert head.meta["preprocessing"] == trained.info.data_config
     for k in ("fingerprint", "backbone_args", "best_epoch", "val_auroc", "uncertain", "backbone_fingerprint"):
         assert k in head.meta, k
-    from mavl_cli.modelfile import tensor_fingerprint
+    from mavl_cli.models.carried import tensor_fingerprint
 
     assert head.meta["fingerprint"] == tensor_fingerprint(head.tensors)
 
@@ -164,19 +164,19 @@ def test_saved_backbone_and_head_work_through_the_chain(trained, data, phantom_s
     emb = tmp_path / "train.st"
     r = cli(f"embed-images {root} --labels {train_csv} --backbone {BACKBONE} --weights {folder} -o {emb}")
     assert r.exit_code == 0, r.stderr
-    e = contract.read_file(emb, expect="image-embeddings")
+    e = read_file(emb, expect="image-embeddings")
     assert e.meta["backbone_weights"] == str(folder)
     # the fine-tuned backbone gives other features than the starting one
     r = cli(f"embed-images {root} --labels {train_csv} --backbone {BACKBONE} --weights {tiny_vit} -o {tmp_path / 'orig.st'}")
     assert r.exit_code == 0, r.stderr
-    assert not np.allclose(e.tensors["features"], contract.read_file(tmp_path / "orig.st").tensors["features"])
+    assert not np.allclose(e.tensors["features"], read_file(tmp_path / "orig.st").tensors["features"])
 
     (tmp_path / "labels.txt").write_text("\n".join(FINDINGS) + "\n")
     r = cli(f"embed-text {tmp_path / 'labels.txt'} --text-model {tiny_bert} -o {tmp_path / 'text.st'}")
     assert r.exit_code == 0, r.stderr
     r = cli(f"fuse {emb} {tmp_path / 'text.st'} --lrf {lrf} --labels {train_csv} --epochs 2 -o {tmp_path / 'model.st'}")
     assert r.exit_code == 0, r.stderr
-    m = contract.read_file(tmp_path / "model.st", expect="model")
+    m = read_file(tmp_path / "model.st", expect="model")
     assert m.meta["backbone_weights"] == str(folder)
     assert m.meta["lrf"]["fingerprint"] == head.meta["fingerprint"]
     one = min((root / "images").glob("*.png"))
@@ -185,16 +185,16 @@ def test_saved_backbone_and_head_work_through_the_chain(trained, data, phantom_s
 
 
 def test_finetune_stage_from_label_csvs(phantom_set, tiny_vit, tmp_path):
-    from mavl_cli import contract
-    from mavl_cli.finetune import finetune_stage
-    from mavl_cli.options import ImageList, LabelOptions, Validation
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.stages.finetune import finetune_stage
+    from mavl_cli.core.options import ImageList, LabelOptions, Validation
 
     out, folder = tmp_path / "lrf.st", tmp_path / "bb"
     images = ImageList(labels=str(phantom_set.splits["train"]), root=str(phantom_set.root))
     spec, kw = _spec(tiny_vit), _opts(workers=0)
     res = finetune_stage(images, str(out), str(folder), spec, _config(epochs=1), label_opts=LabelOptions(only=["Cardiomegaly", "Edema"]),
                          validation=Validation(labels=str(phantom_set.splits["val"])), **kw)
-    head = contract.read_file(out, expect="lrf-head")
+    head = read_file(out, expect="lrf-head")
     assert head.labels() == ["Cardiomegaly", "Edema"] and head.tensors["classifier.weight"].shape == (2, 16)
     assert res.summary["epochs_run"] == 1 and "validation images" in res.summary["validation"]
     assert (folder / "model.safetensors").exists() and any("--weights" in n for n in res.notes)
@@ -213,7 +213,7 @@ def _no_progress(*a):
 
 
 def test_unreadable_images_stop_or_are_skipped(data, tiny_vit, tmp_path):
-    from mavl_cli.embed import ImageItem
+    from mavl_cli.datasets.inputs import ImageItem
 
     items, table, val = data
     bad = tmp_path / "broken.png"
@@ -221,7 +221,7 @@ def test_unreadable_images_stop_or_are_skipped(data, tiny_vit, tmp_path):
     items2 = [*items, ImageItem("broken.png", bad)]
     y = np.concatenate([table.y, table.y[:1]])
     m = np.concatenate([table.mask, table.mask[:1]])
-    from mavl_cli.finetune import finetune_lrf
+    from mavl_cli.training.finetune import finetune_lrf
 
     with pytest.raises(MavlError, match="broken.png"):
         finetune_lrf(items2, y, m, table.names, _spec(tiny_vit), _config(epochs=1), val=val, **_opts(workers=0))
@@ -237,7 +237,7 @@ def test_bad_settings_are_refused(data, tiny_vit):
     with pytest.raises(MavlError, match="--rank 64"):
         _run(data, tiny_vit, config=_config(rank=64))
     with pytest.raises(MavlError, match="do not match"):
-        from mavl_cli.finetune import finetune_lrf
+        from mavl_cli.training.finetune import finetune_lrf
 
         items, table, _ = data
         finetune_lrf(items[:-1], table.y, table.mask, table.names, _spec(tiny_vit), **_opts())
@@ -246,7 +246,7 @@ def test_bad_settings_are_refused(data, tiny_vit):
 def test_augmentation_is_mild_and_never_mirrors():
     import torch
 
-    from mavl_cli.finetune import augment_batch
+    from mavl_cli.training.finetune import augment_batch
 
     x = torch.zeros(4, 3, 32, 32)
     x[:, :, 8:24, 4:12] = 1.0  # a bright blob on the image's left

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mavl_cli.phantoms import FINDINGS
+from mavl_cli.synthetic.phantoms import FINDINGS
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def family_specs(tmp_path_factory, tiny_bert):
     """(EncoderSpec, text model for embed-text) per family: a tiny random model saved by the family's library."""
     from encoder_files import XRV_TINY_OPTIONS, write_tiny_family_models
 
-    from mavl_cli.options import EncoderSpec
+    from mavl_cli.encoders.spec import EncoderSpec
 
     m = write_tiny_family_models(tmp_path_factory.mktemp("ft_family_models"))
     return {
@@ -36,13 +36,14 @@ def family_specs(tmp_path_factory, tiny_bert):
 @pytest.mark.parametrize("family", ["hf", "open_clip", "xrv"])
 def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_specs, phantom_set, cli, tmp_path,
                                                                  monkeypatch):
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import read_file
     from mavl_cli.encoders import build_image_encoder
-    from mavl_cli.finetune import cli_encoder_args, finetune_lrf, labelled_items, save_finetuned
-    from mavl_cli.mavlmodel import score_images
-    from mavl_cli.modelfile import load_model
-    from mavl_cli.options import FinetuneOptions, RunOptions
-    from mavl_cli.train import LRFConfig
+    from mavl_cli.training.finetune import cli_encoder_args, finetune_lrf, save_finetuned
+    from mavl_cli.stages.finetune import labelled_items
+    from mavl_cli.models.mavlmodel import score_images
+    from mavl_cli.models.modelfile import load_model
+    from mavl_cli.core.options import FinetuneOptions, RunOptions
+    from mavl_cli.training.train import LRFConfig
 
     spec, text_model = family_specs[family]
     root, sp = phantom_set.root, phantom_set.splits
@@ -62,7 +63,7 @@ def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_
     lrf, bb = tmp_path / "lrf.st", tmp_path / "bb"
     ft = save_finetuned(res, str(lrf), bb, {"uncertain": "zeros"})
     assert sorted(p.name for p in bb.iterdir()) == ["model.safetensors"]
-    head = contract.read_file(lrf, expect="lrf-head")
+    head = read_file(lrf, expect="lrf-head")
     assert head.meta["finetuned"] is True and head.meta["encoder"]["family"] == family
     assert head.meta["backbone_weights"] == str(bb / "model.safetensors") == ft.weights
     assert head.meta["preprocessing"] == res.encoder.preprocessing
@@ -79,7 +80,7 @@ def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_
         r = cli([str(c) for c in cmd])
         assert r.exit_code == 0, f"{cmd[0]} failed: {r.stderr}"
     # the model file carries the fine-tuned weights: predict needs no --backbone-out folder any more
-    m = contract.read_file(d / "model.st", expect="model")
+    m = read_file(d / "model.st", expect="model")
     carried = {k[len("encoder."):] for k in m.tensors if k.startswith("encoder.")}
     from safetensors.numpy import load_file
 
@@ -108,7 +109,7 @@ def test_finetune_family_then_predict_equals_the_in_memory_model(family, family_
     before = score_images(module, few, device="cpu").probabilities
     assert np.abs(before - got).max() > 1e-4
     # and the features embed-images wrote are the in-memory encoder's (same preprocessing, same weights)
-    emb = contract.read_file(d / "train.st")
+    emb = read_file(d / "train.st")
     assert emb.meta["encoder"]["family"] == family and emb.meta["backbone_weights"] == ft.weights
 
 

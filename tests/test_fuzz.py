@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mavl_cli import contract
-from mavl_cli.errors import MavlError
+from mavl_cli.io.mavlfile import KINDS, loads, to_bytes
+from mavl_cli.core.errors import MavlError
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SECONDS = 10  # per example; far beyond any honest parse of these small inputs
@@ -56,18 +56,18 @@ def valid_files() -> dict[str, bytes]:
     labels = ["Edema", "Cardiomegaly", "Pneumothorax"]
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     return {
-        "image-embeddings": contract.to_bytes("image-embeddings", {"features": f32(4, 6)},
+        "image-embeddings": to_bytes("image-embeddings", {"features": f32(4, 6)},
                                               {"ids": ["a.png", "b.png", "c.png", "d.png"], "backbone": "vit"}),
-        "text-embeddings": contract.to_bytes("text-embeddings", {"embeddings": f32(3, 2, 5), "mask": np.ones((3, 2), np.uint8)},
+        "text-embeddings": to_bytes("text-embeddings", {"embeddings": f32(3, 2, 5), "mask": np.ones((3, 2), np.uint8)},
                                              {"labels": labels, "aspects": ["name", "definition"]}),
-        "lrf-head": contract.to_bytes("lrf-head", {"norm.weight": f32(6), "norm.bias": f32(6), "proj.weight": f32(4, 6),
+        "lrf-head": to_bytes("lrf-head", {"norm.weight": f32(6), "norm.bias": f32(6), "proj.weight": f32(4, 6),
                                                    "classifier.weight": f32(3, 4), "classifier.bias": f32(3)}, {"labels": labels}),
-        "model": contract.to_bytes("model", {"text.embeddings": f32(3, 1, 5), "text.mask": np.ones((3, 1), np.uint8),
+        "model": to_bytes("model", {"text.embeddings": f32(3, 1, 5), "text.mask": np.ones((3, 1), np.uint8),
                                              "thresholds": np.full(3, 0.5, np.float32), **_fusion(f32, img=6, txt=5, dim=4),
                                              "fusion.bias": f32(3), "fusion.aspect_logits": f32(3, 1)},
                                    {"labels": labels, "fusion": {"img_dim": 6, "txt_dim": 5, "dim": 4, "n_aspects": 1,
                                                                  "aggregate": "mean"}}),
-        "scores": contract.to_bytes("scores", {"scores": rng.random((2, 3)).astype(np.float32)},
+        "scores": to_bytes("scores", {"scores": rng.random((2, 3)).astype(np.float32)},
                                     {"ids": ["a", "b"], "labels": labels}),
     }
 
@@ -79,20 +79,20 @@ KIND_NAMES = sorted(VALID)
 def must_only_raise_mavl_error(data: bytes) -> None:
     with no_hang():
         try:
-            f = contract.loads(data, name="fuzz.st")
+            f = loads(data, name="fuzz.st")
         except MavlError as exc:
             assert str(exc).startswith("fuzz.st"), str(exc)
             assert "\n" not in str(exc), "a user error must be one line"
             return
     # Accepted: it must really be a consistent mavl file.
-    assert f.kind in contract.KINDS
-    for name, rank in contract.KINDS[f.kind][2].items():
+    assert f.kind in KINDS
+    for name, rank in KINDS[f.kind][2].items():
         assert f.tensors[name].ndim == rank
 
 
 def test_valid_files_load() -> None:
     for kind, data in VALID.items():
-        assert contract.loads(data).kind == kind
+        assert loads(data).kind == kind
 
 
 @FUZZ
@@ -194,7 +194,7 @@ CSV_TEXT = st.lists(st.lists(CSV_CELLS, max_size=6), max_size=8).map(
 @FUZZ
 @given(CSV_TEXT, st.sampled_from(["zeros", "ones", "ignore"]), st.booleans())
 def test_read_labels_random_csv(text: str, uncertain: str, as_bytes: bool) -> None:
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets.reader import read_labels
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "labels.csv"
@@ -214,7 +214,7 @@ def test_read_labels_random_csv(text: str, uncertain: str, as_bytes: bool) -> No
 @FUZZ
 @given(st.binary(max_size=400))
 def test_read_labels_random_bytes(data: bytes) -> None:
-    from mavl_cli.labels import read_labels
+    from mavl_cli.datasets.reader import read_labels
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "labels.csv"
@@ -229,7 +229,7 @@ def test_read_labels_random_bytes(data: bytes) -> None:
 @FUZZ
 @given(st.text(max_size=200) | JSONISH.map(lambda v: json.dumps(v, allow_nan=True)))
 def test_parse_descriptions_random(text: str) -> None:
-    from mavl_cli.descriptions import parse_descriptions
+    from mavl_cli.io.descriptions import parse_descriptions
 
     with no_hang():
         try:
@@ -245,4 +245,4 @@ def test_every_single_truncation_of_a_small_file(kind: str) -> None:
     data = VALID[kind]
     for cut in range(0, len(data), max(1, len(data) // 300)):
         with pytest.raises(MavlError):
-            contract.loads(data[:cut], name="cut.st")
+            loads(data[:cut], name="cut.st")

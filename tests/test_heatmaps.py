@@ -11,8 +11,9 @@ from PIL import Image
 
 from conftest import run_cli
 from encoder_files import write_dicom
-from mavl_cli import contract
-from mavl_cli.maps import CropGeometry, crop_geometry, peak, to_original
+from mavl_cli.io.mavlfile import read_file
+from mavl_cli.encoders.geometry import CropGeometry
+from mavl_cli.explain.maps import crop_geometry, peak, to_original
 
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax"]
 DC_224 = {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
@@ -40,7 +41,7 @@ def _write_dicom(path: Path, arr8: np.ndarray, photometric: str) -> Path:
 @pytest.mark.parametrize("shape", [(400, 300, 230, 170), (300, 520, 120, 300)], ids=["landscape", "portrait"])
 def test_bright_spot_peak_lands_on_its_original_pixel(tmp_path: Path, fmt: str, dc: dict, shape: tuple) -> None:
     """The model's input crop, taken as a map and mapped back, peaks where the spot is on the film."""
-    from mavl_cli.heatmaps import image_input
+    from mavl_cli.explain.heatmaps import image_input
 
     w, h, x0, y0 = shape
     sigma = 0.04 * min(w, h)
@@ -67,7 +68,7 @@ def test_geometry_matches_the_preprocessing_and_cut_away_pixels_never_peak() -> 
     assert g.to_crop(199.5, 149.5) == pytest.approx((341 / 2 - 58, 128 - 16))
     from PIL import Image as PILImage
 
-    from mavl_cli.preprocess import prepare_image
+    from mavl_cli.encoders.preprocess import prepare_image
 
     ramp = PILImage.fromarray(np.tile(np.arange(400) * 255 // 399, (300, 1)).astype(np.uint8))
     crop = prepare_image(ramp, DC_224).astype(float)  # the real preprocessing agrees on where column 112 came from
@@ -91,7 +92,7 @@ def _backbone(kind: str, tmp: Path) -> tuple[str, Path, dict]:
     import timm
     import torch
 
-    from mavl_cli.models.backbone import save_local_backbone
+    from mavl_cli.encoders.timm import save_local_backbone
 
     torch.manual_seed(0)
     if kind == "vit":
@@ -112,7 +113,7 @@ _BACKBONES: dict[str, tuple] = {}
 
 def _model_file(tmp: Path, kind: str, aggregate: str = "mean") -> Path:
     from heatmap_families import write_fused_model
-    from mavl_cli.models.backbone import create_backbone
+    from mavl_cli.encoders.timm import create_backbone
 
     if kind not in _BACKBONES:
         name, folder, args = _backbone(kind, tmp)
@@ -147,9 +148,9 @@ def _map_model(path: Path):
 
 
 def _build_map_model(path: Path):
-    from mavl_cli.heatmaps import build_map_model
-    from mavl_cli.mavlmodel import image_encoder
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.explain.heatmaps import build_map_model
+    from mavl_cli.models.mavlmodel import image_encoder
+    from mavl_cli.models.modelfile import load_model
 
     model = load_model(path)
     enc, prep = image_encoder(model.meta)
@@ -157,7 +158,7 @@ def _build_map_model(path: Path):
 
 
 def _film(tmp: Path, seed: int = 0, size: int = 80) -> Path:
-    from mavl_cli.phantoms import render_phantom
+    from mavl_cli.synthetic.phantoms import render_phantom
 
     arr, _ = render_phantom(np.random.default_rng(seed), {"Cardiomegaly": 0.9, "Pleural Effusion": 0.8}, size)
     p = tmp / f"film{seed}.png"
@@ -176,8 +177,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _input(mm, path: Path):
-    from mavl_cli.heatmaps import image_input
-    from mavl_cli.preprocess import normalize_batch, stack_batch
+    from mavl_cli.explain.heatmaps import image_input
+    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
 
     _, crop, _ = image_input(path, mm.data_config)
     return normalize_batch(stack_batch([crop]), mm.data_config).contiguous()
@@ -188,8 +189,8 @@ def test_adapter_pools_to_the_models_own_scores(models: dict, kind: str) -> None
     """The spatial pass's pooled features give exactly the scores `mavl predict` gives."""
     import torch
 
-    from mavl_cli.options import RunOptions
-    from mavl_cli.stages import predict_stage
+    from mavl_cli.core.options import RunOptions
+    from mavl_cli.stages.predict import predict_stage
 
     model, net, mm = _map_model(models[kind])
     x = _input(mm, models["film"])
@@ -403,7 +404,7 @@ def test_class_token_vit_hirescam_cancels_and_says_so(models: dict) -> None:
     activation sums to ~0 at every token (checked by hand), and the method says so in one line."""
     import torch
 
-    from mavl_cli.errors import MavlError
+    from mavl_cli.core.errors import MavlError
 
     _, net, mm = _map_model(models["vit"])
     x = _input(mm, models["film"])
@@ -418,8 +419,8 @@ def test_class_token_vit_hirescam_cancels_and_says_so(models: dict) -> None:
 def test_family_without_a_spatial_map_gives_one_clear_line() -> None:
     import timm
 
-    from mavl_cli.errors import MavlError
-    from mavl_cli.heatmaps import SpatialAdapter
+    from mavl_cli.core.errors import MavlError
+    from mavl_cli.explain.heatmaps import SpatialAdapter
 
     from timm.models.mlp_mixer import MlpMixer
 
@@ -440,7 +441,7 @@ def test_predict_heatmap_writes_overlays_maps_file_and_json_peaks(models: dict, 
                  "--heatmap-method", method, "--json"])
     assert r.exit_code == 0, r.stderr
     rec = json.loads(r.stdout)["images"][0]
-    f = contract.read_file(out / "film0.maps.safetensors", expect="maps")
+    f = read_file(out / "film0.maps.safetensors", expect="maps")
     w, h = Image.open(film).size
     assert f.tensors["maps"].shape == (3, h, w) and f.tensors["maps"].dtype == np.float32
     assert f.labels() == LABELS and f.meta["method"] == method and f.meta["image_size"] == [w, h]

@@ -23,10 +23,10 @@ from PIL import Image
 from conftest import run_cli
 from encoder_files import write_dicom
 from heatmap_families import FAMILY_CASES, LABELS, encoder_spec, map_model, model_file, spot_image
-from mavl_cli import contract
-from mavl_cli.errors import MavlError
-from mavl_cli.maps import peak, to_original
-from mavl_cli.preprocess import input_geometry
+from mavl_cli.io.mavlfile import read_file
+from mavl_cli.core.errors import MavlError
+from mavl_cli.explain.maps import peak, to_original
+from mavl_cli.encoders.preprocess import input_geometry
 
 SHAPES = [(200, 150), (150, 201)]  # landscape and portrait: the crop matters; <= 256 px so ramps are exact in 8 bits
 
@@ -155,7 +155,7 @@ def _preprocessing(case: str) -> dict:
 def test_bright_spot_peak_lands_on_its_pixel_after_the_familys_resize_and_crop(tmp_path: Path, case: str, fmt: str,
                                                                               shape: tuple) -> None:
     """The family's own prepared input, taken as a map and mapped back, peaks where the spot is on the film."""
-    from mavl_cli.heatmaps import image_input
+    from mavl_cli.explain.heatmaps import image_input
 
     w, h, x0, y0 = shape
     if fmt == "png":
@@ -201,8 +201,8 @@ def _mm(fam: dict, case: str):
 
 
 def _x(mm, path: Path):
-    from mavl_cli.heatmaps import image_input
-    from mavl_cli.preprocess import normalize_batch, stack_batch
+    from mavl_cli.explain.heatmaps import image_input
+    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
 
     return normalize_batch(stack_batch([image_input(path, mm.data_config)[1]]), mm.data_config).contiguous()
 
@@ -296,14 +296,14 @@ def test_every_method_runs_on_every_family(fam: dict, case: str) -> None:
     HiResCAM on a class-token ViT, its one line."""
     import torch
 
-    from mavl_cli.heatmaps import needs_grad
-    from mavl_cli.maps import METHODS
+    from mavl_cli.explain.heatmaps import needs_grad
+    from mavl_cli.io.mavlfile import MAP_METHODS
 
     model, enc, mm = _mm(fam, case)
     x = _x(mm, fam["film"])
     with torch.no_grad():
         grid = enc.spatial(x).shape[2:]
-    for method in METHODS:
+    for method in MAP_METHODS:
         with torch.enable_grad() if needs_grad(method) else torch.no_grad():
             try:
                 m = mm.maps(x, method, [0, 2])
@@ -352,7 +352,7 @@ def test_open_clip_tower_without_a_map_gives_one_clear_line(tmp_path: Path) -> N
     from safetensors.torch import save_file
 
     from mavl_cli.encoders import build_image_encoder
-    from mavl_cli.heatmaps import EncoderAdapter
+    from mavl_cli.explain.heatmaps import EncoderAdapter
 
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
                                            "attentional_pool": True, "attn_pooler_queries": 4, "attn_pooler_heads": 2},
@@ -380,7 +380,7 @@ def test_predict_heatmap_on_each_family(fam: dict, tmp_path: Path, case: str, me
                  "--heatmap-method", method, "--json"])
     assert r.exit_code == 0, r.stderr
     rec = json.loads(r.stdout)["images"][0]
-    f = contract.read_file(out / "film.maps.safetensors", expect="maps")
+    f = read_file(out / "film.maps.safetensors", expect="maps")
     w, h = Image.open(film).size
     assert f.tensors["maps"].shape == (3, h, w) and f.labels() == LABELS and f.meta["method"] == method
     assert f.meta["geometry"]["rule"].startswith(case.split("-")[0])
@@ -414,7 +414,7 @@ def test_zero_shot_similarity_is_each_tokens_zero_shot_score(zero_shot: Path, fa
     head scores the image: cos(token, positive prompts) - cos(token, negative prompt)."""
     import torch
 
-    from mavl_cli.heatmaps import ZeroShotMapModel
+    from mavl_cli.explain.heatmaps import ZeroShotMapModel
 
     model, enc, mm = map_model(zero_shot)
     assert isinstance(mm, ZeroShotMapModel)
@@ -445,7 +445,7 @@ def test_predict_heatmap_on_a_zero_shot_model(zero_shot: Path, fam: dict, tmp_pa
     r = run_cli(["predict", fam["film"], "--model", zero_shot, "--heatmap", out, "--heatmap-labels", "all",
                  "--heatmap-method", method, "--json"])
     assert r.exit_code == 0, r.stderr
-    f = contract.read_file(out / "film.maps.safetensors", expect="maps")
+    f = read_file(out / "film.maps.safetensors", expect="maps")
     assert f.tensors["maps"].shape == (3, 90, 120) and f.meta["aggregate"] == "zero-shot pair"
     assert np.ptp(f.tensors["maps"]) > 0
     info = run_cli(["info", out / "film.maps.safetensors"])

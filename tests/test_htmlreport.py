@@ -22,12 +22,12 @@ def _chromium() -> str | None:
 def html_report(chain, tmp_path_factory):
     import pandas as pd
 
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import read_file
     from tests.conftest import run_cli
 
     d, ph = chain["dir"], chain["phantoms"]
     out = tmp_path_factory.mktemp("html")
-    ids = contract.read_file(d / "test.st").ids()
+    ids = read_file(d / "test.st").ids()
     rng = np.random.default_rng(0)
     meta = out / "meta.csv"
     pd.DataFrame({"path": ids, "sex": rng.choice(["F", "M"], len(ids)), "age": rng.integers(20, 90, len(ids))}).to_csv(meta, index=False)

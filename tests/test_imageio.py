@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mavl_cli import imageio
-from mavl_cli.errors import MavlError
-from mavl_cli.imageio import is_dicom, list_images, load_array, load_radiograph
+from mavl_cli.io import imageio
+from mavl_cli.core.errors import MavlError
+from mavl_cli.datasets.inputs import list_images
+from mavl_cli.io.imageio import is_dicom, load_array, load_radiograph
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,19 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mavl_cli.errors import MavlError
-from mavl_cli.labels import (
-    CHEXPERT_LABELS,
-    NIH_LABELS,
-    NIH_TO_CHEXPERT,
-    UNCERTAIN_POLICIES,
-    LabelTable,
-    _normalize_many,
-    match_label_names,
-    normalize_id,
-    read_label_map,
-    read_labels,
-)
+from mavl_cli.core.errors import MavlError
+from mavl_cli.datasets.chexpert import LABELS as CHEXPERT_LABELS
+from mavl_cli.datasets.ids import normalize_many
+from mavl_cli.datasets.nih import LABELS as NIH_LABELS
+from mavl_cli.datasets.labelmap import NIH_TO_CHEXPERT, match_label_names, read_label_map
+from mavl_cli.datasets.table import UNCERTAIN_POLICIES, LabelTable
+from mavl_cli.datasets.ids import normalize_id
+from mavl_cli.datasets.reader import read_labels
 
 CHEX = """Path,Sex,Age,Frontal/Lateral,AP/PA,Edema,Cardiomegaly,Pleural Effusion
 CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,1.0,,0.0
@@ -272,7 +267,7 @@ def test_normalize_many_agrees_with_normalize_id() -> None:
         ["a/./b", "../c"], ["plain/a.png", "plain/b.png"],
     ]
     for c in cases:
-        assert _normalize_many(c) == [normalize_id(p) for p in c], c
+        assert normalize_many(c) == [normalize_id(p) for p in c], c
 
 
 # ------------------------------------------------------------------ errors

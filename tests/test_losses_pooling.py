@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mavl_cli.losses import masked_bce_with_logits, truncated_nuclear_norm
-from mavl_cli.pooling import cls_pool, mean_pool
+from mavl_cli.training.losses import masked_bce_with_logits, truncated_nuclear_norm
+from mavl_cli.encoders.pooling import cls_pool, mean_pool
 
 
 @pytest.mark.parametrize("shape,keep", [((64, 16), 4), ((8, 32), 3), ((128, 64), 16), ((10, 10), 0)])
@@ -68,7 +68,7 @@ def test_mean_pool_equals_manual_masked_mean():
 
 def test_padding_never_changes_a_sentence_embedding(tiny_bert):
     """A short sentence embeds the same alone and padded next to a long one."""
-    from mavl_cli.models.text import encode_texts, load_text_encoder
+    from mavl_cli.encoders.hf_text import encode_texts, load_text_encoder
 
     tok, model = load_text_encoder(str(tiny_bert))
     short = "fluid in the pleural space"

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from mavl_cli.maps import mask_name, maps_meta, peak, write_maps
-from mavl_cli.mapeval import score_map
+from mavl_cli.explain.maps import mask_name, maps_meta, peak, write_maps
+from mavl_cli.explain.mapeval import score_map
 
 
 def _maps(folder: Path, stem: str, labels: list[str], maps: np.ndarray, method: str = "similarity") -> Path:
@@ -129,7 +129,7 @@ def test_nih_boxes(tmp_path: Path) -> None:
 
 def test_reads_nihs_real_box_file_header() -> None:
     txv = pytest.importorskip("torchxrayvision")
-    from mavl_cli.mapeval import read_boxes
+    from mavl_cli.explain.mapeval import read_boxes
 
     path = Path(txv.__file__).parent / "data" / "BBox_List_2017.csv.gz"
     if not path.exists():
@@ -201,7 +201,7 @@ def test_s3_a_flat_map_points_nowhere(tmp_path: Path) -> None:
 def test_s3_patient_pattern_with_an_optional_group(tmp_path: Path) -> None:
     """`--patient-pattern '(x)|(p\\d)'`: group 1 takes no part in a match and is None; the stem is then the
     patient (was: an internal TypeError sorting None)."""
-    from mavl_cli.mapeval import patient_of
+    from mavl_cli.explain.mapeval import patient_of
 
     assert patient_of("p1_a", r"(zzz)|(p\d)") == "p1_a"
     assert patient_of("zzz_a", r"(zzz)|(p\d)") == "zzz"

@@ -18,14 +18,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from mavl_cli.errors import MavlError
-from mavl_cli.metrics import (
-    _resample_weights,
-    binary_auprc,
-    binary_auroc,
-    evaluate,
-    weighted_auroc_sorted,
-)
+from mavl_cli.core.errors import MavlError
+from mavl_cli.evaluation.metrics import resample_weights, binary_auprc, binary_auroc, evaluate, weighted_auroc_sorted
 
 TOL = dict(rel=1e-12, abs=1e-12)
 
@@ -216,7 +210,7 @@ def test_weighted_auroc_matches_sklearn_sample_weight():
     s = np.round(rng.random(n), 1)
     order = np.argsort(s, kind="stable")
     starts = np.concatenate(([0], np.flatnonzero(np.diff(s[order])) + 1))
-    w = _resample_weights(rng, 4, np.arange(n), n)
+    w = resample_weights(rng, 4, np.arange(n), n)
     got = weighted_auroc_sorted(w[:, order], y[order], starts)
     for b in range(4):
         assert got[b] == pytest.approx(roc_auc_score(y, s, sample_weight=w[b]), **TOL)
@@ -225,7 +219,7 @@ def test_weighted_auroc_matches_sklearn_sample_weight():
 def test_patient_resampling_keeps_patients_together():
     rng = np.random.default_rng(0)
     inverse = np.repeat(np.arange(10), 3)  # 10 patients, 3 images each
-    w = _resample_weights(rng, 50, inverse, 10)
+    w = resample_weights(rng, 50, inverse, 10)
     assert w.shape == (50, 30)
     per_patient = w.reshape(50, 10, 3)
     assert np.all(per_patient == per_patient[:, :, :1])
@@ -288,7 +282,7 @@ def test_bad_inputs_raise_mavl_error(kwargs, match):
 def test_report_plot_is_a_valid_png(tmp_path):
     from PIL import Image
 
-    from mavl_cli.plots import plot_report
+    from mavl_cli.reports.plots import plot_report
 
     y, s, rng = _data(4, n=300, n_labels=5, decimals=2)
     y[:, 4] = 0  # one-class label is listed as n/a, not plotted

@@ -8,18 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
+from mavl_cli.datasets.labelmap import parse_label_options
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mavl_cli"
 
 
 def test_specs_refuse_bad_values_with_the_commands_messages():
-    from mavl_cli.options import EvalOptions, FinetuneOptions, LabelOptions, PredictOptions, RunOptions, Validation
+    from mavl_cli.core.options import EvalOptions, FinetuneOptions, LabelOptions, PredictOptions, RunOptions, Validation
 
     with pytest.raises(MavlError, match=r"--uncertain must be ones, zeros or ignore, not 'maybe'"):
         LabelOptions(uncertain="maybe")
     with pytest.raises(MavlError, match=r"--uncertain must be"):
-        LabelOptions.parse("maybe")
+        parse_label_options("maybe")
     for bad in (-0.1, 1.5):
         with pytest.raises(MavlError, match=r"--threshold must lie in \[0, 1\]"):
             EvalOptions(threshold=bad)
@@ -36,11 +37,10 @@ def test_specs_refuse_bad_values_with_the_commands_messages():
 
 
 def test_label_options_parse_the_command_line_text(tmp_path):
-    from mavl_cli.options import LabelOptions
 
-    o = LabelOptions.parse("ignore", "Effusion=Pleural Effusion", " Cardiomegaly, Edema ,")
+    o = parse_label_options("ignore", "Effusion=Pleural Effusion", " Cardiomegaly, Edema ,")
     assert o.uncertain == "ignore" and o.renames == {"Effusion": "Pleural Effusion"} and o.names == ["Cardiomegaly", "Edema"]
-    assert LabelOptions.parse().renames is None and LabelOptions.parse().names is None
+    assert parse_label_options().renames is None and parse_label_options().names is None
 
 
 def test_the_cli_refuses_a_bad_uncertain_policy_before_any_work(cli, tmp_path):
@@ -56,7 +56,7 @@ def _string_constants(path: Path) -> set[str]:
 
 def test_the_defaults_are_written_in_one_place():
     """The default image encoder, text encoder and threshold appear as values only in mavl_cli/defaults.py."""
-    from mavl_cli import defaults
+    from mavl_cli.core import defaults
 
     elsewhere = [p for p in PACKAGE.rglob("*.py") if p.name != "defaults.py"]
     for value in (defaults.DEFAULT_IMAGE_ENCODER, defaults.DEFAULT_TEXT_ENCODER):
@@ -73,8 +73,8 @@ def test_the_defaults_are_written_in_one_place():
 def test_the_command_line_defaults_read_the_defaults_module():
     from typer.main import get_command
 
-    from mavl_cli import defaults
-    from mavl_cli.cli import app
+    from mavl_cli.core import defaults
+    from mavl_cli.cli.app import app
 
     cmd = get_command(app)
     ctx = cmd.make_context("mavl", ["embed-images", "--help"], resilient_parsing=True)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from mavl_cli.maps import mask_name
-from mavl_cli.phantoms import FINDINGS, render_phantom
+from mavl_cli.explain.maps import mask_name
+from mavl_cli.synthetic.phantoms import FINDINGS, render_phantom
 
 
 def _digest(folder: Path, skip: str = "masks") -> dict[str, str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mavl_cli.phantoms import FINDINGS, PhantomSet, generate_phantoms, render_phantom
+from mavl_cli.synthetic.phantoms import FINDINGS, PhantomSet, generate_phantoms, render_phantom
 
 SIZE = 128
 

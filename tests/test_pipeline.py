@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from mavl_cli import contract
-from mavl_cli.phantoms import FINDINGS
+from mavl_cli.io.mavlfile import loads, read_file
+from mavl_cli.synthetic.phantoms import FINDINGS
 
 
 def test_help_lists_every_command_without_importing_torch():
@@ -34,20 +34,20 @@ def test_module_entry_point_runs():
 
 def test_chain_files_follow_the_contract(chain):
     d = chain["dir"]
-    img = contract.read_file(d / "train.st", expect="image-embeddings")
+    img = read_file(d / "train.st", expect="image-embeddings")
     assert img.tensors["features"].shape == (len(img.ids()), 48)
     assert img.meta["backbone"] == "vit_tiny_patch16_224" and img.meta["preprocessing"]["input_size"] == [3, 32, 32]
     assert img.meta["mavl_format"] == "1" and "embed-images" in img.meta["command"]
-    lrf = contract.read_file(d / "lrf.st", expect="lrf-head")
+    lrf = read_file(d / "lrf.st", expect="lrf-head")
     assert lrf.tensors["proj.weight"].shape == (16, 48)
     assert lrf.labels() == list(FINDINGS) and lrf.meta["rank"] == 16 and lrf.meta["keep"] == 4
-    text = contract.read_file(d / "text.st", expect="text-embeddings")
+    text = read_file(d / "text.st", expect="text-embeddings")
     assert text.tensors["embeddings"].shape[:2] == (6, 1) and text.meta["pooling"] == "mean"
-    model = contract.read_file(d / "tuned.st", expect="model")
+    model = read_file(d / "tuned.st", expect="model")
     assert model.labels() == list(FINDINGS)
     assert any(k.startswith("lrf.") for k in model.tensors) and any(k.startswith("fusion.") for k in model.tensors)
     assert model.meta["threshold"]["method"] == "sweep"
-    assert model.meta["threshold"]["tuned_on"]["images"] == len(contract.read_file(d / "val.st").ids())
+    assert model.meta["threshold"]["tuned_on"]["images"] == len(read_file(d / "val.st").ids())
     th = model.tensors["thresholds"]
     assert np.all((th >= 0.1 - 1e-6) & (th <= 0.9 + 1e-6))
 
@@ -55,15 +55,15 @@ def test_chain_files_follow_the_contract(chain):
 def test_evaluate_json_matches_sklearn(chain, cli):
     from sklearn.metrics import f1_score, hamming_loss, precision_score, recall_score, roc_auc_score
 
-    from mavl_cli.labels import read_labels
-    from mavl_cli.modelfile import load_model
+    from mavl_cli.datasets.reader import read_labels
+    from mavl_cli.models.modelfile import load_model
 
     d, ph = chain["dir"], chain["phantoms"]
     r = cli(f"evaluate {d/'tuned.st'} {d/'test.st'} --labels {ph.splits['test']} --json --uncertain zeros")
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     model = load_model(d / "tuned.st")
-    emb = contract.read_file(d / "test.st")
+    emb = read_file(d / "test.st")
     scores = model.score(model.to_fusion_input(emb))
     y = read_labels(ph.splits["test"], uncertain="zeros").select(list(FINDINGS)).align(emb.ids()).y
     pred = (scores >= model.thresholds).astype(int)
@@ -109,7 +109,7 @@ def test_label_column_order_changes_nothing(chain, cli, tmp_path):
     for name, csv in (("a", ph.splits["train"]), ("b", shuffled)):
         r = cli(f"fuse {d/'train.st'} {d/'text.st'} --lrf {d/'lrf.st'} --labels {csv} --epochs 2 -o {tmp_path/name}.st")
         assert r.exit_code == 0, r.stderr
-    a, b = contract.read_file(tmp_path / "a.st"), contract.read_file(tmp_path / "b.st")
+    a, b = read_file(tmp_path / "a.st"), read_file(tmp_path / "b.st")
     for k in a.tensors:
         np.testing.assert_array_equal(a.tensors[k], b.tensors[k])
 
@@ -138,7 +138,7 @@ def test_predict_table_json_and_scores_file(chain, cli, tmp_path):
     f0 = out[0]["findings"]
     assert [f["label"] for f in f0] == list(FINDINGS)
     assert all(0.0 <= f["probability"] <= 1.0 and f["positive"] == (f["probability"] >= f["threshold"]) for f in f0)
-    sc = contract.read_file(tmp_path / "scores.st", expect="scores")
+    sc = read_file(tmp_path / "scores.st", expect="scores")
     assert sc.tensors["scores"].shape == (ph.n_images, 6)
     # a scores file evaluates like the model it came from
     r = cli(f"evaluate --scores {tmp_path/'scores.st'} --labels {ph.labels_csv} --json")
@@ -163,11 +163,11 @@ def test_pipe_text_embeddings_through_stdout(chain, cli, tiny_bert, tmp_path):
     r = cli(f"embed-text {d/'labels.txt'} --text-model {tiny_bert} -o -")
     assert r.exit_code == 0
     assert r.stdout_bytes[:8] and "embed-text" in r.stderr  # the table went to stderr
-    f = contract.loads(r.stdout_bytes, "-", expect="text-embeddings")
+    f = loads(r.stdout_bytes, "-", expect="text-embeddings")
     assert f.labels() == list(FINDINGS)
     r2 = cli(f"fuse {d/'train.st'} - --labels {ph.splits['train']} --epochs 1 -o {tmp_path/'m.st'}", input=r.stdout_bytes)
     assert r2.exit_code == 0, r2.stderr
-    assert contract.read_file(tmp_path / "m.st").kind == "model"
+    assert read_file(tmp_path / "m.st").kind == "model"
 
 
 def test_embed_images_lrf_space_feeds_fuse(chain, cli, tiny_vit, tmp_path):
@@ -175,12 +175,12 @@ def test_embed_images_lrf_space_feeds_fuse(chain, cli, tiny_vit, tmp_path):
     out = tmp_path / "train_lrf.st"
     r = cli(f"embed-images {ph.root} --labels {ph.splits['train']} --backbone vit_tiny_patch16_224 --weights {tiny_vit} --lrf {d/'lrf.st'} -o {out}")
     assert r.exit_code == 0, r.stderr
-    z = contract.read_file(out)
+    z = read_file(out)
     assert z.meta["space"] == "lrf" and z.tensors["features"].shape[1] == 16
     # the same as projecting cached features with the head
-    from mavl_cli.train import lrf_embed
+    from mavl_cli.models.lrf import lrf_embed
 
-    ref = lrf_embed(contract.read_file(d / "lrf.st").tensors, contract.read_file(d / "train.st").tensors["features"])
+    ref = lrf_embed(read_file(d / "lrf.st").tensors, read_file(d / "train.st").tensors["features"])
     np.testing.assert_allclose(z.tensors["features"], ref, rtol=1e-4, atol=1e-5)
     r = cli(f"fuse {out} {d/'text.st'} --lrf {d/'lrf.st'} --labels {ph.splits['train']} --epochs 1 -o {tmp_path/'m.st'}")
     assert r.exit_code == 0, r.stderr
@@ -191,7 +191,7 @@ def test_tune_methods_write_thresholds(chain, cli, tmp_path):
     for extra in ("--per-label", "--method youden", "--min-sensitivity 0.9"):
         r = cli(f"tune-threshold {d/'model.st'} {d/'val.st'} --labels {ph.splits['val']} {extra} -o {tmp_path/'t.st'}")
         assert r.exit_code == 0, r.stderr
-        m = contract.read_file(tmp_path / "t.st")
+        m = read_file(tmp_path / "t.st")
         assert m.meta["threshold"]["method"] in ("per-label", "youden", "sensitivity")
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mavl_cli import contract
-from mavl_cli.errors import MavlError
-from mavl_cli.shards import Shard, parse_shard, shard_range, unsharded_command
+from mavl_cli.io.mavlfile import MavlFile, read_file
+from mavl_cli.core.errors import MavlError
+from mavl_cli.io.shards import Shard, parse_shard, shard_range, unsharded_command
 
 VIT = "vit_tiny_patch16_224"
 
@@ -79,8 +79,8 @@ def runs(tmp_path_factory, tiny_vit, phantom_set):
 
 def test_parts_cover_the_list_and_merge_byte_identically(cli, runs, monkeypatch):
     parts = [runs / "parts" / f"part_{k}.st" for k in range(3)]
-    files = [contract.read_file(p) for p in parts]
-    whole = contract.read_file(runs / "one" / "all.st")
+    files = [read_file(p) for p in parts]
+    whole = read_file(runs / "one" / "all.st")
     sizes = [len(f.ids()) for f in files]
     assert sum(sizes) == len(whole.ids()) and all(s > 0 for s in sizes)
     assert [i for f in files for i in f.ids()] == whole.ids()
@@ -109,14 +109,14 @@ def test_merge_refuses_parts_that_do_not_belong_together(cli, runs, tmp_path):
 
 
 def test_merge_refuses_an_id_twice_and_a_damaged_part(runs):
-    from mavl_cli.shards import merge_parts
+    from mavl_cli.io.shards import merge_parts
 
-    files = [contract.read_file(runs / "parts" / f"part_{k}.st") for k in range(3)]
-    dup = contract.MavlFile(files[1].kind, dict(files[1].tensors), dict(files[1].meta), "dup.st")
+    files = [read_file(runs / "parts" / f"part_{k}.st") for k in range(3)]
+    dup = MavlFile(files[1].kind, dict(files[1].tensors), dict(files[1].meta), "dup.st")
     dup.meta["ids"] = [files[0].ids()[0], *files[1].ids()[1:]]
     with pytest.raises(MavlError, match="is in both"):
         merge_parts([files[0], dup, files[2]])
-    cut = contract.MavlFile(files[1].kind, {"features": files[1].tensors["features"][1:]},
+    cut = MavlFile(files[1].kind, {"features": files[1].tensors["features"][1:]},
                             {**files[1].meta, "ids": files[1].ids()[1:]}, "cut.st")
     with pytest.raises(MavlError, match="damaged"):
         merge_parts([files[0], cut, files[2]])
@@ -128,7 +128,7 @@ def test_more_shards_than_batches_give_empty_parts_that_still_merge(cli, tiny_vi
     _run_in(cli, tmp_path / "a", [*args, "-o", "all.st"], monkeypatch)
     for k in range(2):
         _run_in(cli, tmp_path / "b", [*args, "--shard", f"{k}/2", "-o", f"p{k}.st"], monkeypatch)
-    assert contract.read_file(tmp_path / "b" / "p0.st").tensors["features"].shape[0] == 0
+    assert read_file(tmp_path / "b" / "p0.st").tensors["features"].shape[0] == 0
     _run_in(cli, tmp_path / "c", ["merge", tmp_path / "b" / "p0.st", tmp_path / "b" / "p1.st", "-o", "all.st"], monkeypatch)
     assert (tmp_path / "c" / "all.st").read_bytes() == (tmp_path / "a" / "all.st").read_bytes()
 
@@ -142,5 +142,5 @@ def test_predict_score_files_merge_byte_identically(cli, chain, tmp_path, monkey
         _run_in(cli, tmp_path / "b", [*args, "--shard", f"{k}/2", "--out", f"s{k}.st"], monkeypatch)
     _run_in(cli, tmp_path / "c", ["merge", tmp_path / "b" / "s1.st", tmp_path / "b" / "s0.st", "-o", "scores.st"], monkeypatch)
     assert (tmp_path / "c" / "scores.st").read_bytes() == (tmp_path / "a" / "scores.st").read_bytes()
-    merged = contract.read_file(tmp_path / "c" / "scores.st")
+    merged = read_file(tmp_path / "c" / "scores.st")
     assert len(merged.ids()) == 40 and np.isfinite(merged.tensors["scores"]).all()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from mavl_cli.errors import MavlError
-from mavl_cli.metrics import prepare
-from mavl_cli.subgroups import MISSING, analyse, bin_values, parse_by
+from mavl_cli.core.errors import MavlError
+from mavl_cli.evaluation.metrics import prepare
+from mavl_cli.evaluation.subgroups import MISSING, analyse, bin_values, parse_by
 
 
 def test_parse_and_bin():
@@ -62,11 +62,11 @@ def test_subgroup_figures_match_sklearn():
 def test_evaluate_by_cli_with_metadata(chain, cli, tmp_path):
     import pandas as pd
 
-    from mavl_cli import contract
+    from mavl_cli.io.mavlfile import read_file
 
     d, ph = chain["dir"], chain["phantoms"]
     test = ph.splits["test"]
-    ids = contract.read_file(d / "test.st").ids()
+    ids = read_file(d / "test.st").ids()
     meta = tmp_path / "meta.csv"
     rng = np.random.default_rng(1)
     pd.DataFrame({"path": ids, "age": rng.integers(20, 90, len(ids)), "sex": rng.choice(["F", "M"], len(ids))}).to_csv(meta, index=False)

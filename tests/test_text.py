@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from mavl_cli import contract
-from mavl_cli.descriptions import parse_descriptions
-from mavl_cli.errors import MavlError
+from mavl_cli.io.mavlfile import read_file
+from mavl_cli.io.descriptions import parse_descriptions
+from mavl_cli.core.errors import MavlError
 
 
 def test_three_description_forms_parse_to_one_grid():
@@ -36,7 +36,7 @@ def test_aspect_file_gives_masked_grid_and_reports_truncation(tiny_bert, tmp_pat
     r = cli(f"embed-text {tmp_path/'d.json'} --text-model {tiny_bert} -o {tmp_path/'t.st'}")
     assert r.exit_code == 0, r.stderr
     assert "truncated: Pleural Effusion / location" in r.stderr
-    f = contract.read_file(tmp_path / "t.st", expect="text-embeddings")
+    f = read_file(tmp_path / "t.st", expect="text-embeddings")
     assert f.meta["aspects"] == ["definition", "location"]
     np.testing.assert_array_equal(f.tensors["mask"], [[1, 1], [1, 0]])
     assert not f.tensors["embeddings"][1, 1].any()  # masked slot stays empty
@@ -50,7 +50,7 @@ def test_cls_and_mean_pooling_differ_and_are_recorded(tiny_bert, tmp_path, cli):
     for pooling in ("mean", "cls"):
         r = cli(f"embed-text {tmp_path/'l.txt'} --text-model {tiny_bert} --pooling {pooling} -o {tmp_path/pooling}.st")
         assert r.exit_code == 0, r.stderr
-        outs[pooling] = contract.read_file(tmp_path / f"{pooling}.st")
+        outs[pooling] = read_file(tmp_path / f"{pooling}.st")
         assert outs[pooling].meta["pooling"] == pooling
     assert not np.allclose(outs["mean"].tensors["embeddings"], outs["cls"].tensors["embeddings"])
     r = cli(f"embed-text {tmp_path/'l.txt'} --text-model {tiny_bert} --pooling max -o {tmp_path/'x.st'}")

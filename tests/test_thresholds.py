@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, recall_score
 
-from mavl_cli.errors import MavlError
-from mavl_cli.metrics import evaluate
-from mavl_cli.thresholds import (
-    CLASSIC_GRID,
-    ThresholdResult,
-    fingerprint,
-    tune,
-    tune_global_sweep,
-    tune_min_sensitivity,
-    tune_per_label_f1,
-    tune_youden,
-)
+from mavl_cli.core.errors import MavlError
+from mavl_cli.evaluation.metrics import evaluate
+from mavl_cli.evaluation.thresholds import CLASSIC_GRID, ThresholdResult, fingerprint, tune, tune_global_sweep, tune_min_sensitivity, tune_per_label_f1, tune_youden
 
 
 def _data(seed: int, n: int = 60, n_labels: int = 4, decimals: int = 2):

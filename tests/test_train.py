@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mavl_cli.train import BestEpoch, LRFConfig, Split, split_validation, train_lrf
+from mavl_cli.training.loop import BestEpoch, split_validation
+from mavl_cli.training.train import LRFConfig, train_lrf
+from mavl_cli.datasets.join import Split
 
 
 def test_best_epoch_prefers_auroc_then_lower_bce_and_stops_on_patience():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mavl_cli.errors import MavlError
-from mavl_cli.trainloop import check_rank_keep, choose_validation, fit
+from mavl_cli.core.errors import MavlError
+from mavl_cli.training.loop import check_rank_keep, choose_validation, fit
 
 
 def _epochs(bces, aucs=None):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mavl_cli import contract
-from mavl_cli.provenance import MARKER, RESEARCH_NOTICE, SYNTHETIC_WARNING, synthetic_source
+from mavl_cli.io.mavlfile import read_file, write_file
+from mavl_cli.trust.provenance import MARKER, RESEARCH_NOTICE, SYNTHETIC_WARNING, synthetic_source
 
 
 def _test_images(chain) -> list[Path]:
@@ -35,7 +35,7 @@ def _write_variants(images: list[Path], folder: Path, fn) -> Path:
 def test_ledoit_wolf_matches_scikit_learn():
     from sklearn.covariance import ledoit_wolf as sk_lw
 
-    from mavl_cli.ood import ledoit_wolf
+    from mavl_cli.trust.ood import ledoit_wolf
 
     rng = np.random.default_rng(0)
     for n, d in ((200, 8), (30, 64)):  # n > d and n < d (where shrinkage matters)
@@ -49,7 +49,7 @@ def test_ledoit_wolf_matches_scikit_learn():
 def test_distances_are_mahalanobis_under_the_shrunk_covariance():
     from sklearn.covariance import LedoitWolf
 
-    from mavl_cli import ood
+    from mavl_cli.trust import ood
 
     rng = np.random.default_rng(1)
     tr, va = rng.standard_normal((300, 5)), rng.standard_normal((50, 5))
@@ -92,9 +92,9 @@ def test_phantom_marker_is_a_sidecar_and_only_marks_phantom_files(phantom_set, t
 def test_chain_carries_the_synthetic_mark_into_the_model(chain):
     d = chain["dir"]
     for name in ("train.st", "lrf.st"):
-        assert contract.read_file(d / name).meta["synthetic"]["generator"] == "mavl phantoms"
+        assert read_file(d / name).meta["synthetic"]["generator"] == "mavl phantoms"
     for name in ("model.st", "tuned.st"):
-        meta = contract.read_file(d / name).meta
+        meta = read_file(d / name).meta
         assert meta["synthetic_training_data"] is True
         td = meta["training_data"]
         assert td["labels_file"] == "train.csv" and td["images"] > 0 and len(td["fingerprint"]) == 16
@@ -179,11 +179,11 @@ def test_evaluate_reports_share_flagged_and_metrics_without_them(chain, cli, tmp
 
 
 def _strip_ood(src: Path, dst: Path) -> None:
-    f = contract.read_file(src)
+    f = read_file(src)
     tensors = {k: v for k, v in f.tensors.items() if not k.startswith("ood.")}
     meta = {k: v for k, v in f.meta.items() if k not in ("ood", "training_data", "synthetic_training_data",
                                                           "synthetic_source") and not k.startswith("mavl_")}
-    contract.write_file(dst, "model", tensors, meta)
+    write_file(dst, "model", tensors, meta)
 
 
 def test_old_model_file_without_statistics_still_predicts_with_a_note(chain, cli, tmp_path):
@@ -204,11 +204,11 @@ def test_old_model_file_without_statistics_still_predicts_with_a_note(chain, cli
 
 
 def test_forged_statistics_are_refused_in_one_line(chain, cli, tmp_path):
-    f = contract.read_file(chain["dir"] / "tuned.st")
+    f = read_file(chain["dir"] / "tuned.st")
     meta = {k: v for k, v in f.meta.items() if not k.startswith("mavl_")}
     bad = dict(f.tensors)
     bad["ood.whiten"] = np.eye(3, dtype=np.float32)
-    contract.write_file(tmp_path / "bad.st", "model", bad, meta)
+    write_file(tmp_path / "bad.st", "model", bad, meta)
     r = cli(f"predict {_test_images(chain)[0]} --model {tmp_path/'bad.st'}")
     assert r.exit_code == 2 and "OOD statistics" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -61,10 +61,10 @@ def test_zero_shot_head_matches_open_clip_softmax_over_pair(tiny_clip, phantom_s
     """The head's math on open_clip's own image features equals the direct softmax over the pair."""
     import torch
 
-    from mavl_cli.descriptions import parse_descriptions
+    from mavl_cli.io.descriptions import parse_descriptions
     from mavl_cli.models.heads import ZeroShotHead
-    from mavl_cli.encoders import EncoderSpec
-    from mavl_cli.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, aligned_towers, encode_prompts, prompt_tensors, write_prompts
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.models.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, aligned_towers, encode_prompts, prompt_tensors, write_prompts
 
     img_path = phantom_set.root / "images" / sorted((phantom_set.root / "images").iterdir())[0].name
     want, feat = _reference(tiny_clip, img_path, LABELS, POSITIVE_TEMPLATES, NEGATIVE_TEMPLATES)
@@ -82,10 +82,10 @@ def test_zero_shot_head_matches_open_clip_softmax_over_pair(tiny_clip, phantom_s
 def test_aspects_mode_averages_cosines_of_each_aspect(tiny_clip):
     import torch
 
-    from mavl_cli.descriptions import parse_descriptions
+    from mavl_cli.io.descriptions import parse_descriptions
     from mavl_cli.models.heads import ZeroShotHead
-    from mavl_cli.encoders import EncoderSpec
-    from mavl_cli.zeroshot import aligned_towers, encode_prompts, prompt_tensors, write_prompts
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.models.zeroshot import aligned_towers, encode_prompts, prompt_tensors, write_prompts
 
     desc = parse_descriptions(json.dumps({"Edema": {"opacity": "hazy perihilar density", "location": "both lungs"},
                                           "Pneumothorax": {"border": "a thin pleural line"}}), "d.json")
@@ -104,17 +104,17 @@ def test_aspects_mode_averages_cosines_of_each_aspect(tiny_clip):
 
 def test_zero_shot_command_path(tiny_clip, phantom_set, cli, tmp_path):
     """zero-shot -> predict on images; embed-images -> tune-threshold -> evaluate on the file, unchanged."""
-    from mavl_cli import contract
-    from mavl_cli.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.models.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES
 
-    from mavl_cli.phantoms import FINDINGS
+    from mavl_cli.synthetic.phantoms import FINDINGS
 
     desc = tmp_path / "labels.txt"
     desc.write_text("\n".join(FINDINGS) + "\n")
     zs = tmp_path / "zs.safetensors"
     r = cli(["zero-shot", "--encoder", f"open_clip:{tiny_clip}", "--descriptions", str(desc), "-o", str(zs)])
     assert r.exit_code == 0, r.stderr
-    f = contract.read_file(zs, expect="model")
+    f = read_file(zs, expect="model")
     assert f.meta["scorer"] == "zeroshot" and f.labels() == list(FINDINGS)
     img = sorted((phantom_set.root / "images").iterdir())[0]
     r = cli(["predict", str(img), "--model", str(zs), "--json"])

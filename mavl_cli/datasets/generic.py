@@ -15,8 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mavl_cli.datasets.sniff import PATH_COLUMNS, PATIENT_COLUMNS, canon, is_metadata, quote_list
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
+from mavl_cli.datasets.sniff import (
+    PATH_COLUMNS,
+    PATIENT_COLUMNS,
+    canon,
+    is_metadata,
+    quote_list,
+)
 
 NAME = "generic"
 VIEW_COLUMNS = ("view", "view position", "viewposition", "projection")

@@ -77,3 +77,13 @@ def rel_id(path: Path, base: Path | None) -> str:
         return normalize_id(path.resolve().relative_to(Path.cwd().resolve()).as_posix())
     except ValueError:
         return normalize_id(path.as_posix())
+
+
+def data_fingerprint(ids: list[str]) -> str:
+    """Identity of an evaluation set: its sorted image ids (order and label policy do not matter)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in sorted(ids):
+        h.update(i.encode() + b"\n")
+    return h.hexdigest()[:16]

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.datasets.ids import normalize_id, rel_id
-from mavl_cli.errors import MavlError
-from mavl_cli.imageio import IMAGE_SUFFIXES, is_dicom, is_regular, may_be_dicom_name
+from mavl_cli.datasets.reader import read_labels
+from mavl_cli.io.imageio import IMAGE_SUFFIXES, is_dicom, is_regular, may_be_dicom_name
 
 GLOB_CHARS = "*?["
 
@@ -196,7 +197,6 @@ def collect_inputs(
 def _collect_from_labels(inputs: list[str], labels_csv: str | Path, root: str | Path | None,
                          path_column: str | None) -> tuple[list[ImageItem], list[dict[str, str]]]:
     """The label file's rows, in file order, found under the image root."""
-    from mavl_cli.datasets.reader import read_labels
 
     table = read_labels(labels_csv, path_column=path_column)
     if root is None:

@@ -14,8 +14,9 @@ import io
 import json
 from pathlib import Path
 
+from mavl_cli.core.errors import MavlError
+from mavl_cli.core.options import LabelOptions, check_uncertain
 from mavl_cli.datasets.sniff import quote_list
-from mavl_cli.errors import MavlError
 
 NIH_TO_CHEXPERT: dict[str, str] = {"Effusion": "Pleural Effusion"}
 
@@ -137,3 +138,11 @@ def _add_mapping(mapping: dict[str, str], src: str, dst: str, where: str) -> Non
     if src in mapping and mapping[src] != dst:
         raise MavlError(f"{where} maps {src!r} twice ({mapping[src]!r} and {dst!r})")
     mapping[src] = dst
+
+
+def parse_label_options(uncertain: str = "zeros", label_map: str | None = None, only: str | None = None) -> LabelOptions:
+    """:class:`LabelOptions` from the command line's text: ``--label-map`` a file or 'A=B,...', ``--only`` 'A,B'."""
+    check_uncertain(uncertain)
+    mapping = read_label_map(label_map) if label_map else None
+    names = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    return LabelOptions(uncertain, mapping, names)

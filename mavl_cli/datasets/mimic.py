@@ -24,10 +24,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.datasets import generic
 from mavl_cli.datasets.options import DatasetOptions
-from mavl_cli.datasets.sniff import PATH_COLUMNS, canon, find_column, is_metadata, quote_list, read_csv
-from mavl_cli.errors import MavlError
+from mavl_cli.datasets.rows import Rows
+from mavl_cli.datasets.sniff import (
+    PATH_COLUMNS,
+    canon,
+    find_column,
+    is_metadata,
+    quote_list,
+    read_csv,
+)
 
 NAME = "mimic"
 METADATA_NAMES = ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")
@@ -74,7 +82,6 @@ def side_file(label_file: Path, given: str | None, names: tuple[str, ...], what:
 
 def read(df: pd.DataFrame, path: Path, opts: DatasetOptions):
     """Label rows (studies) x metadata rows (images) -> one row per labelled image."""
-    from mavl_cli.datasets.reader import Rows
 
     subj_col, study_col = find_column(df, (_SUBJECT,)), find_column(df, (_STUDY,))
     subj, study = _ids(df[subj_col], path, subj_col), _ids(df[study_col], path, study_col)

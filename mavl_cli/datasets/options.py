@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
 
 VOTES = ("any", "majority")
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mavl_cli.core.errors import MavlError
+from mavl_cli.datasets.rows import Rows
 from mavl_cli.datasets.sniff import PATIENT_COLUMNS, canon, find_column
-from mavl_cli.errors import MavlError
 
 NAME = "padchest"
 VIEW_COLUMNS = ("projection",)
@@ -76,8 +77,6 @@ def parse_list(text) -> list[str] | None:
 
 
 def read(df: pd.DataFrame, path: Path):
-    from mavl_cli.datasets.reader import Rows
-
     id_col, dir_col, lab_col = find_column(df, (_ID,)), find_column(df, (_DIR,)), find_column(df, (_LABELS,))
     image = df[id_col].astype("string").str.strip()
     if image.isna().any() or (image == "").any():

@@ -8,43 +8,41 @@ groups, ``--split``/``--views`` filters, renames) run here once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.datasets import chexpert, generic, mimic, nih, padchest, vindr
 from mavl_cli.datasets.ids import normalize_many
 from mavl_cli.datasets.options import DatasetOptions, unpack
+from mavl_cli.datasets.rows import Rows
 from mavl_cli.datasets.sniff import (
-    PATH_COLUMNS, PATIENT_COLUMNS, canon, check_duplicates, find_column, find_path_column, read_csv,
+    PATH_COLUMNS,
+    PATIENT_COLUMNS,
+    canon,
+    check_duplicates,
+    find_column,
+    find_path_column,
+    read_csv,
 )
-from mavl_cli.datasets.table import UNCERTAIN_POLICIES, LabelTable, apply_policies, rename
-from mavl_cli.errors import MavlError
+from mavl_cli.datasets.table import (
+    UNCERTAIN_POLICIES,
+    LabelTable,
+    apply_policies,
+    rename,
+)
 
 # Path-derived patient ids, tried in this order; the first rule that fits every id wins.
 PATIENT_RULES = (chexpert.patient, mimic.patient, nih.patient)
+
+
 # View columns of path-column files, in order of preference per row (first non-blank wins).
 VIEW_COLUMNS = (*chexpert.VIEW_COLUMNS, *nih.VIEW_COLUMNS, *generic.VIEW_COLUMNS, *padchest.VIEW_COLUMNS)
+
+
 SPLIT_COLUMNS = ("split",)
-
-
-@dataclass
-class Rows:
-    """What an adapter hands back: one row per image, label values still raw (1, 0, -1, NaN)."""
-
-    paths: list[str]
-    names: list[str]
-    values: np.ndarray
-    patients: list[str] | None = None
-    views: list[str] | None = None
-    splits: list[str] | None = None
-    source: str = generic.NAME
-    suffix_aliases: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)  # image id -> why it has no row
-    view_column: str | None = None
-    ids: list[str] | None = None  # normalised and checked for duplicates already, when set
 
 
 def read_labels(

@@ -17,7 +17,8 @@ from typing import Callable
 
 import pandas as pd
 
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
+from mavl_cli.io.imageio import is_regular
 
 PATH_COLUMNS = ("path", "image index", "image", "filename", "file", "image path",
                 "file name", "filepath", "img")
@@ -56,7 +57,6 @@ def sniff_format(path: Path, what: str = "label file") -> tuple[str, str]:
         raise MavlError(f"{what} {where} does not exist", path=path)
     if path.is_dir():
         raise MavlError(f"{what} {where} is a directory, not a CSV file", path=path)
-    from mavl_cli.imageio import is_regular
 
     if not is_regular(path):  # a FIFO would block the read forever
         raise MavlError(f"{what} {where} is not a regular file (a device, FIFO or socket)", path=path)

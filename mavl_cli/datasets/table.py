@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.datasets.ids import normalize_many
 from mavl_cli.datasets.sniff import quote_list
-from mavl_cli.errors import MavlError
 
 UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
 

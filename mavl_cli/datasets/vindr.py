@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.datasets import generic
 from mavl_cli.datasets.options import DatasetOptions
+from mavl_cli.datasets.rows import Rows
 from mavl_cli.datasets.sniff import PATH_COLUMNS, canon, find_column, is_metadata
-from mavl_cli.errors import MavlError
 
 NAME = "vindr"
 SUFFIX = ".dicom"
@@ -37,8 +38,6 @@ def plan(columns: list[str]) -> tuple[list[str], set[str]]:
 
 
 def read(df: pd.DataFrame, path: Path, opts: DatasetOptions):
-    from mavl_cli.datasets.reader import Rows
-
     id_col, rad_col = find_column(df, (_ID,)), find_column(df, (_RAD,))
     image = df[id_col].astype("string").str.strip()
     if image.isna().any() or (image == "").any():

@@ -21,16 +21,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from mavl_cli.encoders.spec import (
+from mavl_cli.core.defaults import (
     DEFAULT_IMAGE_ENCODER,
     DEFAULT_TEXT_ENCODER,
     DEFAULT_THRESHOLD,
-    FAMILIES,
-    EncoderSpec,
-    extra_missing,
-    split_spec,
 )
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
+from mavl_cli.encoders.spec import FAMILIES, EncoderSpec, extra_missing, split_spec
 
 __all__ = ["DEFAULT_IMAGE_ENCODER", "DEFAULT_TEXT_ENCODER", "DEFAULT_THRESHOLD", "FAMILIES", "EncoderSpec",
            "build_image_encoder", "encoder_from_meta", "family_module", "split_spec"]

@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
+from mavl_cli.core.errors import MavlError
+from mavl_cli.encoders.preprocess import input_geometry
 from mavl_cli.encoders.spec import EncoderSpec
-from mavl_cli.errors import MavlError
 
 
 @dataclass
@@ -122,7 +123,6 @@ class ImageEncoder(torch.nn.Module):
         """How a ``width x height`` image maps into this encoder's input (a
         :class:`mavl_cli.maps.CropGeometry`), declared by the family from the same
         preprocessing recipe it runs (``self.preprocessing``)."""
-        from mavl_cli.preprocess import input_geometry
 
         return input_geometry(self.preprocessing, (width, height))
 

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
+from mavl_cli.io.files import check_input_file
 
 
 def offline() -> bool:
@@ -32,7 +33,6 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     """Read a weights file without unpickling arbitrary objects."""
     import torch
 
-    from mavl_cli.contract import check_input_file
 
     p = Path(path)
     if not p.exists() and not p.is_symlink():

@@ -44,10 +44,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders.base import ImageEncoder, grid_from_tokens, tokens_to_map
-from mavl_cli.encoders.common import load_exact, load_state_dict, looks_local, offline, plain
+from mavl_cli.encoders.common import (
+    load_exact,
+    load_state_dict,
+    looks_local,
+    offline,
+    plain,
+)
+from mavl_cli.encoders.geometry import CropGeometry, centre_offset
 from mavl_cli.encoders.spec import EncoderSpec
-from mavl_cli.errors import MavlError
 
 FAMILY = "hf"
 HAS_TEXT = False  # its text encoders are the BERT-style path (mavl_cli.models.text)
@@ -306,7 +313,6 @@ def geometry(cfg: dict[str, Any], iw: int, ih: int) -> Any:
     :func:`prepare` runs (its class's resize and centre-crop rules, its saved settings)."""
     from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 
-    from mavl_cli.maps import CropGeometry, centre_offset
 
     proc = _processor(cfg)
     cls = type(proc)

@@ -46,10 +46,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders.base import ImageEncoder
-from mavl_cli.encoders.common import load_state_dict, looks_local, offline, plain
+from mavl_cli.encoders.common import (
+    load_exact,
+    load_state_dict,
+    looks_local,
+    offline,
+    plain,
+)
+from mavl_cli.encoders.geometry import CropGeometry, centre_offset
 from mavl_cli.encoders.spec import EncoderSpec
-from mavl_cli.errors import MavlError
 
 FAMILY = "open_clip"
 HAS_TEXT = True
@@ -284,7 +291,6 @@ def _load_clip_state(clip: Any, file: Path) -> None:
     """An OpenAI-style (or open_clip) CLIP state dict, via open_clip's own key conversions."""
     from open_clip.factory import convert_state_dict, resize_pos_embed
 
-    from mavl_cli.encoders.common import load_exact
 
     state = {k: v for k, v in load_state_dict(file).items() if k not in DROP_KEYS}
     state = convert_state_dict(clip, state)
@@ -300,8 +306,9 @@ def transform_record(clip: Any) -> dict[str, Any]:
     cfg = dict(getattr(clip.visual, "preprocess_cfg", None) or {})
     if not cfg:
         size = clip.visual.image_size
-        from open_clip.transform import PreprocessCfg
         from dataclasses import asdict
+
+        from open_clip.transform import PreprocessCfg
 
         cfg = {**asdict(PreprocessCfg()), "size": size}
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
@@ -329,7 +336,6 @@ def geometry(cfg: dict[str, Any], iw: int, ih: int) -> Any:
     """Where an ``iw x ih`` image lands in the model input, from the same ``preprocess_cfg`` that
     :func:`prepare` builds open_clip's eval transform from (``image_transform``: ``shortest``
     = Resize + CenterCrop, ``longest`` = ResizeKeepRatio(longest) + CenterCropOrPad, ``squash``)."""
-    from mavl_cli.maps import CropGeometry, centre_offset
 
     pc = cfg["preprocess_cfg"]
     mode = pc.get("resize_mode") or "shortest"

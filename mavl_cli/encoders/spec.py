@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mavl_cli.errors import MavlError
+from mavl_cli.core.errors import MavlError
 
 FAMILIES = ("timm", "hf", "open_clip", "xrv")
 ALIASES = {
@@ -25,7 +25,6 @@ ALIASES = {
 ID_SCHEMES = ("hf-hub", "local-dir", "file")
 EXTRAS = {"open_clip": ("open_clip", "openclip"), "xrv": ("torchxrayvision", "xrv")}
 
-from mavl_cli.defaults import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, DEFAULT_THRESHOLD  # noqa: F401 (re-exported)
 
 
 def split_spec(text: str) -> tuple[str, str]:

@@ -19,13 +19,16 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mavl_cli.core.errors import MavlError
+from mavl_cli.encoders import build_image_encoder
+from mavl_cli.encoders.common import load_state_dict
+from mavl_cli.encoders.hf_text import load_text_encoder, max_tokens
+from mavl_cli.encoders.pooling import POOLING, get_pooling
 from mavl_cli.encoders.spec import ALIASES
-from mavl_cli.errors import MavlError
 
 ST_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")  # sentence-transformers' concat order
 _NEW_MODES = {"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens", "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
@@ -63,7 +66,6 @@ class HFText:
     def __init__(self, name: str, tokenizer: Any, model: Any, pooling: str, st: dict[str, Any] | None = None) -> None:
         self.name, self.tokenizer, self.model, self.st = name, tokenizer, model, st
         self.pooling = pooling
-        from mavl_cli.models.text import max_tokens
 
         self.limit = max_tokens(tokenizer, model)
         if st and st.get("max_seq_length"):
@@ -78,7 +80,6 @@ class HFText:
     def _pool(self, hidden: Any, mask: Any) -> Any:
         import torch
 
-        from mavl_cli.pooling import get_pooling
 
         if self.pooling != "folder":
             return get_pooling(self.pooling)(hidden, mask)
@@ -199,7 +200,6 @@ def _st_config(folder: Path) -> dict[str, Any] | None:
 def _dense(path: Path) -> Any:
     import torch
 
-    from mavl_cli.encoders.common import load_state_dict
 
     cfg = json.loads((path / "config.json").read_text())
     act_name = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity")).rsplit(".", 1)[-1]
@@ -221,14 +221,11 @@ def load_text(text: str, pooling: str | None = None, trust_remote_code: bool = F
     if pooling == "folder":  # recorded for a sentence-transformers folder's own pooling
         pooling = None
     if spec.family == "open_clip":
-        from mavl_cli.encoders import build_image_encoder
 
         if pooling not in (None, "open_clip"):
             raise MavlError("--pooling does not apply to open_clip text towers (they pool as they were trained)")
         enc = build_image_encoder(f"open_clip:{spec.id}")
         return CLIPText(spec.id, enc.text_encoder())
-    from mavl_cli.models.text import load_text_encoder
-    from mavl_cli.pooling import POOLING
 
     if pooling is not None and pooling not in POOLING:
         raise MavlError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLING)}")
@@ -248,4 +245,3 @@ def st_pooling_name(st: dict[str, Any]) -> str:
     return name + ("+normalize" if st.get("normalize") else "")
 
 
-_ = math  # (kept for mean_sqrt_len readers)

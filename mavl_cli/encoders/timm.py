@@ -27,10 +27,18 @@ from typing import Any
 
 import torch
 
-from mavl_cli.encoders.base import BackboneInfo, ImageEncoder, grid_from_tokens, tokens_to_map
+from mavl_cli.core.defaults import DEFAULT_IMAGE_ENCODER
+from mavl_cli.core.errors import MavlError
+from mavl_cli.core.limits import MAX_INPUT_SIDE, MAX_PARAMETERS
+from mavl_cli.encoders.base import (
+    BackboneInfo,
+    ImageEncoder,
+    grid_from_tokens,
+    tokens_to_map,
+)
 from mavl_cli.encoders.common import load_exact, load_state_dict, offline, plain
-from mavl_cli.encoders.spec import DEFAULT_IMAGE_ENCODER, EncoderSpec
-from mavl_cli.errors import MavlError
+from mavl_cli.encoders.spec import EncoderSpec
+from mavl_cli.io.files import atomic_write_bytes, loads_json
 
 FAMILY = "timm"
 HAS_TEXT = False
@@ -103,7 +111,6 @@ def _read_folder(folder: Path) -> tuple[str | None, dict[str, Any], Path]:
     arch, args = None, {}
     cfg_path = folder / "config.json"
     if cfg_path.exists():
-        from mavl_cli.contract import loads_json
 
         try:
             text = cfg_path.read_text()
@@ -141,7 +148,6 @@ def _check_size(name: str, args: dict[str, Any]) -> None:
     measured on the meta device (no memory) before the real build."""
     import torch
 
-    from mavl_cli.limits import MAX_INPUT_SIDE, MAX_PARAMETERS
 
     size = args.get("img_size")
     if size is not None:
@@ -263,7 +269,6 @@ def save_local_backbone(model: Any, name: str, folder: Path, model_args: dict[st
     """Save a timm model in the hub's folder layout (config.json + model.safetensors)."""
     from safetensors.torch import save
 
-    from mavl_cli.contract import atomic_write_bytes
 
     folder = Path(folder)
     try:

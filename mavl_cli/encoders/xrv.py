@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders.base import ImageEncoder
 from mavl_cli.encoders.common import load_exact, load_state_dict, offline, plain
+from mavl_cli.encoders.geometry import CropGeometry
 from mavl_cli.encoders.spec import EncoderSpec
-from mavl_cli.errors import MavlError
 
 FAMILY = "xrv"
 HAS_TEXT = False
@@ -134,7 +135,6 @@ def geometry(cfg: dict[str, Any], iw: int, ih: int) -> Any:
     """Where an ``iw x ih`` image lands in the model input, as :func:`prepare` runs it:
     ``XRayCenterCrop`` (the central ``min(w, h)`` square, offsets ``w // 2 - side // 2``), then
     ``XRayResizer(resolution)`` of that square (pixel centres scaled, as skimage resizes)."""
-    from mavl_cli.maps import CropGeometry
 
     side, res = min(iw, ih), int(cfg["resolution"])
     startx, starty = iw // 2 - side // 2, ih // 2 - side // 2

@@ -2,7 +2,7 @@
 
 The same map as :meth:`mavl_cli.calibration.Calibration.apply`, so every path
 that turns head logits into probabilities with a sigmoid (``LoadedModel.score``,
-:class:`~mavl_cli.mavlmodel.MavlModel`, the Python API) gives calibrated
+:class:`~mavl_cli.models.mavlmodel.MavlModel`, the Python API) gives calibrated
 probabilities. Columns beyond the calibrated labels (labels added from text
 by ``predict --descriptions``) pass through unchanged.
 """

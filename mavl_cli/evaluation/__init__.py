@@ -1,0 +1,1 @@
+"""mavl_cli.evaluation."""

@@ -1,0 +1,14 @@
+"""mavl_cli.stages.maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mavl_cli.explain.mapeval import evaluate_maps
+
+
+def evaluate_maps_stage(maps_dir: str | Path, opts: Any) -> Any:
+    """`mavl evaluate-maps`: see :mod:`mavl_cli.mapeval`."""
+
+    return evaluate_maps(maps_dir, opts)
