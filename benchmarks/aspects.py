@@ -131,8 +131,8 @@ def drop_few_patients(ds: Any, min_patients: int) -> None:
 
 
 def embed_images(ds: Dataset, work: Path, weights: Path) -> None:
-    from mavl_cli.encoders.spec import EncoderSpec
     from mavl_cli.core.options import ImageList
+    from mavl_cli.encoders.spec import EncoderSpec
     from mavl_cli.stages.embed import embed_images_stage
 
     for s, csv in ds.splits.items():
@@ -200,8 +200,8 @@ def fuse(ds: Dataset, work: Path, text: Path, lrf: Path, aggregate: str, seed: i
 
 
 def labelled(ds: Dataset, split: str, x: np.ndarray | None = None, names: list[str] | None = None) -> Any:
-    from mavl_cli.io.mavlfile import read_file
     from mavl_cli.datasets.join import load_labelled
+    from mavl_cli.io.mavlfile import read_file
 
     emb = read_file(str(ds.emb[split]), expect="image-embeddings")
     return load_labelled(emb, ds.splits[split], names=names or ds.labels, uncertain="zeros", x=x)
@@ -245,10 +245,9 @@ def metrics(ds: Dataset, scores: np.ndarray, names: list[str], boot: int, te: An
 def run_dataset(ds: Dataset, work: Path, text_model: Path, seeds: list[int], boot: int) -> dict[str, Any]:
     """Every method for every seed; returns {method: {seed: metrics}}."""
     from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.models.lrf import head_from_tensors, lrf_embed
     from mavl_cli.models.modelfile import load_model
-    from mavl_cli.models.lrf import head_from_tensors
     from mavl_cli.stages.evaluate import score_labelled
-    from mavl_cli.models.lrf import lrf_embed
 
     texts = text_files(ds, work, text_model)
     results: dict[str, dict[int, Any]] = {}

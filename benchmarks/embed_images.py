@@ -6,7 +6,7 @@ all three alike):
   (a) ceiling:  the backbone's bare forward on random tensors under
                 ``torch.inference_mode`` (torch's default thread count; also
                 with half the threads, and the better of the two is reported);
-  (b) mavl:     ``mavl_cli.stages.embed_images_stage`` end to end on real files
+  (b) mavl:     ``mavl_cli.stages.embed.embed_images_stage`` end to end on real files
                 (listing, decoding, preprocessing, forward, output file);
   (c) notebook: the loop most notebooks write: PIL open + convert("RGB"),
                 torchvision Resize/CenterCrop/ToTensor/Normalize, a DataLoader
@@ -81,9 +81,9 @@ def bare_forward(model, data_config: dict, n: int, bs: int, threads: int) -> flo
 
 
 def mavl_run(folder: Path, out: Path, model_name: str, weights: Path, precision: str, bs: int | None) -> tuple[float, np.ndarray, list[str]]:
-    from mavl_cli.io.mavlfile import read_file
-    from mavl_cli.encoders.spec import EncoderSpec
     from mavl_cli.core.options import RunOptions
+    from mavl_cli.encoders.spec import EncoderSpec
+    from mavl_cli.io.mavlfile import read_file
     from mavl_cli.stages.embed import embed_images_stage
 
     res = embed_images_stage([str(folder)], str(out), EncoderSpec.parse(model_name, weights),
@@ -170,8 +170,8 @@ def main() -> None:
     import timm
     import torch
 
-    from mavl_cli.encoders.timm import create_backbone, save_local_backbone
     from mavl_cli.encoders.common import quantize_int8
+    from mavl_cli.encoders.timm import create_backbone, save_local_backbone
 
     large = tuple(int(v) for v in args.large_jpegs.lower().split("x")) if args.large_jpegs else None
     tmp = Path(tempfile.mkdtemp(prefix="mavl-bench-"))

@@ -62,7 +62,12 @@ def main() -> None:
 
     from mavl_cli.evaluation.calibration import calibration_report
     from mavl_cli.evaluation.compare import Side, compare
-    from mavl_cli.evaluation.metrics import resample_weights, evaluate, prepare, weighted_auroc_sorted
+    from mavl_cli.evaluation.metrics import (
+        evaluate,
+        prepare,
+        resample_weights,
+        weighted_auroc_sorted,
+    )
 
     n, L, B = args.images, args.labels, args.bootstrap
     y, a, b, groups = make_data(n, L, args.seed)

@@ -1,4 +1,4 @@
-"""Time ``mavl_cli.metrics.evaluate`` against the equivalent scikit-learn loop.
+"""Time ``mavl_cli.evaluation.metrics.evaluate`` against the equivalent scikit-learn loop.
 
 Run: ``python benchmarks/evaluate_speed.py [--images 200000] [--labels 14]``.
 Both sides compute the same numbers (per-label precision/recall/F1, AUROC,

@@ -102,8 +102,8 @@ def bare_forward(model_name: str, model_args: dict, device: str, batch: int, pre
 
 def mavl_end_to_end(folder: Path, model_name: str, model_args: dict, device: str, batch: int, precision: str,
                     workers: int | None) -> dict:
-    from mavl_cli.encoders.spec import EncoderSpec
     from mavl_cli.core.options import RunOptions
+    from mavl_cli.encoders.spec import EncoderSpec
     from mavl_cli.stages.embed import embed_images_stage
 
     with tempfile.TemporaryDirectory() as tmp:

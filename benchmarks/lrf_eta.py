@@ -126,13 +126,12 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
     import aspects as A
     import torch
 
-    from mavl_cli.io.mavlfile import read_file
-    from mavl_cli.models.lrf import head_from_tensors
     from mavl_cli.core.options import LabelOptions, Validation
-    from mavl_cli.stages.train import fuse_stage, train_lrf_stage
+    from mavl_cli.io.mavlfile import read_file
+    from mavl_cli.models.lrf import head_from_tensors, lrf_embed
     from mavl_cli.stages.evaluate import score_labelled
+    from mavl_cli.stages.train import fuse_stage, train_lrf_stage
     from mavl_cli.training.train import FusionConfig, LRFConfig
-    from mavl_cli.models.lrf import lrf_embed
 
     runs = work / "lrf_eta"
     (runs / "runs").mkdir(parents=True, exist_ok=True)
@@ -141,8 +140,8 @@ def run_dataset(ds: Any, work: Path, text: Path | None, configs: list[tuple[floa
     groups = np.asarray(te.groups) if te.groups is not None else np.arange(len(te.ids)).astype(str)
     w = boot_weights(groups, boot)
     out: dict[str, Any] = {"_init": {"alive_units_test": {}}}
-    from mavl_cli.models.lrf import LRFHead
     from mavl_cli.core.runtime import set_seed
+    from mavl_cli.models.lrf import LRFHead
 
     for seed in seeds:  # the untrained head, as train_lrf builds it: how many ReLU units start alive?
         set_seed(seed)

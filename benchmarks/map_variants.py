@@ -118,12 +118,12 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
     from mavl_cli.explain.heatmaps import build_map_model, image_input
-    from mavl_cli.io.mavlfile import MAP_METHODS
     from mavl_cli.explain.maps import to_original
+    from mavl_cli.io.mavlfile import MAP_METHODS
     from mavl_cli.models.mavlmodel import image_encoder
     from mavl_cli.models.modelfile import load_model
-    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
 
     torch.set_num_threads(a.threads)
     model = load_model(a.work / "model_tuned.safetensors")

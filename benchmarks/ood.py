@@ -120,7 +120,7 @@ def natural_images(folder: Path, size: int, seed: int = 0) -> Path:
 
 
 def demo_model(work: Path, n: int, epochs: int, seed: int, weights: Path, text_model: Path) -> Path:
-    """The demo's chain (``mavl_cli.demo.demo_steps``, the stages ``mavl demo`` runs), resumable."""
+    """The demo's chain (``mavl_cli.stages.demo.demo_steps``, the stages ``mavl demo`` runs), resumable."""
     from mavl_cli.stages.demo import demo_steps, phantoms_step, run_step
 
     d = work / "demo"
@@ -148,10 +148,16 @@ def nih_model(work: Path, data: Path, weights: Path, text_model: Path, seed: int
     """Train-lrf + fuse on the NIH train split (validation: the val split). Returns (model, test embeddings, test images)."""
     from nih_split import make_split
 
-    from mavl_cli.stages.demo import descriptions_path
+    from mavl_cli.core.options import (
+        ImageList,
+        LabelOptions,
+        RunOptions,
+        TextSpec,
+        Validation,
+    )
     from mavl_cli.datasets.reader import read_labels
     from mavl_cli.encoders.spec import EncoderSpec
-    from mavl_cli.core.options import ImageList, LabelOptions, RunOptions, TextSpec, Validation
+    from mavl_cli.stages.demo import descriptions_path
     from mavl_cli.stages.embed import embed_images_stage
     from mavl_cli.stages.text import embed_text_stage
     from mavl_cli.stages.train import fuse_stage, train_lrf_stage
@@ -202,9 +208,9 @@ def embed_folder(folder: Path, out: Path, weights: Path) -> Path:
 
 
 def flag_rate(model_path: Path, emb_paths: Path | list[Path], percentile: float | None = None) -> dict[str, Any]:
-    from mavl_cli.trust import ood
     from mavl_cli.io.mavlfile import read_file
     from mavl_cli.models.modelfile import load_model
+    from mavl_cli.trust import ood
 
     model = load_model(model_path)
     files = [read_file(p, expect="image-embeddings") for p in (emb_paths if isinstance(emb_paths, list) else [emb_paths])]

@@ -22,9 +22,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mavl_cli.datasets.options import DatasetOptions, LabelSource  # noqa: E402
 from mavl_cli.datasets.reader import read_labels
 from mavl_cli.synthetic.layouts import MIMIC_LABEL_COLUMNS
-from mavl_cli.datasets.options import DatasetOptions, LabelSource  # noqa: E402
 
 STUDIES, IMAGES = 227_827, 377_110
 

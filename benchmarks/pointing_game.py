@@ -3,7 +3,7 @@
 The model is the demo's: 600 phantoms (seed 0, 256 px, now with ``--masks``),
 ImageNet EfficientNet-Lite0 features, MiniLM-L6 aspect text, ``train-lrf`` +
 ``fuse`` + ``tune-threshold`` exactly as ``mavl demo`` runs them
-(``mavl_cli.demo.demo_commands``). Then, for both methods, the very commands
+(``mavl_cli.stages.demo.demo_commands``). Then, for both methods, the very commands
 a user types:
 
     mavl predict TEST_IMAGES... --model model_tuned.safetensors --heatmap maps/METHOD --heatmap-labels all
@@ -66,9 +66,9 @@ def cli(args: list) -> str:
 
 
 def train(work: Path, n: int, epochs: int, seed: int) -> Path:
-    from mavl_cli.stages.demo import DEMO_BACKBONE, demo_commands
     from mavl_cli.core.home import mavl_home
     from mavl_cli.encoders.weights import ensure_demo_backbone, minilm_folder
+    from mavl_cli.stages.demo import DEMO_BACKBONE, demo_commands
 
     model = work / "model_tuned.safetensors"
     if model.exists() and (work / "phantoms" / "masks").is_dir():
@@ -95,11 +95,11 @@ def test_images(work: Path) -> list[Path]:
 def timing(model_path: Path, images: list[Path], repeats: int) -> dict:
     import torch
 
+    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
     from mavl_cli.explain.heatmaps import build_map_model, image_input, needs_grad
     from mavl_cli.explain.maps import to_original
     from mavl_cli.models.mavlmodel import image_encoder
     from mavl_cli.models.modelfile import load_model
-    from mavl_cli.encoders.preprocess import normalize_batch, stack_batch
 
     model = load_model(model_path)
     net, prep = image_encoder(model.meta)
@@ -161,11 +161,10 @@ def figure(work: Path, out: Path, per_label: int = 1) -> None:
     """Rows: examples of different findings; columns: film + true region, then each method."""
     from PIL import Image, ImageDraw
 
-    from mavl_cli.io.mavlfile import read_file
     from mavl_cli.explain.maps import label_slug, overlay
+    from mavl_cli.io.mavlfile import read_file
 
     masks = work / "phantoms" / "masks"
-    ph = work / "phantoms"
     rows = []
     seen: dict[str, int] = {}
     for img in test_images(work):

@@ -163,8 +163,9 @@ def train_clip(ph: Path, out: Path, epochs: int, seed: int, image_size: int, log
     if locked:
         # LiT: the image trunk starts from ImageNet weights (the demo's EfficientNet-Lite0 package) and stays
         # locked; only the projection, the text tower and the logit scale train, so trunk features are computed once
-        from mavl_cli.encoders.weights import ensure_demo_backbone
         from safetensors.torch import load_file
+
+        from mavl_cli.encoders.weights import ensure_demo_backbone
 
         wdir = ensure_demo_backbone(out.parent / "effnet-lite0-imagenet")
         sd = load_file(str(wdir / "model.safetensors"))

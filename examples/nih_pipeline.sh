@@ -25,8 +25,8 @@ run python "$HERE/../benchmarks/nih_split.py" "$DATA" -o "$WORK/split" --seed 0
 
 # 2. Offline models: the ImageNet EfficientNet-Lite0 weights (converted once) and MiniLM.
 [ -f "$WEIGHTS/model.safetensors" ] || run mavl import-weights efficientnet-lite0 -o "$WEIGHTS"
-MINILM="$(python -c 'from mavl_cli.weights import minilm_folder; print(minilm_folder())')"
-DESC="$(python -c 'from mavl_cli.demo import descriptions_path; print(descriptions_path("nih14.json"))')"
+MINILM="$(python -c 'from mavl_cli.encoders.weights import minilm_folder; print(minilm_folder())')"
+DESC="$(python -c 'from mavl_cli.stages.demo import descriptions_path; print(descriptions_path("nih14.json"))')"
 
 # 3. Image features for each split.
 for s in train val test; do

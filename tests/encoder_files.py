@@ -86,7 +86,11 @@ def mavl_file_features(enc, paths) -> np.ndarray:
     """mavl's path from files: decoding (with its downscaling), family preprocessing, encoder."""
     import torch
 
-    from mavl_cli.encoders.preprocess import load_and_prepare, normalize_batch, stack_batch
+    from mavl_cli.encoders.preprocess import (
+        load_and_prepare,
+        normalize_batch,
+        stack_batch,
+    )
 
     with torch.inference_mode():
         batch = stack_batch([load_and_prepare(p, enc.preprocessing) for p in paths])

@@ -98,9 +98,9 @@ def write_fused_model(path: Path, dim: int, backbone: str, encoder_meta: dict, a
     import torch
 
     from mavl_cli.io.mavlfile import MavlFile, write_file
-    from mavl_cli.models.modelfile import build_model
     from mavl_cli.models.fusion import FusionModel
     from mavl_cli.models.lrf import LRFHead
+    from mavl_cli.models.modelfile import build_model
 
     torch.manual_seed(head_seed)
     head = LRFHead(dim, 8, len(LABELS)).eval()

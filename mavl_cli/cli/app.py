@@ -226,8 +226,8 @@ def train_lrf_cmd(
     embed_out: Optional[str] = typer.Option(None, "--embed-out", help="Also write the training images' r-dim LRF embeddings here."),
 ) -> None:
     """Phase 1: low-rank projection + classifier, BCE + eta * truncated nuclear norm."""
-    from mavl_cli.reports import views
     from mavl_cli.datasets.labelmap import parse_label_options
+    from mavl_cli.reports import views
     from mavl_cli.stages.train import train_lrf_stage
     from mavl_cli.training.train import LRFConfig
 
@@ -279,8 +279,8 @@ def finetune_lrf_cmd(
     Writes the head like `train-lrf` and the backbone into --backbone-out for `embed-images --weights`
     (any encoder family; the command prints the options to use).
     """
-    from mavl_cli.reports import views
     from mavl_cli.datasets.labelmap import parse_label_options
+    from mavl_cli.reports import views
     from mavl_cli.stages.finetune import finetune_stage
     from mavl_cli.training.train import LRFConfig
 
@@ -337,8 +337,8 @@ def fuse_cmd(
     set_default: bool = typer.Option(False, "--set-default", help="Also install as the default model for `mavl predict`."),
 ) -> None:
     """Phase 3: project images and label texts into one space; logit = exp(s) * cosine + bias."""
-    from mavl_cli.reports import views
     from mavl_cli.datasets.labelmap import parse_label_options
+    from mavl_cli.reports import views
     from mavl_cli.stages.train import fuse_stage
     from mavl_cli.training.train import FusionConfig
 
@@ -384,8 +384,8 @@ def tune_threshold_cmd(
     label_map: Optional[str] = _label_map_opt(),
 ) -> None:
     """Choose decision thresholds on validation data and store them in the model."""
-    from mavl_cli.reports import views
     from mavl_cli.datasets.labelmap import parse_label_options
+    from mavl_cli.reports import views
     from mavl_cli.stages.train import tune_stage
 
     if per_label:
@@ -445,8 +445,8 @@ def evaluate_cmd(
     html_out: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report (tables, curves, reliability, subgroups)."),
 ) -> None:
     """Per-label precision, recall, specificity, F1, AUROC, AUPRC, calibration (ECE, Brier); macro/micro F1; subgroups."""
-    from mavl_cli.reports import views
     from mavl_cli.datasets.labelmap import parse_label_options
+    from mavl_cli.reports import views
     from mavl_cli.stages.evaluate import EvalExtras, evaluate_stage
 
     subgroup_csv = getattr(getattr(labels, "options", None), "metadata", None)  # --metadata (shared data-set option)
@@ -477,8 +477,8 @@ def compare_cmd(
     label_map: Optional[str] = _label_map_opt(),
 ) -> None:
     """Paired comparison: AUROC of each, A - B with paired patient-bootstrap CI, DeLong p; F1 difference."""
-    from mavl_cli.reports import views
     from mavl_cli.datasets.labelmap import parse_label_options
+    from mavl_cli.reports import views
     from mavl_cli.stages.compare import compare_stage
 
     read = parse_label_options(uncertain, label_map)

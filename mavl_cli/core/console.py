@@ -30,7 +30,7 @@ from mavl_cli.core.sanitize import terminal
 class SafeConsole(Console):
     """A console that treats every string as data: no rich markup or emoji codes are parsed
     (a label ``[link=...]`` stays text) and control characters are shown escaped
-    (:func:`mavl_cli.sanitize.terminal`). Styled output is built from :class:`Text` pieces."""
+    (:func:`mavl_cli.core.sanitize.terminal`). Styled output is built from :class:`Text` pieces."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(markup=False, emoji=False, **kw)

@@ -18,9 +18,9 @@ any work, whoever calls the stage (the CLI, ``mavl demo``, a script):
 - :class:`EvalOptions` - evaluation's figures and outputs;
 - :class:`PredictOptions` - prediction's extras and outputs.
 
-Training hyper-parameters stay in :class:`mavl_cli.train.LRFConfig` /
+Training hyper-parameters stay in :class:`mavl_cli.training.train.LRFConfig` /
 ``FusionConfig`` (recorded verbatim in the files they make). The defaults
-(image and text encoder, threshold) live in :mod:`mavl_cli.defaults`.
+(image and text encoder, threshold) live in :mod:`mavl_cli.core.defaults`.
 """
 
 from __future__ import annotations
@@ -179,5 +179,5 @@ class PredictOptions:
         check_threshold(self.threshold)
 
 
-__all__ = ["EncoderSpec", "EvalOptions", "FinetuneOptions", "ImageList", "LabelOptions", "PredictOptions", "RunOptions",
+__all__ = ["EvalOptions", "FinetuneOptions", "ImageList", "LabelOptions", "PredictOptions", "RunOptions",
            "TextSpec", "Validation", "UNCERTAIN_POLICIES", "check_threshold", "check_uncertain"]

@@ -13,7 +13,7 @@ instructions. Two places would otherwise obey them:
   cells with ``'`` (OWASP's advice), which spreadsheets show as plain text.
 
 Rich markup (``[link=...]``, ``[/]``) is the third interpreter; the consoles in
-:mod:`mavl_cli.render` never parse markup in data (they pass everything through
+:mod:`mavl_cli.core.console` never parse markup in data (they pass everything through
 :func:`terminal` and render it as plain text).
 """
 

@@ -5,7 +5,7 @@ Paths start with the release folder (``CheXpert-v1.0-small/train/patient00001/st
 which ids drop so either download matches images under a separately given root.
 Patient: the ``patientNNNNN`` folder. View: ``Frontal/Lateral`` and ``AP/PA``.
 Uncertain convention: ``-1`` (resolved by ``--uncertain``). Reading goes through
-the per-column reader in :mod:`mavl_cli.datasets.columns`; a file is called
+the per-column reader in :mod:`mavl_cli.datasets.reader`; a file is called
 CheXpert when at least half of its label columns carry CheXpert names.
 """
 

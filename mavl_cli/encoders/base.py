@@ -1,7 +1,7 @@
 """The image-encoder object every family returns (imports torch: load it lazily).
 
 :class:`ImageEncoder` is an ``nn.Module``. Its input is the batch tensor that
-:func:`mavl_cli.preprocess.normalize_batch` makes from the family's own
+:func:`mavl_cli.encoders.preprocess.normalize_batch` makes from the family's own
 preprocessing (``encoder.preprocessing``, a JSON dict recorded in every file),
 so ``encoder(normalize_batch(stack_batch([prepare_image(img, enc.preprocessing)]), enc.preprocessing))``
 is the whole path from a decoded PIL image to a feature vector.
@@ -121,7 +121,7 @@ class ImageEncoder(torch.nn.Module):
     # -- shared
     def geometry(self, width: int, height: int) -> Any:
         """How a ``width x height`` image maps into this encoder's input (a
-        :class:`mavl_cli.maps.CropGeometry`), declared by the family from the same
+        :class:`mavl_cli.explain.maps.CropGeometry`), declared by the family from the same
         preprocessing recipe it runs (``self.preprocessing``)."""
 
         return input_geometry(self.preprocessing, (width, height))

@@ -1,9 +1,9 @@
 """The GPU fast path of `embed-images`, and how the pipeline is chosen and recorded.
 
-Two input pipelines feed the same forward loop (:func:`mavl_cli.embed.embed_images`):
+Two input pipelines feed the same forward loop (:func:`mavl_cli.models.embed.embed_images`):
 
 - ``threads`` (the CPU default): decoder threads run the backbone's own eval
-  preprocessing with PIL (:mod:`mavl_cli.preprocess`) a few batches ahead.
+  preprocessing with PIL (:mod:`mavl_cli.encoders.preprocess`) a few batches ahead.
 - ``device`` (the CUDA default): DataLoader worker *processes* read JPEG
   bytes and fully decode everything else (PNG, DICOM, TIFF: PIL/pydicom and
   the same eval preprocessing as ``threads``), handing pinned uint8 batches
@@ -164,7 +164,7 @@ def resize_crop(img: Any, data_config: dict[str, Any]) -> Any:
     """``[C, H, W]`` (or a batch ``[B, C, H, W]`` of one size) uint8 on any device -> the eval crop
     ``[C, h, w]`` (``[B, C, h, w]``), float in 0..255 rounded like a uint8 image.
 
-    The geometry is exactly :func:`mavl_cli.preprocess.prepare_image`'s
+    The geometry is exactly :func:`mavl_cli.encoders.preprocess.prepare_image`'s
     (torchvision's resize and centre crop, or squash); the resampler is
     torch's antialiased bicubic (PIL's is bicubic too, its kernel support and
     rounding differ slightly).
@@ -198,7 +198,7 @@ def resize_crop(img: Any, data_config: dict[str, Any]) -> Any:
 
 
 def _normalise(x: Any, data_config: dict[str, Any]) -> Any:
-    """float ``[B, 3, H, W]`` in 0..255 -> normalised, as :func:`mavl_cli.preprocess.normalize_batch` computes it."""
+    """float ``[B, 3, H, W]`` in 0..255 -> normalised, as :func:`mavl_cli.encoders.preprocess.normalize_batch` computes it."""
     import torch
 
     std = torch.tensor(data_config["std"], dtype=torch.float64)

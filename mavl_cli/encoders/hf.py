@@ -14,7 +14,7 @@ Preprocessing: the model's own ``AutoImageProcessor`` (the class and backend
 from that record; mavl runs it on each decoded image in its decoder threads,
 so features equal ``model(**processor(images=img, return_tensors="pt"))``.
 The decoder only pre-shrinks images whose short side exceeds 4x the model's
-input (box reduction, see :mod:`mavl_cli.imageio`).
+input (box reduction, see :mod:`mavl_cli.io.imageio`).
 
 Pooling: models with prefix tokens (ViT, DINOv2, with or without registers):
 ``cls`` (default; ``last_hidden_state[:, 0]`` after the final layer norm,
@@ -57,7 +57,7 @@ from mavl_cli.encoders.geometry import CropGeometry, centre_offset
 from mavl_cli.encoders.spec import EncoderSpec
 
 FAMILY = "hf"
-HAS_TEXT = False  # its text encoders are the BERT-style path (mavl_cli.models.text)
+HAS_TEXT = False  # its text encoders are the BERT-style path (mavl_cli.encoders.text)
 DECODE_FACTOR = 4
 _PROCESSORS: dict[str, Any] = {}
 _LOCK = threading.Lock()

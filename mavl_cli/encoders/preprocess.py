@@ -76,7 +76,7 @@ def resized_size(data_config: dict[str, Any], iw: int, ih: int) -> tuple[int, in
 
 def input_geometry(data_config: dict[str, Any], size: tuple[int, int]) -> Any:
     """How a decoded image of ``size`` (width, height) becomes the model input, as a
-    :class:`mavl_cli.maps.CropGeometry` (in that image's pixels).
+    :class:`mavl_cli.explain.maps.CropGeometry` (in that image's pixels).
 
     Declared from the same recipe :func:`prepare_image` runs: timm's here (the
     rule above), every other family's by its module's ``geometry(cfg, w, h)``.

@@ -3,7 +3,7 @@
 ``FAMILY`` is one of :data:`FAMILIES` (``timm`` when there is no prefix, so
 ``vit_base_patch16_224`` and ``hf-hub:timm/...`` keep meaning what they always
 meant); ``ID`` is a hub id or a local path (folder or file). The defaults
-live in :mod:`mavl_cli.defaults`.
+live in :mod:`mavl_cli.core.defaults`.
 """
 
 from __future__ import annotations

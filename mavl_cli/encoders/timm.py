@@ -8,7 +8,7 @@ same as ``--weights /path/folder``.
 
 Preprocessing: ``timm.data.resolve_model_data_config(model)`` (input size,
 mean, std, interpolation, crop_pct, crop_mode), applied by mavl's uint8 path
-(:mod:`mavl_cli.preprocess`) with torchvision's geometry (short side to
+(:mod:`mavl_cli.encoders.preprocess`) with torchvision's geometry (short side to
 ``floor(size / crop_pct)`` with the long side truncated, centre crop offsets
 rounded), so features equal those of ``timm.data.create_transform(**cfg)``.
 

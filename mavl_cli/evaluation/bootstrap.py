@@ -17,7 +17,7 @@ statistic here is computed from those unit counts directly:
 
 Values equal the direct weighted computation (tests compare with
 scikit-learn's ``roc_auc_score(sample_weight=...)``), and the draws are the
-same as :func:`mavl_cli.metrics.resample_weights` for a given seed.
+same as :func:`mavl_cli.evaluation.metrics.resample_weights` for a given seed.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class AurocEngine:
     """Weighted AUROC of every label for many unit-count vectors at once.
 
     ``y``, ``s``, ``m`` are prepared ``[n_images, n_labels]`` arrays (see
-    :func:`mavl_cli.metrics.prepare`); ``inverse`` maps images to units.
+    :func:`mavl_cli.evaluation.metrics.prepare`); ``inverse`` maps images to units.
     """
 
     def __init__(self, y: np.ndarray, s: np.ndarray, m: np.ndarray, inverse: np.ndarray, n_units: int):

@@ -111,8 +111,8 @@ class Report:
     n_images: int
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    calibration: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.calibration.calibration_report
-    subgroups: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.subgroups
+    calibration: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.evaluation.calibration.calibration_report
+    subgroups: dict[str, Any] = field(default_factory=dict)  # from mavl_cli.evaluation.subgroups
     label_auroc_ci: list[tuple[float, float]] = field(default_factory=list)  # per label, with --bootstrap
     data: dict[str, Any] = field(default_factory=dict)  # what was evaluated: files, fingerprint
 
@@ -492,7 +492,7 @@ def bootstrap_ci(
 
     Each resample is a vector of patient (or image) multiplicities, so F1
     counts become one matrix product and AUROC a weighted rank statistic
-    computed from one sort per label (:mod:`mavl_cli.bootstrap`).
+    computed from one sort per label (:mod:`mavl_cli.evaluation.bootstrap`).
     """
     if n_boot < 0:
         raise MavlError(f"Bootstrap resamples must be 0 or more, got {n_boot}.")

@@ -5,7 +5,7 @@ Light on purpose (numpy and Pillow, no torch): `mavl evaluate-maps` and
 
 Coordinates. The model sees a box cut from a rescaled film, as the encoder
 family's own preprocessing makes it (each family declares that geometry,
-:func:`mavl_cli.preprocess.input_geometry`). A map computed on that input, on a grid of
+:func:`mavl_cli.encoders.preprocess.input_geometry`). A map computed on that input, on a grid of
 ``h x w`` cells covering the crop, is taken back to the original film by
 :func:`to_original`: each original pixel centre is carried forward through
 the resize and the crop into the grid's coordinates and the map is sampled
@@ -55,7 +55,7 @@ def crop_geometry(orig_size: tuple[int, int], decoded_size: tuple[int, int], dat
     ``decoded_size``: the size the decoder handed to the preprocessing (it may
     have downscaled already; both are rescalings of the whole frame). The
     family declares the geometry from the same recipe its preprocessing runs
-    (:func:`mavl_cli.preprocess.input_geometry`); a family that cannot is one
+    (:func:`mavl_cli.encoders.preprocess.input_geometry`); a family that cannot is one
     clear error.
     """
     from dataclasses import replace

@@ -216,7 +216,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def csv_text(rows: list[dict[str, Any]] | list[list[Any]], header: list[str] | None = None, lineterminator: str = "\r\n") -> str:
     """CSV for spreadsheets: text cells that would run as formulas get a leading ``'``
-    (:func:`mavl_cli.sanitize.csv_cell`), the header included."""
+    (:func:`mavl_cli.core.sanitize.csv_cell`), the header included."""
     import csv
     import io
 

@@ -208,7 +208,7 @@ def loads(data: bytes, name: str = "-", expect: str | tuple[str, ...] | None = N
     return f
 
 
-#: how fused-model aspect scores combine (``mavl_cli.models.fusion.AGGREGATES``; a test keeps the two equal)
+#: how fused-model aspect scores combine (the fusion head reads this one tuple)
 AGGREGATES = ("none", "mean", "max", "learned")
 
 

@@ -155,7 +155,7 @@ def check_shard_meta(p: Any) -> None:
 
 
 def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
-    """Check and join loaded parts (:class:`mavl_cli.contract.MavlFile`) into the unsharded file's content."""
+    """Check and join loaded parts (:class:`mavl_cli.io.mavlfile.MavlFile`) into the unsharded file's content."""
     import shlex
 
     if not parts:

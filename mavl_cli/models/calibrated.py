@@ -1,6 +1,6 @@
 """A scoring head followed by `mavl calibrate`'s per-label map, in torch (logits in, calibrated logits out).
 
-The same map as :meth:`mavl_cli.calibration.Calibration.apply`, so every path
+The same map as :meth:`mavl_cli.evaluation.calibration.Calibration.apply`, so every path
 that turns head logits into probabilities with a sigmoid (``LoadedModel.score``,
 :class:`~mavl_cli.models.mavlmodel.MavlModel`, the Python API) gives calibrated
 probabilities. Columns beyond the calibrated labels (labels added from text

@@ -131,8 +131,8 @@ def embed_images(
     ``preprocessing``: a recorded recipe to use instead of the encoder's own
     (a model file rebuilding its encoder exactly).
 
-    ``shard`` (:class:`mavl_cli.shards.Shard`): embed only that slice of
-    ``items`` (whole batches, see :mod:`mavl_cli.shards`); the fingerprint
+    ``shard`` (:class:`mavl_cli.io.shards.Shard`): embed only that slice of
+    ``items`` (whole batches, see :mod:`mavl_cli.io.shards`); the fingerprint
     stays the full list's and ``meta["shard"]`` says which slice this is.
 
     ``lrf``: an ``lrf-head`` MavlFile; when given, features are projected to
@@ -143,7 +143,7 @@ def embed_images(
     ``threads``: CPU threads for the forward pass (default: tuned while running,
     see :class:`ThreadTuner`; or the ``MAVL_THREADS`` environment variable).
     ``pipeline`` (auto | threads | device) and ``compile_model``: see
-    :mod:`mavl_cli.fastpath`; what was used is recorded in ``meta["pipeline"]``.
+    :mod:`mavl_cli.encoders.fastpath`; what was used is recorded in ``meta["pipeline"]``.
     """
     import torch
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AGGREGATES = ("none", "mean", "max", "learned")
+from mavl_cli.io.mavlfile import AGGREGATES
+
 MAX_LOG_SCALE = math.log(100.0)
 
 

@@ -2,7 +2,7 @@
 
 ``MavlModel = encoder -> (LRF head) -> scoring head``, rebuilt from a model
 file alone: the file records the encoder spec and its preprocessing (see
-:mod:`mavl_cli.modelfile`), the LRF head and fusion weights, the label text
+:mod:`mavl_cli.models.modelfile`), the LRF head and fusion weights, the label text
 embeddings and the thresholds; text and thresholds become buffers. The
 scoring head is the trained fusion (``mavl fuse``) or an aligned model's
 prompts (``mavl zero-shot``), see :mod:`mavl_cli.models.heads`.
@@ -168,7 +168,7 @@ class LabelText:
 
 def from_loaded(loaded: Any, weights: str | None = None, with_encoder: bool = True,
                 label_text: LabelText | None = None) -> MavlModel:
-    """A :class:`MavlModel` (eval mode, CPU) from a :class:`~mavl_cli.modelfile.LoadedModel`."""
+    """A :class:`MavlModel` (eval mode, CPU) from a :class:`~mavl_cli.models.modelfile.LoadedModel`."""
     encoder, prep = (None, dict(loaded.meta.get("preprocessing") or {}))
     if with_encoder:
         encoder, prep = image_encoder(loaded.meta, weights, loaded.file.tensors)
@@ -196,7 +196,7 @@ class ImageScores:
 
 def score_images(model: MavlModel, items: list[Any], device: str = "auto", batch_size: int | None = None,
                  workers: int | None = None, skip_bad: bool = False, advance: Callable[..., None] | None = None) -> ImageScores:
-    """Decode ``items`` (:class:`~mavl_cli.embed.ImageItem`) in background threads and run the whole model."""
+    """Decode ``items`` (:class:`~mavl_cli.models.embed.ImageItem`) in background threads and run the whole model."""
 
     if not items:
         raise MavlError("no images to score")

@@ -184,7 +184,7 @@ class LoadedModel:
 
     @property
     def calibration(self) -> Any:
-        """The :class:`mavl_cli.calibration.Calibration` stored by `mavl calibrate`, or None."""
+        """The :class:`mavl_cli.evaluation.calibration.Calibration` stored by `mavl calibrate`, or None."""
 
         return Calibration.from_file(self.file.tensors, self.meta)
 

@@ -1,7 +1,7 @@
 """How each stage's result is shown (tables, notes, the --json/--csv documents).
 
 Shared by the command line (:mod:`mavl_cli.cli`) and ``mavl demo``
-(:mod:`mavl_cli.demo`), so a stage run by the demo prints exactly what the
+(:mod:`mavl_cli.stages.demo`), so a stage run by the demo prints exactly what the
 command prints. Torch-free; heavy modules are imported inside the functions.
 """
 

@@ -5,7 +5,7 @@ options of the command a user would type for that step, and prints that
 command line as it goes (so the chain can be repeated by hand). It uses real
 pretrained encoders that arrive as PyPI packages: ImageNet EfficientNet-Lite0
 for images (converted once to a safetensors model folder) and MiniLM-L6 for
-text. Real deployments keep mavl's defaults (:mod:`mavl_cli.defaults`)."""
+text. Real deployments keep mavl's defaults (:mod:`mavl_cli.core.defaults`)."""
 
 from __future__ import annotations
 

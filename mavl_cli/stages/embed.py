@@ -33,7 +33,7 @@ def embed_images_stage(
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
     """Embed images into one file; with ``shard`` one part of it; under torchrun every rank
-    embeds its shard on its own device and rank 0 merges the parts (see :mod:`mavl_cli.shards`).
+    embeds its shard on its own device and rank 0 merges the parts (see :mod:`mavl_cli.io.shards`).
 
     ``encoder``: an :class:`EncoderSpec` or ``FAMILY:ID`` (default: the default image encoder)."""
 

@@ -81,7 +81,7 @@ def evaluate_stage(
     label_opts: LabelOptions | None = None, extras: Any = None,
 ) -> tuple[Any, list[str], Scored]:
     """Returns (Report, warnings, scored data); ``sc.ood`` holds the OOD share and metrics without flagged images;
-    ``extras`` is a :class:`mavl_cli.stages_eval.EvalExtras`."""
+    ``extras`` is a :class:`mavl_cli.stages.evaluate.EvalExtras`."""
 
     o, read = opts or EvalOptions(), label_opts or LabelOptions()
     scores_file, bootstrap, seed, threshold = o.scores, o.bootstrap, o.seed, o.threshold

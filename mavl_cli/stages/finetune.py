@@ -38,11 +38,11 @@ def finetune_stage(
 ) -> Any:
     """``mavl finetune-lrf``: label CSV(s) + images -> lrf-head file + backbone folder.
 
-    ``images``: a :class:`mavl_cli.options.ImageList` whose ``labels`` CSV lists
+    ``images``: a :class:`mavl_cli.core.options.ImageList` whose ``labels`` CSV lists
     the training images under ``root``; ``validation.labels``: a second label CSV
     whose paths lie under the same root (otherwise ``validation.split`` of the
     patients is held out). ``encoder``: an EncoderSpec; ``tune``/``run``:
-    :class:`~mavl_cli.options.FinetuneOptions` / :class:`~mavl_cli.options.RunOptions`.
+    :class:`~mavl_cli.core.options.FinetuneOptions` / :class:`~mavl_cli.core.options.RunOptions`.
     """
 
 

@@ -9,6 +9,6 @@ from mavl_cli.explain.mapeval import evaluate_maps
 
 
 def evaluate_maps_stage(maps_dir: str | Path, opts: Any) -> Any:
-    """`mavl evaluate-maps`: see :mod:`mavl_cli.mapeval`."""
+    """`mavl evaluate-maps`: see :mod:`mavl_cli.explain.mapeval`."""
 
     return evaluate_maps(maps_dir, opts)

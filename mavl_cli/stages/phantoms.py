@@ -12,7 +12,7 @@ from mavl_cli.synthetic.phantoms import FINDINGS, generate_phantoms
 
 def phantoms_stage(out_dir: str | Path, n: int = 600, seed: int = 0, size: int = 256, masks: bool = False,
                    progress: Callable[[str, int, str], Any] | None = None) -> StageResult:
-    """Synthetic radiographs with labelled findings (:mod:`mavl_cli.phantoms`); ``masks``: where each finding is."""
+    """Synthetic radiographs with labelled findings (:mod:`mavl_cli.synthetic.phantoms`); ``masks``: where each finding is."""
 
     with (progress("phantoms", n, "img") if progress else nullcontext(None)) as advance:
         ps = generate_phantoms(out_dir, n=n, seed=seed, size=size, masks=masks,

@@ -58,7 +58,7 @@ def predict_stage(
 ) -> tuple[Prediction, list[dict[str, str]]]:
     """Score images through the whole model (:class:`mavl_cli.models.mavlmodel.MavlModel`).
 
-    ``opts.heatmap``: a :class:`mavl_cli.heatmaps.HeatmapOptions` to also write explanation maps."""
+    ``opts.heatmap``: a :class:`mavl_cli.explain.heatmaps.HeatmapOptions` to also write explanation maps."""
     o, r = opts or PredictOptions(), run or RunOptions()
     weights, threshold, descriptions, explain = o.weights, o.threshold, o.descriptions, o.explain
     scores_out, json_out, heatmap, shard, ood_threshold = o.scores_out, o.json_out, o.heatmap, o.shard, o.ood_threshold
@@ -145,7 +145,7 @@ def _extend_labels(model: Any, descriptions: str, device: str, threshold: float 
     Fusion models: the new labels get the mean bias of the trained ones (no
     data says more); aspects are aligned by name, aspects the model has never
     seen are dropped. Zero-shot models: the new labels get prompts like the
-    others (:func:`mavl_cli.zeroshot.extend_labels`). New labels' thresholds
+    others (:func:`mavl_cli.models.zeroshot.extend_labels`). New labels' thresholds
     are ``threshold`` or the default.
     """
 

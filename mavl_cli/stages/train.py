@@ -48,7 +48,7 @@ def train_lrf_stage(
     embed_out: str | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
-    """``config``: a :class:`mavl_cli.train.LRFConfig`; ``validation``: ``--val`` embeddings, else a held-out split."""
+    """``config``: a :class:`mavl_cli.training.train.LRFConfig`; ``validation``: ``--val`` embeddings, else a held-out split."""
 
     config = config or LRFConfig()
     read, v = label_opts or LabelOptions(), validation or Validation()
@@ -127,7 +127,7 @@ def fuse_stage(
     set_default: bool = False,
     progress: Callable[[str, int, str], Any] | None = None,
 ) -> StageResult:
-    """``config``: a :class:`mavl_cli.train.FusionConfig`; ``validation.embeddings``: keep the best epoch on them."""
+    """``config``: a :class:`mavl_cli.training.train.FusionConfig`; ``validation.embeddings``: keep the best epoch on them."""
 
     config = config or FusionConfig()
     read, v = label_opts or LabelOptions(), validation or Validation()

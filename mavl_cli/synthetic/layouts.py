@@ -2,7 +2,7 @@
 
 Tests (and anyone trying a command before downloading 500 GB) get a MIMIC-CXR,
 PadChest or VinDr-CXR folder whose files are named, placed and headed like the
-real release, with :mod:`mavl_cli.phantoms` films as the images, so the
+real release, with :mod:`mavl_cli.synthetic.phantoms` films as the images, so the
 adapters are exercised on the same code paths as on real data. Labels are the
 phantom's true findings (names of the data set's own vocabulary).
 """

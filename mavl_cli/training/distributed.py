@@ -10,7 +10,7 @@ variables (or with ``WORLD_SIZE=1``) every command runs in one process
 exactly as before.
 
 Used by ``embed-images`` (each rank embeds its shard, rank 0 merges) and by
-``finetune-lrf`` (DDP; see :mod:`mavl_cli.finetune`).
+``finetune-lrf`` (DDP; see :mod:`mavl_cli.training.finetune`).
 """
 
 from __future__ import annotations

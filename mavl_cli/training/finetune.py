@@ -16,7 +16,7 @@ changes:
   loader takes with ``--weights FILE`` on top of the same spec.
 
 ``fuse`` then carries those weights inside the model file (see
-:func:`mavl_cli.modelfile.read_finetuned_weights`), so ``predict`` rebuilds the
+:func:`mavl_cli.models.modelfile.read_finetuned_weights`), so ``predict`` rebuilds the
 fine-tuned encoder from the model file alone.
 
 The loss is exactly phase 1's (masked BCE + ``eta`` * truncated nuclear norm
@@ -181,14 +181,14 @@ def finetune_lrf(
 ) -> FinetuneResult:
     """Train backbone + LRF head from images; keep the epoch with the best validation macro AUROC.
 
-    ``items`` (:class:`mavl_cli.embed.ImageItem`) line up row by row with
+    ``items`` (:class:`mavl_cli.models.embed.ImageItem`) line up row by row with
     ``y``/``mask`` ``[N, L]`` (a LabelTable aligned to the items' ids) and
     ``groups`` (patients, for the held-out split). Validation: ``val`` =
     (items, y, mask), else ``val_split`` of the patients (0 = none: the epoch
     with the lowest training BCE is kept). ``encoder``: an
     :class:`~mavl_cli.encoders.EncoderSpec` (or a timm name). ``config.batch_size``
     is ignored (``run.batch_size`` is the image batch, default 32); ``config.lr``
-    is the head's rate and ``tune.backbone_lr`` (:class:`mavl_cli.options.FinetuneOptions`)
+    is the head's rate and ``tune.backbone_lr`` (:class:`mavl_cli.core.options.FinetuneOptions`)
     the backbone's (0 freezes it: phase 1 with augmentation). ``run.precision``
     fp16 (with a GradScaler) or bf16 runs the forward under autocast on CUDA;
     the loss is always computed in fp32. Seeded: on CPU the

@@ -11,7 +11,7 @@ snapshot its weights (``snapshot``). Everything else lives here, once:
   stopping, the progress callback, the history;
 - :class:`Amp` and :class:`Stepper`: autocast, the fp16 GradScaler and the
   optimiser step, including the all-reduce of gradients under
-  ``torch.distributed`` (see :mod:`mavl_cli.distributed`).
+  ``torch.distributed`` (see :mod:`mavl_cli.training.distributed`).
 """
 
 from __future__ import annotations
