@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.datasets.inputs import collect_inputs
@@ -80,7 +81,6 @@ class Model:
         return prediction_json(pred)
 
     def _score(self, images: Any, batch_size: int | None, with_inputs: bool = False) -> Any:
-        import torch
 
         items = _as_list(images)
         if all(isinstance(x, (str, Path)) for x in items):

@@ -33,7 +33,7 @@ def encoder_spec(case: str, root: Path) -> tuple[str, str | None, dict]:
     family, kind = case.split("-", 1)
     if family == "hf":
         if not folder.exists():
-            from test_encoders import _hf_tiny
+            from tests.encoders.test_encoders import _hf_tiny
 
             _hf_tiny(kind, folder)
         return f"hf:{folder}", None, {}

@@ -1,1 +1,4 @@
-"""mavl_cli.core."""
+"""The ground floor: errors, defaults, limits, option specs, terminal output, threads, version.
+
+Imports nothing else from mavl, and nothing heavy (no torch, numpy or pandas).
+"""

@@ -1,4 +1,4 @@
-"""mavl_cli.core.home."""
+"""Where mavl keeps its own things: ``$MAVL_HOME`` (default ``~/.mavl``) and the default model file in it."""
 
 from __future__ import annotations
 

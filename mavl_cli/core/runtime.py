@@ -6,6 +6,9 @@ import os
 import random
 from typing import Any
 
+import numpy as np
+import torch
+
 from mavl_cli.core.errors import MavlError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -13,7 +16,6 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def resolve_device(name: str = "auto") -> Any:
     """Map ``auto|cpu|cuda|mps`` to a torch.device, failing clearly when absent."""
-    import torch
 
     name = (name or "auto").lower()
     if name not in DEVICES and not name.startswith("cuda:"):
@@ -37,8 +39,6 @@ def set_seed(seed: int) -> Any:
     On CPU the same seed gives byte-identical outputs (tested); on GPU,
     cuBLAS may still differ in the last bits.
     """
-    import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed % (2**32))

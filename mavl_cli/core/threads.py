@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import torch
+
 
 class ThreadTuner:
     """Pick the faster of two CPU thread counts for the forward pass, and keep checking.
@@ -24,7 +26,6 @@ class ThreadTuner:
     """
 
     def __init__(self, threads: int | None, probe_every: int = 16, max_probe_every: int = 128) -> None:
-        import torch
 
         self._torch = torch
         self.original = torch.get_num_threads()

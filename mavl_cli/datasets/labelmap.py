@@ -83,42 +83,57 @@ def read_label_map(spec: str | Path) -> dict[str, str]:
     except OSError:  # e.g. a very long inline spec
         is_file = False
     if not is_file:
-        if "=" not in str(spec):
-            raise MavlError(
-                f"label map {str(spec)!r} is neither an existing file nor 'from=to,...' pairs",
-                path=None,
-            )
-        mapping: dict[str, str] = {}
-        for item in str(spec).split(","):
-            if not item.strip():
-                continue
-            if item.count("=") != 1 or not all(x.strip() for x in item.split("=")):
-                raise MavlError(f"label map entry {item.strip()!r} must look like 'from=to'")
-            src, dst = (x.strip() for x in item.split("="))
-            _add_mapping(mapping, src, dst, "the inline label map")
-        return mapping
-
+        return _inline_label_map(spec)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise MavlError(f"cannot read label map file {path}: {exc}", path=path) from exc
-    mapping = {}
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MavlError(f"label map file {path} is not valid JSON ({exc.msg}, line {exc.lineno})",
-                            path=path) from exc
-        except RecursionError:
-            raise MavlError(f"label map file {path}: JSON nested too deeply to be real data", path=path) from None
-        if not isinstance(data, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-        ):
-            raise MavlError(f"label map file {path} must hold one JSON object of "
-                            '"from": "to" strings', path=path)
-        for src, dst in data.items():
-            _add_mapping(mapping, src.strip(), dst.strip(), str(path))
-        return mapping
+        return _json_label_map(path, text)
+    return _csv_label_map(path, text)
+
+
+def _inline_label_map(spec: str | Path) -> dict[str, str]:
+    """An inline ``from=to,...`` label map."""
+    if "=" not in str(spec):
+        raise MavlError(
+            f"label map {str(spec)!r} is neither an existing file nor 'from=to,...' pairs",
+            path=None,
+        )
+    mapping: dict[str, str] = {}
+    for item in str(spec).split(","):
+        if not item.strip():
+            continue
+        if item.count("=") != 1 or not all(x.strip() for x in item.split("=")):
+            raise MavlError(f"label map entry {item.strip()!r} must look like 'from=to'")
+        src, dst = (x.strip() for x in item.split("="))
+        _add_mapping(mapping, src, dst, "the inline label map")
+    return mapping
+
+
+def _json_label_map(path: Path, text: str) -> dict[str, str]:
+    """A ``.json`` label map file's text: one object of ``"from": "to"`` strings."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MavlError(f"label map file {path} is not valid JSON ({exc.msg}, line {exc.lineno})",
+                        path=path) from exc
+    except RecursionError:
+        raise MavlError(f"label map file {path}: JSON nested too deeply to be real data", path=path) from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise MavlError(f"label map file {path} must hold one JSON object of "
+                        '"from": "to" strings', path=path)
+    mapping: dict[str, str] = {}
+    for src, dst in data.items():
+        _add_mapping(mapping, src.strip(), dst.strip(), str(path))
+    return mapping
+
+
+def _csv_label_map(path: Path, text: str) -> dict[str, str]:
+    """A label map file's ``from,to`` lines (optional header, blank lines and ``#`` comments skipped); not empty."""
+    mapping: dict[str, str] = {}
     for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue

@@ -3,7 +3,7 @@
 :class:`LabelSource` is a label file path plus these options. It behaves like
 the path it wraps (``str()``, ``os.fspath()``, ``Path()``), so every command
 that takes ``--labels FILE`` passes it through unchanged to
-:func:`~mavl_cli.datasets.read_labels`, which applies the options.
+:func:`~mavl_cli.datasets.reader.read_labels`, which applies the options.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""mavl_cli.datasets.rows."""
+"""The rows a data-set adapter returns: image ids, label values, and the optional patient/view columns."""
 
 from __future__ import annotations
 

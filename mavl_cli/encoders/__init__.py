@@ -21,16 +21,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from mavl_cli.core.defaults import (
-    DEFAULT_IMAGE_ENCODER,
-    DEFAULT_TEXT_ENCODER,
-    DEFAULT_THRESHOLD,
-)
 from mavl_cli.core.errors import MavlError
-from mavl_cli.encoders.spec import FAMILIES, EncoderSpec, extra_missing, split_spec
+from mavl_cli.encoders.spec import FAMILIES, EncoderSpec, extra_missing
 
-__all__ = ["DEFAULT_IMAGE_ENCODER", "DEFAULT_TEXT_ENCODER", "DEFAULT_THRESHOLD", "FAMILIES", "EncoderSpec",
-           "build_image_encoder", "encoder_from_meta", "family_module", "split_spec"]
+__all__ = ["as_spec", "build_image_encoder", "encoder_from_meta", "family_module"]
 
 _MODULES = {"timm": "timm", "hf": "hf", "open_clip": "open_clip", "xrv": "xrv"}
 _LIBRARIES = {"timm": "timm", "hf": "transformers", "open_clip": "open_clip", "xrv": "torchxrayvision"}

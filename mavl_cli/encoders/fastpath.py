@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders.loader import strip_path
@@ -64,7 +67,6 @@ class Pipeline:
 
 
 def _has_convs(model: Any) -> bool:
-    import torch
 
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1  # a ViT has one: its patch embedding
 
@@ -74,7 +76,6 @@ def nvjpeg_available(dev: Any) -> tuple[bool, str]:
     if dev.type != "cuda":
         return False, "not a CUDA device"
     try:
-        import torch
         from torchvision.io import decode_jpeg, encode_jpeg
 
         probe = encode_jpeg(torch.zeros(1, 8, 8, dtype=torch.uint8))
@@ -130,7 +131,6 @@ class _Chunks:
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        import torch
 
 
         jpeg: list[tuple[int, Any]] = []
@@ -169,7 +169,6 @@ def resize_crop(img: Any, data_config: dict[str, Any]) -> Any:
     torch's antialiased bicubic (PIL's is bicubic too, its kernel support and
     rounding differ slightly).
     """
-    import torch.nn.functional as F
 
 
     scale, h, w = target_geometry(data_config)
@@ -199,7 +198,6 @@ def resize_crop(img: Any, data_config: dict[str, Any]) -> Any:
 
 def _normalise(x: Any, data_config: dict[str, Any]) -> Any:
     """float ``[B, 3, H, W]`` in 0..255 -> normalised, as :func:`mavl_cli.encoders.preprocess.normalize_batch` computes it."""
-    import torch
 
     std = torch.tensor(data_config["std"], dtype=torch.float64)
     mean = torch.tensor(data_config["mean"], dtype=torch.float64)
@@ -212,8 +210,6 @@ def device_batches(
     chunks: list[list[Any]], data_config: dict[str, Any], workers: int, dev: Any, pipeline: Pipeline,
 ) -> Iterator[tuple[list[Any], Any, list[int], list[dict[str, str]]]]:
     """Yield ``(chunk, x, ok, bad)`` with ``x`` the normalised float batch ``[len(ok), 3, H, W]`` on ``dev``."""
-    import torch
-    from torch.utils.data import DataLoader
 
 
     read_bytes = pipeline.resize == "device"
@@ -280,7 +276,6 @@ def _decode_jpegs(blobs: list[Any], dev: Any, pipeline: Pipeline) -> list[Any]:
 def maybe_compile(model: Any, pipeline: Pipeline) -> Any:
     if not pipeline.compile:
         return model
-    import torch
 
     try:
         return torch.compile(model)

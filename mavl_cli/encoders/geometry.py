@@ -1,4 +1,6 @@
-"""mavl_cli.encoders.geometry."""
+"""Crop geometry: where a preprocessed input sits in the original film (resize, centre crop, padding),
+so maps and boxes can be placed back on the film exactly.
+"""
 
 from __future__ import annotations
 

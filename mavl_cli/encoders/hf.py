@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders.base import ImageEncoder, grid_from_tokens, tokens_to_map
@@ -252,7 +253,6 @@ def load_image(spec: EncoderSpec) -> HFEncoder:
 
 def processor_record(processor: Any) -> dict[str, Any]:
     """The image processor as a JSON recipe, with the fixed input size it produces."""
-    from PIL import Image
 
     rec = {"kind": "hf", "processor_class": type(processor).__name__,
            "processor": json.loads(json.dumps(processor.to_dict(), default=list))}

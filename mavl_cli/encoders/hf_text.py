@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from mavl_cli.core.errors import MavlError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
@@ -88,7 +90,6 @@ def encode_texts(
     advance: Callable[..., None] | None = None,
 ) -> Encoded:
     """Encode sentences to pooled vectors; report (never hide) truncation."""
-    import torch
 
     limit = max_tokens(tokenizer, model)
     full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]

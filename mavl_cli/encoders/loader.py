@@ -1,4 +1,6 @@
-"""mavl_cli.encoders.loader."""
+"""The image loader that embed-images and predict share: decoding batches on worker threads ahead of
+the forward pass, and the default worker count and batch size per device.
+"""
 
 from __future__ import annotations
 

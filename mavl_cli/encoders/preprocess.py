@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from mavl_cli.encoders import family_module
 from mavl_cli.encoders.geometry import CropGeometry, centre_offset
@@ -113,7 +115,6 @@ def center_crop(img: Any, h: int, w: int) -> Any:
     """torchvision's CenterCrop on a PIL image (offsets rounded, zero padding when too small)."""
     iw, ih = img.size
     if w > iw or h > ih:
-        from PIL import Image
 
         padded = Image.new(img.mode, (max(w, iw), max(h, ih)), 0)
         padded.paste(img, ((w - iw) // 2 if w > iw else 0, (h - ih) // 2 if h > ih else 0))
@@ -143,7 +144,6 @@ def normalize_batch(batch: np.ndarray, data_config: dict[str, Any], device: Any 
 
     uint8 (timm): ``(x / 255 - mean) / std`` computed as ``x * a - b`` in one pass.
     """
-    import torch
 
     x = batch if torch.is_tensor(batch) else torch.from_numpy(np.ascontiguousarray(batch))  # tensors: pinned by a DataLoader
     x = x.to(device, non_blocking=True)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders import build_image_encoder
 from mavl_cli.encoders.common import load_state_dict
@@ -78,7 +80,6 @@ class HFText:
         return out
 
     def _pool(self, hidden: Any, mask: Any) -> Any:
-        import torch
 
 
         if self.pooling != "folder":
@@ -103,7 +104,6 @@ class HFText:
 
     def encode(self, texts: list[str], batch_size: int = 32, device: Any = "cpu",
                advance: Callable[..., None] | None = None) -> Encoded:
-        import torch
 
         full = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         truncated = [{"index": i, "tokens": len(ids), "kept": self.limit} for i, ids in enumerate(full) if len(ids) > self.limit]
@@ -134,7 +134,6 @@ class CLIPText:
 
     def encode(self, texts: list[str], batch_size: int = 32, device: Any = "cpu",
                advance: Callable[..., None] | None = None) -> Encoded:
-        import torch
 
         limit = self.tower.context_length
         counts = self.tower.token_counts(texts)
@@ -198,7 +197,6 @@ def _st_config(folder: Path) -> dict[str, Any] | None:
 
 
 def _dense(path: Path) -> Any:
-    import torch
 
 
     cfg = json.loads((path / "config.json").read_text())

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 
 from mavl_cli.core.defaults import DEFAULT_IMAGE_ENCODER
 from mavl_cli.core.errors import MavlError
@@ -146,7 +147,6 @@ def _check_name(name: str) -> None:
 def _check_size(name: str, args: dict[str, Any]) -> None:
     """--model-args must not make timm allocate gigabytes: a bounded input side, and a parameter count
     measured on the meta device (no memory) before the real build."""
-    import torch
 
 
     size = args.get("img_size")
@@ -267,7 +267,6 @@ def _create_pretrained(name: str, args: dict[str, Any]) -> Any:
 
 def save_local_backbone(model: Any, name: str, folder: Path, model_args: dict[str, Any] | None = None) -> Path:
     """Save a timm model in the hub's folder layout (config.json + model.safetensors)."""
-    from safetensors.torch import save
 
 
     folder = Path(folder)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+from scipy import sparse
 
 from mavl_cli.core.errors import MavlError
 
@@ -87,7 +88,6 @@ class AurocEngine:
     """
 
     def __init__(self, y: np.ndarray, s: np.ndarray, m: np.ndarray, inverse: np.ndarray, n_units: int):
-        from scipy import sparse
 
         self.n_labels = y.shape[1]
         self.n_units = n_units

@@ -332,6 +332,114 @@ def _safe_div(a: float, b: float, zero: float) -> float:
     return float(a) / float(b) if b > 0 else zero
 
 
+def _ranking_metrics(
+    y: np.ndarray, s: np.ndarray, m: np.ndarray, j: int, name: str, support: int, n_eval: int, notes: list[str]
+) -> tuple[float, float]:
+    """AUROC and AUPRC of label ``j`` over its unmasked rows; NaN plus a note when undefined."""
+    if n_eval == 0:
+        notes.append(f"{name}: every entry is masked out, nothing to evaluate (n/a)")
+        return float("nan"), float("nan")
+    if support == 0 or support == n_eval:
+        which = "no positives" if support == 0 else "no negatives"
+        notes.append(f"AUROC/AUPRC undefined for {name}: only one class present, {which} (n/a)")
+        return float("nan"), float("nan")
+    rows = m[:, j]
+    yj = y[rows, j] if not rows.all() else y[:, j]
+    sj = s[rows, j] if not rows.all() else s[:, j]
+    _, tps, fps = curve_counts(yj, sj)
+    return auroc_auprc(tps, fps)
+
+
+def _label_metrics(
+    y: np.ndarray,
+    s: np.ndarray,
+    m: np.ndarray,
+    t: np.ndarray,
+    label_names: list[str],
+    counts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    notes: list[str],
+) -> list[LabelMetrics]:
+    """One :class:`LabelMetrics` per label from the confusion ``counts`` (TP, FP, FN, TN)."""
+    tp, fp, fn, tn = counts
+    support = tp + fn
+    n_eval = m.sum(axis=0)
+    labels: list[LabelMetrics] = []
+    for j, name in enumerate(label_names):
+        auroc, auprc = _ranking_metrics(y, s, m, j, name, support[j], n_eval[j], notes)
+        labels.append(
+            LabelMetrics(
+                name=name,
+                support=int(support[j]),
+                n=int(n_eval[j]),
+                prevalence=_safe_div(support[j], n_eval[j], float("nan")),
+                precision=_safe_div(tp[j], tp[j] + fp[j], 0.0),
+                recall=_safe_div(tp[j], support[j], 0.0),
+                specificity=_safe_div(tn[j], tn[j] + fp[j], float("nan")),
+                f1=float(f1_from_counts(tp[j], fp[j], fn[j])),
+                auroc=auroc,
+                auprc=auprc,
+                threshold=float(t[j]),
+            )
+        )
+    return labels
+
+
+def _f1_summary(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[float, float, float]:
+    """(macro, micro, support-weighted) F1 from per-label counts."""
+    support = tp + fn
+    f1s = f1_from_counts(tp, fp, fn)
+    macro_f1 = float(np.mean(f1s)) if tp.size else float("nan")
+    micro_f1 = float(f1_from_counts(tp.sum(), fp.sum(), fn.sum()))
+    weighted_f1 = _safe_div(float(np.sum(f1s * support)), float(support.sum()), 0.0)
+    return macro_f1, micro_f1, weighted_f1
+
+
+def _macro_ranking(labels: list[LabelMetrics], notes: list[str]) -> tuple[float, float]:
+    """(macro AUROC, macro AUPRC) over the labels where AUROC is defined; notes any excluded."""
+    aurocs = np.array([lm.auroc for lm in labels], dtype=np.float64)
+    auprcs = np.array([lm.auprc for lm in labels], dtype=np.float64)
+    defined = np.isfinite(aurocs)
+    macro_auroc = float(aurocs[defined].mean()) if defined.any() else float("nan")
+    macro_auprc = float(auprcs[defined].mean()) if defined.any() else float("nan")
+    if not defined.all():
+        excluded = ", ".join(lm.name for lm, d in zip(labels, defined) if not d)
+        notes.append(
+            f"Macro AUROC/AUPRC average {int(defined.sum())} of {len(labels)} labels; excluded: {excluded}"
+        )
+    return macro_auroc, macro_auprc
+
+
+def _error_rates(y: np.ndarray, s: np.ndarray, m: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """(Hamming loss over unmasked entries, exact-match ratio over images)."""
+    wrong = (s >= t[None, :]) != y.astype(bool)
+    wrong &= m
+    total = int(m.sum())
+    hamming = _safe_div(int(wrong.sum()), total, float("nan"))
+    exact = _safe_div(int(np.count_nonzero(~wrong.any(axis=1))), y.shape[0], float("nan"))
+    return hamming, exact
+
+
+def _add_bootstrap(
+    report: Report,
+    prepared: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    bootstrap: int,
+    seed: int,
+    groups: np.ndarray | None,
+    confidence: float,
+) -> None:
+    """Fill ``report``'s overall and per-label AUROC CIs from ``bootstrap`` resamples, with a note."""
+    y, s, m, t = prepared
+    per_label: list[tuple[float, float]] = []
+    report.ci = bootstrap_ci(y, s, m, t, bootstrap, seed, groups, confidence, label_auroc_ci=per_label)
+    report.label_auroc_ci = [ci if np.isfinite(lm.auroc) else (float("nan"), float("nan"))
+                             for ci, lm in zip(per_label, report.labels)]
+    report.notes.append(
+        f"{int(confidence * 100)}% percentile CIs from {bootstrap} bootstrap resamples of "
+        + ("patients" if groups is not None else "images")
+        + f" (seed {seed})"
+    )
+
+
 def evaluate(
     y_true: np.ndarray,
     scores: np.ndarray,
@@ -357,64 +465,12 @@ def evaluate(
     y, s, m, t = prepare(y_true, scores, mask, label_names, thresholds)
     if t is None:
         raise MavlError("Thresholds are required for evaluation.")
-    n_images, n_labels = y.shape
     notes: list[str] = []
-
     tp, fp, fn, tn = confusion_counts(y, s, m, t)
-    support = tp + fn
-    n_eval = m.sum(axis=0)
-
-    labels: list[LabelMetrics] = []
-    for j, name in enumerate(label_names):
-        rows = m[:, j]
-        auroc = auprc = float("nan")
-        if n_eval[j] == 0:
-            notes.append(f"{name}: every entry is masked out, nothing to evaluate (n/a)")
-        elif support[j] == 0 or support[j] == n_eval[j]:
-            which = "no positives" if support[j] == 0 else "no negatives"
-            notes.append(f"AUROC/AUPRC undefined for {name}: only one class present, {which} (n/a)")
-        else:
-            yj = y[rows, j] if not rows.all() else y[:, j]
-            sj = s[rows, j] if not rows.all() else s[:, j]
-            _, tps, fps = curve_counts(yj, sj)
-            auroc, auprc = auroc_auprc(tps, fps)
-        labels.append(
-            LabelMetrics(
-                name=name,
-                support=int(support[j]),
-                n=int(n_eval[j]),
-                prevalence=_safe_div(support[j], n_eval[j], float("nan")),
-                precision=_safe_div(tp[j], tp[j] + fp[j], 0.0),
-                recall=_safe_div(tp[j], support[j], 0.0),
-                specificity=_safe_div(tn[j], tn[j] + fp[j], float("nan")),
-                f1=float(f1_from_counts(tp[j], fp[j], fn[j])),
-                auroc=auroc,
-                auprc=auprc,
-                threshold=float(t[j]),
-            )
-        )
-
-    f1s = f1_from_counts(tp, fp, fn)
-    macro_f1 = float(np.mean(f1s)) if n_labels else float("nan")
-    micro_f1 = float(f1_from_counts(tp.sum(), fp.sum(), fn.sum()))
-    weighted_f1 = _safe_div(float(np.sum(f1s * support)), float(support.sum()), 0.0)
-    aurocs = np.array([lm.auroc for lm in labels], dtype=np.float64)
-    auprcs = np.array([lm.auprc for lm in labels], dtype=np.float64)
-    defined = np.isfinite(aurocs)
-    macro_auroc = float(aurocs[defined].mean()) if defined.any() else float("nan")
-    macro_auprc = float(auprcs[defined].mean()) if defined.any() else float("nan")
-    if not defined.all():
-        excluded = ", ".join(n for n, d in zip(label_names, defined) if not d)
-        notes.append(
-            f"Macro AUROC/AUPRC average {int(defined.sum())} of {n_labels} labels; excluded: {excluded}"
-        )
-
-    wrong = (s >= t[None, :]) != y.astype(bool)
-    wrong &= m
-    total = int(m.sum())
-    hamming = _safe_div(int(wrong.sum()), total, float("nan"))
-    exact = _safe_div(int(np.count_nonzero(~wrong.any(axis=1))), n_images, float("nan"))
-
+    labels = _label_metrics(y, s, m, t, label_names, (tp, fp, fn, tn), notes)
+    macro_f1, micro_f1, weighted_f1 = _f1_summary(tp, fp, fn)
+    macro_auroc, macro_auprc = _macro_ranking(labels, notes)
+    hamming, exact = _error_rates(y, s, m, t)
     report = Report(
         labels=labels,
         macro_f1=macro_f1,
@@ -424,19 +480,11 @@ def evaluate(
         macro_auprc=macro_auprc,
         hamming_loss=hamming,
         exact_match=exact,
-        n_images=int(n_images),
+        n_images=int(y.shape[0]),
         notes=notes,
     )
     if bootstrap:
-        per_label: list[tuple[float, float]] = []
-        report.ci = bootstrap_ci(y, s, m, t, bootstrap, seed, groups, confidence, label_auroc_ci=per_label)
-        report.label_auroc_ci = [ci if np.isfinite(lm.auroc) else (float("nan"), float("nan"))
-                                 for ci, lm in zip(per_label, labels)]
-        report.notes.append(
-            f"{int(confidence * 100)}% percentile CIs from {bootstrap} bootstrap resamples of "
-            + ("patients" if groups is not None else "images")
-            + f" (seed {seed})"
-        )
+        _add_bootstrap(report, (y, s, m, t), bootstrap, seed, groups, confidence)
     return report
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.datasets.ids import normalize_many as _normalize_many
@@ -114,7 +115,6 @@ def _group_order(values: list[str], edges: list[float] | None) -> list[str]:
 
 
 def _read_table(path: str) -> Any:
-    import pandas as pd
 
     p = Path(path)
     if not p.is_file():

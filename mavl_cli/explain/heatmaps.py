@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.core.runtime import resolve_device
@@ -155,7 +157,6 @@ class SpatialAdapter:
         self.kind = self._detect()
 
     def _detect(self) -> str:
-        import torch
 
         m = self.model
         if all(hasattr(m, a) for a in ("blocks", "patch_embed", "num_prefix_tokens", "norm")) and len(m.blocks) > 0:
@@ -206,7 +207,6 @@ class SpatialAdapter:
         """One forward pass with the :meth:`cam_stage` output swapped for a leaf that requires grad:
         ``act`` is that leaf, ``pooled`` keeps a graph from it, ``local`` the final map for similarity.
         Falls back to :meth:`run` (the Grad-CAM activation) where there is no finer stage."""
-        import torch
 
         stage = self.cam_stage()
         if stage is None:
@@ -231,7 +231,6 @@ class SpatialAdapter:
         return SpatialPass(local, act, pooled, grid)
 
     def run(self, x: Any, grad: bool) -> SpatialPass:
-        import torch
 
         m = self.model
         if self.kind == "vit":
@@ -281,7 +280,6 @@ class EncoderAdapter:
         self.encoder, self.name, self.kind = encoder, getattr(encoder, "name", "?"), "encoder"
 
     def _map(self, x: Any) -> Any:
-        import torch
 
         try:
             with torch.no_grad():
@@ -292,7 +290,6 @@ class EncoderAdapter:
             raise MavlError(f"{self.name}: this encoder gives no spatial feature map ({str(exc).splitlines()[0][:100]})") from None
 
     def run(self, x: Any, grad: bool) -> SpatialPass:
-        import torch
 
         enc = self.encoder
         if not grad:
@@ -314,7 +311,6 @@ class EncoderAdapter:
         return self._block_pass(x, block)
 
     def _block_pass(self, x: Any, block: Any) -> SpatialPass:
-        import torch
 
 
         enc, held = self.encoder, {}
@@ -383,7 +379,6 @@ class MapModel:
 
     def similarity_maps(self, sp: SpatialPass) -> Any:
         """``[L, h, w]`` aggregated cosine of each location with each label's aspects."""
-        import torch
 
         h, w, d = sp.local.shape
         with torch.no_grad():
@@ -392,7 +387,6 @@ class MapModel:
 
     def gradcam_maps(self, sp: SpatialPass, labels: list[int]) -> tuple[Any, Any]:
         """``[len(labels), h, w]`` Grad-CAM maps and the logits ``[L]``."""
-        import torch
 
         logits = self.logits(sp.pooled)[0]
         act = sp.cam_grid(sp.act)
@@ -406,7 +400,6 @@ class MapModel:
 
     def hirescam_maps(self, sp: SpatialPass, labels: list[int]) -> Any:
         """``[len(labels), h, w]`` HiResCAM maps: ReLU of the channel sum of gradient x activation."""
-        import torch
 
         logits = self.logits(sp.pooled)[0]
         act = sp.cam_grid(sp.act)
@@ -453,7 +446,6 @@ def unit_range(t: Any) -> Any:
 
 def upsample(t: Any, size: tuple[int, int]) -> Any:
     """``[L, h, w]`` -> ``[L, *size]`` bilinearly, cell centres kept (the convention of maps.to_original)."""
-    import torch.nn.functional as F
 
     if tuple(t.shape[1:]) == tuple(size):
         return t
@@ -478,7 +470,6 @@ class ZeroShotMapModel(MapModel):
         return self.fusion(pooled)
 
     def similarity_maps(self, sp: SpatialPass) -> Any:
-        import torch
 
         h, w, d = sp.local.shape
         with torch.no_grad():
@@ -488,7 +479,6 @@ class ZeroShotMapModel(MapModel):
 
 def _zero_shot_map_model(model: Any, encoder: Any, data_config: dict[str, Any], text: np.ndarray | None,
                          mask: np.ndarray | None, negative: np.ndarray | None, device: Any) -> ZeroShotMapModel:
-    import torch
 
 
     tensors = model.file.tensors
@@ -507,7 +497,6 @@ def build_map_model(model: Any, encoder: Any, data_config: dict[str, Any], text:
                     negative: np.ndarray | None = None) -> MapModel:
     """A :class:`MapModel` from a loaded model file and its image encoder (a registry encoder or a timm model);
     a :class:`ZeroShotMapModel` for zero-shot files (``negative``: their negative prompts, when replaced)."""
-    import torch
 
 
     if model.meta.get("scorer") == "zeroshot" and hasattr(encoder, "preprocessing"):
@@ -590,7 +579,6 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
                      weights: str | None = None, device: str = "auto", advance: Callable[..., None] | None = None,
                      label_text: Any = None) -> dict[str, dict[str, tuple[int, int]]]:
     """Write overlays and a maps file per image; ``{image id: {label: (x, y) peak}}``."""
-    import torch
 
 
     wanted = opts.check(names)

@@ -182,11 +182,43 @@ def _box_region(boxes: list[tuple[float, float, float, float]], shape: tuple[int
 
 
 def evaluate_maps(maps_dir: str | Path, opts: MapEvalOptions) -> MapReport:
+    """Score the maps in ``maps_dir`` against ``opts``' masks or boxes: per finding and overall, with CIs."""
+    _check_options(opts)
+    files = read_maps_dir(maps_dir)
+    methods = sorted({str(f.meta.get("method")) for f in files})
+    if len(methods) > 1:
+        raise MavlError(f"{maps_dir}: holds maps of several methods ({', '.join(methods)}); keep one method per folder")
+    by_stem = {stem_of(f): f for f in files}
+    all_labels = _chosen_labels(files, opts, maps_dir)
+    notes: list[str] = []
+    if opts.masks is not None:
+        regions, source = _mask_ground_truth(opts, by_stem, all_labels, notes)
+    else:
+        regions, source = _box_ground_truth(opts, by_stem, all_labels, notes)
+    cases, flat = _score_cases(regions, by_stem, opts, notes)
+    if not cases:
+        what = f"masks in {opts.masks}" if opts.masks is not None else f"boxes in {opts.boxes}"
+        raise MavlError(f"{maps_dir}: none of its {len(files)} maps files has a region among the {what} "
+                        f"(expected <stem>.<label>.png / Image Index rows for stems like {next(iter(by_stem))!r} "
+                        f"and labels {', '.join(all_labels)})")
+    if flat:
+        notes.append(f"{len(flat)} flat map(s) (one value everywhere, e.g. {flat[0]}) counted as misses with IoU 0")
+    rep = MapReport(methods[0], source, opts.top_k, cases, notes=notes)
+    rng = np.random.default_rng(opts.seed)
+    for lab in all_labels:
+        sub = [c for c in cases if c.label == lab]
+        if sub:
+            rep.per_label[lab] = _summary(sub, opts, rng)
+    rep.overall = _summary(cases, opts, rng)
+    return rep
+
+
+def _check_options(opts: MapEvalOptions) -> None:
+    """Refuse options that make no sense before any file is read."""
     if (opts.masks is None) == (opts.boxes is None):
         raise MavlError("evaluate-maps needs exactly one of --masks DIR or --boxes FILE")
     if not 0 < opts.top_k <= 100:
         raise MavlError(f"--top-k is a percentage in (0, 100], got {opts.top_k}")
-
     if not 0 <= opts.bootstrap <= MAX_BOOTSTRAP:
         raise MavlError(f"--bootstrap must lie in 0..{MAX_BOOTSTRAP:,}, got {opts.bootstrap}")
     if not 0 <= opts.seed <= MAX_SEED:
@@ -195,41 +227,52 @@ def evaluate_maps(maps_dir: str | Path, opts: MapEvalOptions) -> MapReport:
         re.compile(opts.patient_pattern)
     except re.error as exc:
         raise MavlError(f"--patient-pattern: not a regular expression ({exc})") from None
-    files = read_maps_dir(maps_dir)
-    methods = sorted({str(f.meta.get("method")) for f in files})
-    if len(methods) > 1:
-        raise MavlError(f"{maps_dir}: holds maps of several methods ({', '.join(methods)}); keep one method per folder")
-    by_stem = {stem_of(f): f for f in files}
+
+
+def _chosen_labels(files: list[Any], opts: MapEvalOptions, maps_dir: str | Path) -> list[str]:
+    """The maps' labels, sorted; only those in ``--labels`` when given (each must have a map)."""
     all_labels = sorted({lab for f in files for lab in f.labels()})
     if opts.labels:
         unknown = [lab for lab in opts.labels if lab not in all_labels]
         if unknown:
             raise MavlError(f"--labels: no map for {', '.join(unknown)}; the maps in {maps_dir} cover {', '.join(all_labels)}")
         all_labels = [lab for lab in all_labels if lab in opts.labels]
-    notes: list[str] = []
-    regions: dict[tuple[str, str], Any] = {}
-    if opts.masks is not None:
-        found, unmatched = _mask_regions(Path(opts.masks), set(by_stem), all_labels)
-        regions = {k: ("mask", p) for k, p in found.items()}
-        source = str(opts.masks)
-        if unmatched:
-            notes.append(f"{len(unmatched)} mask file(s) match no map (e.g. {unmatched[0]})")
-    else:
-        boxes = read_boxes(Path(opts.boxes))
-        grouped: dict[tuple[str, str], list] = {}
-        unknown_labels: set[str] = set()
-        for stem, raw, x, y, w, h in boxes:
-            if stem not in by_stem:
-                continue
-            lab = _box_label(raw, all_labels)
-            if lab is None:
-                unknown_labels.add(raw)
-                continue
-            grouped.setdefault((stem, lab), []).append((x, y, w, h))
-        regions = {k: ("boxes", v) for k, v in grouped.items()}
-        source = str(opts.boxes)
-        if unknown_labels:
-            notes.append(f"box labels with no map skipped: {', '.join(sorted(unknown_labels))}")
+    return all_labels
+
+
+def _mask_ground_truth(opts: MapEvalOptions, by_stem: dict[str, Any], labels: list[str],
+                       notes: list[str]) -> tuple[dict[tuple[str, str], Any], str]:
+    """``{(stem, label): ("mask", path)}`` and the source name; notes the masks that match no map."""
+    found, unmatched = _mask_regions(Path(opts.masks), set(by_stem), labels)
+    regions = {k: ("mask", p) for k, p in found.items()}
+    if unmatched:
+        notes.append(f"{len(unmatched)} mask file(s) match no map (e.g. {unmatched[0]})")
+    return regions, str(opts.masks)
+
+
+def _box_ground_truth(opts: MapEvalOptions, by_stem: dict[str, Any], labels: list[str],
+                      notes: list[str]) -> tuple[dict[tuple[str, str], Any], str]:
+    """``{(stem, label): ("boxes", [(x, y, w, h), ...])}`` and the source name; notes box labels with no map."""
+    boxes = read_boxes(Path(opts.boxes))
+    grouped: dict[tuple[str, str], list] = {}
+    unknown_labels: set[str] = set()
+    for stem, raw, x, y, w, h in boxes:
+        if stem not in by_stem:
+            continue
+        lab = _box_label(raw, labels)
+        if lab is None:
+            unknown_labels.add(raw)
+            continue
+        grouped.setdefault((stem, lab), []).append((x, y, w, h))
+    regions = {k: ("boxes", v) for k, v in grouped.items()}
+    if unknown_labels:
+        notes.append(f"box labels with no map skipped: {', '.join(sorted(unknown_labels))}")
+    return regions, str(opts.boxes)
+
+
+def _score_cases(regions: dict[tuple[str, str], Any], by_stem: dict[str, Any], opts: MapEvalOptions,
+                 notes: list[str]) -> tuple[list[Case], list[str]]:
+    """One :class:`Case` per (image, finding) with a map and a non-empty region, and the flat maps among them."""
     cases: list[Case] = []
     flat: list[str] = []
     for (stem, lab), (kind, spec) in sorted(regions.items()):
@@ -246,21 +289,7 @@ def evaluate_maps(maps_dir: str | Path, opts: MapEvalOptions) -> MapReport:
         if float(m.max()) == float(m.min()):
             flat.append(f"{stem} {lab}")
         cases.append(Case(stem, lab, patient_of(stem, opts.patient_pattern), hit, iou))
-    if not cases:
-        what = f"masks in {opts.masks}" if opts.masks is not None else f"boxes in {opts.boxes}"
-        raise MavlError(f"{maps_dir}: none of its {len(files)} maps files has a region among the {what} "
-                        f"(expected <stem>.<label>.png / Image Index rows for stems like {next(iter(by_stem))!r} "
-                        f"and labels {', '.join(all_labels)})")
-    if flat:
-        notes.append(f"{len(flat)} flat map(s) (one value everywhere, e.g. {flat[0]}) counted as misses with IoU 0")
-    rep = MapReport(methods[0], source, opts.top_k, cases, notes=notes)
-    rng = np.random.default_rng(opts.seed)
-    for lab in all_labels:
-        sub = [c for c in cases if c.label == lab]
-        if sub:
-            rep.per_label[lab] = _summary(sub, opts, rng)
-    rep.overall = _summary(cases, opts, rng)
-    return rep
+    return cases, flat
 
 
 def _summary(cases: list[Case], opts: MapEvalOptions, rng: np.random.Generator) -> dict[str, Any]:

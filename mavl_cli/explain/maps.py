@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders.geometry import CropGeometry
@@ -125,7 +126,6 @@ def normalise(m: np.ndarray) -> np.ndarray:
 
 def overlay(film: Any, m: np.ndarray, alpha: float = 0.55, mark_peak: bool = True) -> Any:
     """The film (PIL, as displayed) with the map blended over it; the peak marked by a small ring."""
-    from PIL import Image, ImageDraw
 
     base = np.asarray(film.convert("RGB"), dtype=np.float32) / 255.0
     if base.shape[:2] != m.shape:

@@ -1,4 +1,6 @@
-"""mavl_cli.io.mavlfile."""
+"""The mavl file contract: safetensors files with a kind, a format version and JSON metadata;
+writing them, reading them back and checking each kind's tensors and metadata against its schema.
+"""
 
 from __future__ import annotations
 
@@ -275,85 +277,144 @@ SCHEMAS: dict[str, Schema] = {
 def check_schema(f: MavlFile) -> None:
     """Check a file's tensors and metadata against its kind's :class:`Schema` (or, for a kind
     without one, the ranks in :data:`KINDS`); then refuse NaN/Inf. Raises one clear MavlError."""
-    name, t, kind = f.path, f.tensors, f.kind
+    kind = f.kind
     sch = SCHEMAS.get("model/zeroshot" if kind == "model" and f.meta.get("scorer") == "zeroshot" else kind)
     what = describe_kind(kind)
     if sch is None:
-        for tname, rank in KINDS[kind][2].items():
-            if tname not in t:
-                raise MavlError(f"{name}: {what} file is missing tensor {tname!r}")
-            if t[tname].ndim != rank:
-                raise MavlError(f"{name}: tensor {tname!r} has {t[tname].ndim} dimensions, expected {rank}")
+        _check_ranks(f, what)
     else:
-        wanted = dict(sch.tensors)
-        present_opt = [k for k in sch.optional if k in t]
-        if present_opt and len(present_opt) != len(sch.optional):
-            gone = sorted(set(sch.optional) - set(present_opt))
-            raise MavlError(f"{name}: {what} file is missing tensor {gone[0]!r}")
-        wanted.update({k: sch.optional[k] for k in present_opt})
-        for tname in wanted:
-            if tname not in t:
-                raise MavlError(f"{name}: {what} file is missing tensor {tname!r}")
-        for tname in t:
-            if tname not in wanted and any(tname.startswith(p) for p in sch.exact):
-                raise MavlError(f"{name}: unexpected tensor {tname!r} in {what} file")
-        sizes: dict[str, tuple[int, str]] = {}
-
-        def bind(sym: Any, size: int, where: str) -> None:
-            if isinstance(sym, int):
-                if size != sym:
-                    raise MavlError(f"{name}: {where} has size {size}, expected {sym}")
-                return
-            if sym in sizes and sizes[sym][0] != size:
-                raise MavlError(f"{name}: {where} has {size} {NOUN.get(sym, sym)}, but {sizes[sym][1]} has {sizes[sym][0]}")
-            sizes.setdefault(sym, (size, where))
-
-        for tname, shape in wanted.items():
-            arr = t[tname]
-            if arr.ndim != len(shape):
-                raise MavlError(f"{name}: tensor {tname!r} has {arr.ndim} dimensions, expected {len(shape)}")
-            if tname not in sch.integer and arr.dtype.kind != "f":
-                raise MavlError(f"{name}: tensor {tname!r} holds {arr.dtype} values, expected floating point")
-            for sym, size in zip(shape, arr.shape):
-                bind(sym, int(size), f"tensor {tname!r}")
-        for key, (form, spec) in sch.meta.items():
-            value = f.meta.get(key)
-            if form in ("labels", "ids"):
-                noun = "label names" if form == "labels" else "image ids"
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise MavlError(f"{name}: metadata {key!r} must be a list of {noun} (strings)")
-                if form == "labels" and (any(not v.strip() for v in value) or len(set(value)) != len(value)):
-                    raise MavlError(f"{name}: metadata {key!r} holds empty or repeated label names")
-                bind(spec, len(value), f"metadata {key!r}")
-            elif form == "dims":
-                if not isinstance(value, dict):
-                    raise MavlError(f"{name}: metadata {key!r} is missing or not a JSON object")
-                for sub, sym in spec.items():
-                    v = value.get(sub)
-                    if isinstance(sym, tuple):
-                        if v not in sym:
-                            raise MavlError(f"{name}: metadata {key}.{sub} is {v!r}, expected one of {', '.join(sym)}")
-                        continue
-                    if not isinstance(v, int) or isinstance(v, bool):
-                        raise MavlError(f"{name}: metadata {key}.{sub} must be a whole number, got {v!r}")
-                    bind(sym, v, f"metadata {key}.{sub}")
-        for sym in sch.nonzero:
-            if sym == "N" and isinstance(f.meta.get("shard"), dict):
-                continue  # a shard part may be empty (more shards than batches); `mavl merge` checks the whole
-            if sym in sizes and sizes[sym][0] < 1:
-                raise MavlError(f"{name}: holds no {NOUN.get(sym, sym)} ({sizes[sym][1]} is empty)")
-    for tname, arr in t.items():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = int((~np.isfinite(arr)).sum())
-            raise MavlError(f"{name}: tensor {tname!r} contains {bad} NaN or Inf value(s)")
+        wanted = _wanted_tensors(f, sch, what)
+        sizes = _Sizes(f.path)
+        _bind_tensors(f, sch, wanted, sizes)
+        _bind_meta(f, sch, sizes)
+        _check_nonzero(f, sch, sizes)
+    _check_finite(f)
     if sch is not None:
-        for tname, (lo, hi) in sch.ranges.items():
-            if tname in t and t[tname].size and ((t[tname] < lo) | (t[tname] > hi)).any():
-                raise MavlError(f"{name}: tensor {tname!r} must lie in [{lo:g}, {hi:g}]")
+        _check_ranges(f, sch)
     if kind == "maps":
         _check_maps(f)
     if kind == "model":
         _check_calibration(f)
+
+
+class _Sizes:
+    """The sizes bound so far to a schema's dimension symbols: symbol -> (size, where first seen)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: dict[str, tuple[int, str]] = {}
+
+    def bind(self, sym: Any, size: int, where: str) -> None:
+        """Bind ``sym`` to ``size`` (an int symbol must equal it); refuse a size that disagrees with an earlier one."""
+        name, sizes = self.name, self.seen
+        if isinstance(sym, int):
+            if size != sym:
+                raise MavlError(f"{name}: {where} has size {size}, expected {sym}")
+            return
+        if sym in sizes and sizes[sym][0] != size:
+            raise MavlError(f"{name}: {where} has {size} {NOUN.get(sym, sym)}, but {sizes[sym][1]} has {sizes[sym][0]}")
+        sizes.setdefault(sym, (size, where))
+
+
+def _check_ranks(f: MavlFile, what: str) -> None:
+    """A kind without a :class:`Schema`: each tensor in :data:`KINDS` is there with its rank."""
+    name, t = f.path, f.tensors
+    for tname, rank in KINDS[f.kind][2].items():
+        if tname not in t:
+            raise MavlError(f"{name}: {what} file is missing tensor {tname!r}")
+        if t[tname].ndim != rank:
+            raise MavlError(f"{name}: tensor {tname!r} has {t[tname].ndim} dimensions, expected {rank}")
+
+
+def _wanted_tensors(f: MavlFile, sch: Schema, what: str) -> dict[str, tuple[Any, ...]]:
+    """The tensors the file must hold (optional ones all or none), each there; no stray tensor under an exact prefix."""
+    name, t = f.path, f.tensors
+    wanted = dict(sch.tensors)
+    present_opt = [k for k in sch.optional if k in t]
+    if present_opt and len(present_opt) != len(sch.optional):
+        gone = sorted(set(sch.optional) - set(present_opt))
+        raise MavlError(f"{name}: {what} file is missing tensor {gone[0]!r}")
+    wanted.update({k: sch.optional[k] for k in present_opt})
+    for tname in wanted:
+        if tname not in t:
+            raise MavlError(f"{name}: {what} file is missing tensor {tname!r}")
+    for tname in t:
+        if tname not in wanted and any(tname.startswith(p) for p in sch.exact):
+            raise MavlError(f"{name}: unexpected tensor {tname!r} in {what} file")
+    return wanted
+
+
+def _bind_tensors(f: MavlFile, sch: Schema, wanted: dict[str, tuple[Any, ...]], sizes: _Sizes) -> None:
+    """Each wanted tensor's rank and dtype, and its dimensions bound to the schema's symbols."""
+    name, t = f.path, f.tensors
+    for tname, shape in wanted.items():
+        arr = t[tname]
+        if arr.ndim != len(shape):
+            raise MavlError(f"{name}: tensor {tname!r} has {arr.ndim} dimensions, expected {len(shape)}")
+        if tname not in sch.integer and arr.dtype.kind != "f":
+            raise MavlError(f"{name}: tensor {tname!r} holds {arr.dtype} values, expected floating point")
+        for sym, size in zip(shape, arr.shape):
+            sizes.bind(sym, int(size), f"tensor {tname!r}")
+
+
+def _bind_meta(f: MavlFile, sch: Schema, sizes: _Sizes) -> None:
+    """Each schema metadata entry well-formed, its lengths and dimensions bound to the schema's symbols."""
+    for key, (form, spec) in sch.meta.items():
+        value = f.meta.get(key)
+        if form in ("labels", "ids"):
+            _bind_name_list(f.path, key, form, spec, value, sizes)
+        elif form == "dims":
+            _bind_dims(f.path, key, spec, value, sizes)
+
+
+def _bind_name_list(name: str, key: str, form: str, spec: Any, value: Any, sizes: _Sizes) -> None:
+    """Metadata ``labels``/``ids``: a list of strings (labels: non-empty, distinct), its length bound to ``spec``."""
+    noun = "label names" if form == "labels" else "image ids"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MavlError(f"{name}: metadata {key!r} must be a list of {noun} (strings)")
+    if form == "labels" and (any(not v.strip() for v in value) or len(set(value)) != len(value)):
+        raise MavlError(f"{name}: metadata {key!r} holds empty or repeated label names")
+    sizes.bind(spec, len(value), f"metadata {key!r}")
+
+
+def _bind_dims(name: str, key: str, spec: dict[str, Any], value: Any, sizes: _Sizes) -> None:
+    """A metadata object of dimensions: whole numbers bound to symbols, or one of a tuple of choices."""
+    if not isinstance(value, dict):
+        raise MavlError(f"{name}: metadata {key!r} is missing or not a JSON object")
+    for sub, sym in spec.items():
+        v = value.get(sub)
+        if isinstance(sym, tuple):
+            if v not in sym:
+                raise MavlError(f"{name}: metadata {key}.{sub} is {v!r}, expected one of {', '.join(sym)}")
+            continue
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise MavlError(f"{name}: metadata {key}.{sub} must be a whole number, got {v!r}")
+        sizes.bind(sym, v, f"metadata {key}.{sub}")
+
+
+def _check_nonzero(f: MavlFile, sch: Schema, sizes: _Sizes) -> None:
+    """No dimension in ``sch.nonzero`` is empty (a shard part may hold no images)."""
+    for sym in sch.nonzero:
+        if sym == "N" and isinstance(f.meta.get("shard"), dict):
+            continue  # a shard part may be empty (more shards than batches); `mavl merge` checks the whole
+        if sym in sizes.seen and sizes.seen[sym][0] < 1:
+            raise MavlError(f"{f.path}: holds no {NOUN.get(sym, sym)} ({sizes.seen[sym][1]} is empty)")
+
+
+def _check_finite(f: MavlFile) -> None:
+    """No floating tensor holds NaN or Inf."""
+    for tname, arr in f.tensors.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise MavlError(f"{f.path}: tensor {tname!r} contains {bad} NaN or Inf value(s)")
+
+
+def _check_ranges(f: MavlFile, sch: Schema) -> None:
+    """Tensors with a range in ``sch.ranges`` lie inside it."""
+    t = f.tensors
+    for tname, (lo, hi) in sch.ranges.items():
+        if tname in t and t[tname].size and ((t[tname] < lo) | (t[tname] > hi)).any():
+            raise MavlError(f"{f.path}: tensor {tname!r} must lie in [{lo:g}, {hi:g}]")
 
 
 CALIBRATION_METHODS = ("temperature", "platt", "isotonic", "none")  # evaluation.calibration.METHODS (the fitted ones) and none

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,8 +157,32 @@ def check_shard_meta(p: Any) -> None:
 
 def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
     """Check and join loaded parts (:class:`mavl_cli.io.mavlfile.MavlFile`) into the unsharded file's content."""
-    import shlex
+    _check_parts(parts)
+    first = parts[0]
+    row_tensors, row_meta = MERGEABLE[first.kind]
+    s0 = first.meta["shard"]
+    count, total = s0.get("count"), s0.get("total")
+    by_index = _index_parts(parts, row_tensors, row_meta)
+    if len(by_index) != count:  # every index lies in 0..count-1, so some are missing (count may be large: no range())
+        missing = list(itertools.islice((k for k in range(count) if k not in by_index), 9))
+        shown = ", ".join(f"{k}/{count}" for k in missing[:8]) + (" ..." if count - len(by_index) > 8 else "")
+        raise MavlError(f"shard(s) {shown} missing: {len(by_index)} of {count} parts of {first.path}'s run given, nothing written")
+    ordered = [by_index[k] for k in range(count)]
+    seen = _check_coverage(ordered, row_tensors[0], total)
+    tensors = {k: np.ascontiguousarray(v) for k, v in first.tensors.items()}
+    for name in row_tensors:
+        tensors[name] = np.concatenate([p.tensors[name] for p in ordered], axis=0)
+    meta = {k: v for k, v in first.meta.items() if not k.startswith("mavl_") and k not in ("command", "shard")}
+    for key in row_meta:
+        meta[key] = [x for p in ordered for x in (p.meta.get(key) or [])]
+    if not seen:
+        raise MavlError("no image was embedded in any part (all skipped as unreadable); nothing written")
+    meta["command"] = _merged_command(first, output)
+    return Merged(first.kind, tensors, meta, len(ordered), len(seen))
 
+
+def _check_parts(parts: list[Any]) -> None:
+    """At least one part, of a mergeable kind, every one a shard with a sound record and of the first's kind."""
     if not parts:
         raise MavlError("merge needs at least one part file")
     first = parts[0]
@@ -169,7 +194,11 @@ def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
         check_shard_meta(p)
         if p.kind != first.kind:
             raise MavlError(f"{p.path}: holds {p.kind}, but {first.path} holds {first.kind}")
-    row_tensors, row_meta = MERGEABLE[first.kind]
+
+
+def _index_parts(parts: list[Any], row_tensors: tuple[str, ...], row_meta: tuple[str, ...]) -> dict[int, Any]:
+    """``{shard index: part}`` for parts of the first part's run (same count, total, settings, inputs), each once."""
+    first = parts[0]
     s0 = first.meta["shard"]
     count, total, fp = s0.get("count"), s0.get("total"), s0.get("fingerprint")
     by_index: dict[int, Any] = {}
@@ -186,11 +215,12 @@ def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
         if k in by_index:
             raise MavlError(f"{p.path} and {by_index[k].path} are both shard {k}/{count}; give each part once")
         by_index[k] = p
-    if len(by_index) != count:  # every index lies in 0..count-1, so some are missing (count may be large: no range())
-        missing = list(itertools.islice((k for k in range(count) if k not in by_index), 9))
-        shown = ", ".join(f"{k}/{count}" for k in missing[:8]) + (" ..." if count - len(by_index) > 8 else "")
-        raise MavlError(f"shard(s) {shown} missing: {len(by_index)} of {count} parts of {first.path}'s run given, nothing written")
-    ordered = [by_index[k] for k in range(count)]
+    return by_index
+
+
+def _check_coverage(ordered: list[Any], row_tensor: str, total: int) -> dict[str, str]:
+    """The parts, in shard order, cover the ``total`` inputs end to end, each holding its slice's rows,
+    and no id repeats; returns ``{id: part path}``."""
     pos = 0
     seen: dict[str, str] = {}
     for p in ordered:
@@ -198,7 +228,7 @@ def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
         if s.get("start") != pos:
             raise MavlError(f"{p.path}: covers inputs {s.get('start')}..{s.get('stop')}, expected from {pos} "
                             "(parts written with different batch sizes?)")
-        n_rows = p.tensors[row_tensors[0]].shape[0]
+        n_rows = p.tensors[row_tensor].shape[0]
         if len(p.ids()) != n_rows or n_rows + int(s.get("skipped") or 0) != s.get("stop") - s.get("start"):
             raise MavlError(f"{p.path}: holds {n_rows} rows and {s.get('skipped')} skipped images for "
                             f"{s.get('stop') - s.get('start')} inputs; the part is damaged")
@@ -209,23 +239,19 @@ def merge_parts(parts: list[Any], output: str | None = None) -> Merged:
         pos = s.get("stop")
     if pos != total:
         raise MavlError(f"the parts cover {pos} of {total} inputs; nothing written")
-    tensors = {k: np.ascontiguousarray(v) for k, v in first.tensors.items()}
-    for name in row_tensors:
-        tensors[name] = np.concatenate([p.tensors[name] for p in ordered], axis=0)
-    meta = {k: v for k, v in first.meta.items() if not k.startswith("mavl_") and k not in ("command", "shard")}
-    for key in row_meta:
-        meta[key] = [x for p in ordered for x in (p.meta.get(key) or [])]
-    if not seen:
-        raise MavlError("no image was embedded in any part (all skipped as unreadable); nothing written")
-    cmd = s0.get("command")
+    return seen
+
+
+def _merged_command(first: Any, output: str | None) -> Any:
+    """The merged file's ``command``: the unsharded command line (its output set to ``output`` when given),
+    else the first part's own."""
+    cmd = first.meta["shard"].get("command")
     if cmd and cmd.get("args") is not None:
         args = list(cmd["args"])
         if cmd.get("output_at") is not None and output is not None:
             args[cmd["output_at"]] = str(output)
-        meta["command"] = "mavl " + " ".join(shlex.quote(a) for a in args)
-    else:
-        meta["command"] = first.meta.get("command")
-    return Merged(first.kind, tensors, meta, len(ordered), len(seen))
+        return "mavl " + " ".join(shlex.quote(a) for a in args)
+    return first.meta.get("command")
 
 
 def _same_run(a: Any, b: Any, row_tensors: tuple[str, ...], row_meta: tuple[str, ...]) -> None:

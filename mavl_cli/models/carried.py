@@ -1,4 +1,6 @@
-"""mavl_cli.models.carried."""
+"""Encoder weights a model file carries: fine-tuned encoders stored inside the file (``encoder.*``),
+embedded weight files, and the content fingerprint that identifies them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.core.home import mavl_home
@@ -44,7 +47,6 @@ def read_finetuned_weights(head: MavlFile) -> tuple[dict[str, np.ndarray], dict[
     if not f.is_file():
         raise MavlError(f"{head.path}: was fine-tuned with the encoder weights {f}, which are not on this machine; "
                         "fuse needs them (they go into the model file)", path=f)
-    from safetensors.numpy import load_file
 
     try:
         state = load_file(str(f))
@@ -73,7 +75,6 @@ def embedded_weights_file(tensors: dict[str, Any], meta: dict[str, Any]) -> str 
         raise MavlError(f"the model file's encoder weights do not match their recorded fingerprint ({fp} != {rec.get('fingerprint')})")
     import tempfile
 
-    from safetensors.numpy import save_file
 
     for folder in (mavl_home() / "cache" / "encoders", Path(tempfile.gettempdir()) / "mavl-encoders"):
         dest = folder / f"{fp}.safetensors"
@@ -95,7 +96,6 @@ def embedded_weights_file(tensors: dict[str, Any], meta: dict[str, Any]) -> str 
 
 
 def _load_numpy(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
 
     try:
         return load_file(str(path))

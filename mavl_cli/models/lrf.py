@@ -46,7 +46,6 @@ def head_from_tensors(tensors: dict[str, Any], dropout: float = 0.0) -> LRFHead:
 
 def lrf_embed(tensors: dict[str, np.ndarray], x: np.ndarray, batch: int = 4096) -> np.ndarray:
     """Apply a trained LRF head (eval mode) to backbone features -> ``[N, r]``."""
-    import torch
 
 
     head = head_from_tensors(tensors)

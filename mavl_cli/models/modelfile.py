@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mavl_cli.core.defaults import DEFAULT_THRESHOLD
 from mavl_cli.core.errors import MavlError
@@ -130,7 +131,6 @@ class LoadedModel:
         return t or None
 
     def fusion(self) -> Any:
-        import torch
 
 
         cfg = self.meta.get("fusion")
@@ -172,7 +172,6 @@ class LoadedModel:
     def score(self, x: np.ndarray, label_text: Any = None, batch: int = 4096, calibrated: bool = True) -> np.ndarray:
         """Probabilities ``[N, L]`` for head-input features ``x`` (``label_text``: a ``mavlmodel.LabelText``),
         through `mavl calibrate`'s map unless ``calibrated=False``."""
-        import torch
 
         head = self.head(label_text, calibrated=calibrated)
         out = []
@@ -190,7 +189,6 @@ class LoadedModel:
 
     def aspect_cosines(self, x: np.ndarray, label_text: Any = None) -> np.ndarray:
         """Per-aspect cosine ``[N, L, A]`` (for --explain)."""
-        import torch
 
         with torch.no_grad():
             return self.head(label_text).aspect_cosines(torch.from_numpy(x)).numpy()

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from mavl_cli.core.defaults import DEFAULT_THRESHOLD
 from mavl_cli.core.errors import MavlError
@@ -102,8 +104,6 @@ def aligned_towers(spec: Any) -> tuple[Any, Any]:
 
 def encode_prompts(text: Any, texts: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
     """Text -> L2-normalised embedding with the aligned text tower (``text.encode(list) -> [N, D]``)."""
-    import torch
-    import torch.nn.functional as F
 
     out: dict[str, np.ndarray] = {}
     with torch.inference_mode():

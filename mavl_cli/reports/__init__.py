@@ -1,1 +1,1 @@
-"""mavl_cli.reports."""
+"""What people read: terminal tables and views of stage results, HTML reports, plots, model cards."""

@@ -1,4 +1,4 @@
-"""mavl_cli.stages.card."""
+"""The ``card`` stage: a model card from a model file's provenance and an evaluation's JSON."""
 
 from __future__ import annotations
 

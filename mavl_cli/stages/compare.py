@@ -1,4 +1,4 @@
-"""mavl_cli.stages.compare."""
+"""The ``compare`` stage: two models' scores on one test set, paired (AUROC difference, DeLong, F1)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
 from mavl_cli.datasets.reader import read_labels
 from mavl_cli.io.files import atomic_write_bytes
 from mavl_cli.stages.predict import predict_stage
@@ -16,7 +18,6 @@ def contact_sheet(model_path: str | Path, labels_csv: str | Path, root: str | Pa
     """Predict ``n`` images listed in ``labels_csv`` and draw them in a grid with truth vs prediction."""
     import io
 
-    from PIL import Image, ImageDraw, ImageFont
 
 
     table = read_labels(labels_csv, uncertain="ones")

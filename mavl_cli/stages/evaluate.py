@@ -76,6 +76,17 @@ def _score_image_folder(model: Any, root: str, labels: str, uncertain: str, labe
     return Scored(data.ids, data.names, data.x, data.y, data.mask, data.groups, data.notes, x=res.head_inputs)  # rows in res.ids order
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What `evaluate` measures: labelled scores, their thresholds, and the file they came from."""
+
+    sc: Scored
+    thresholds: np.ndarray
+    tuned: dict[str, Any] | None  # the thresholds' ``tuned_on`` record
+    meta: dict[str, Any]  # the model's (or the scores file's) metadata
+    model: Any = None  # None for --scores
+
+
 def evaluate_stage(
     model_path: str | None, embeddings: str | None, labels: str, opts: EvalOptions | None = None,
     label_opts: LabelOptions | None = None, extras: Any = None,
@@ -86,68 +97,82 @@ def evaluate_stage(
     o, read = opts or EvalOptions(), label_opts or LabelOptions()
     scores_file, bootstrap, seed, threshold = o.scores, o.bootstrap, o.seed, o.threshold
     plot, csv_out, json_out, ood_threshold = o.plot, o.csv_out, o.json_out, o.ood_threshold
-    uncertain, label_map = read.uncertain, read.renames
     warnings: list[str] = []
     html = getattr(extras, "html", None)
     check_outputs({"--json": json_out, "--csv": csv_out, "--plot": plot, "--html": html},
                            [model_path, embeddings, labels, scores_file, getattr(extras, "metadata", None)],
                            create_folders=("--plot",))
     if scores_file is not None:
-
-        ss = load_score_set(scores_file, allow_model=False)  # a `predict --out` file or a CSV from another tool
-        sf = ss.as_file()
-        names = sf.labels()
-        table = read_labels(labels, uncertain=uncertain, label_map=label_map)
-
-        renames = known_renames(names, table.names)
-        if renames:
-            table = rename(table, renames)
-            warnings.append(rename_note(renames, labels))
-        missing = [n for n in names if n not in table.names]
-        if missing and ss.source == "csv" and len(missing) < len(names):
-            warnings.append(f"{scores_file}: column(s) {', '.join(missing)} are not labels of {labels}; left out")
-            names = [n for n in names if n in table.names]
-        elif missing:
-            raise MavlError(f"{labels}: label(s) {', '.join(map(repr, missing))} of {scores_file} are not in this label file")
-        cols = [sf.labels().index(n) for n in names]
-        table = table.select(names).align(sf.ids())
-        sc = Scored(table.ids, names, sf.tensors["scores"][:, cols].astype(np.float32), table.y, table.mask, table.groups)
-        th = np.asarray(sf.tensors["thresholds"], np.float32)[cols]
-        tuned = (sf.meta.get("threshold") or {}).get("tuned_on")
-        warnings.extend(trust_warnings(sf))
-        source_meta = sf.meta
+        src = _scores_source(scores_file, labels, read, warnings)
     else:
-        if model_path is None or embeddings is None:
-            raise MavlError("evaluate needs MODEL and EMBEDDINGS, or --scores FILE")
-
-        check_percentile(ood_threshold)
-        model, sc = score_labelled(model_path, embeddings, labels, uncertain, label_map)
-        th = model.thresholds
-        warnings.extend(trust_warnings(model))
-        tuned = (model.meta.get("threshold") or {}).get("tuned_on")
-        source_meta = model.meta
-        if (model.meta.get("threshold") or {}).get("method", "default") == "default" and threshold is None:
-            warnings.append(f"thresholds are the untuned default {DEFAULT_THRESHOLD}; run `mavl tune-threshold` on validation data first")
-    if threshold is not None:
-        th = np.full(len(sc.names), threshold, np.float32)
-    elif tuned:
-        if tuned.get("fingerprint") == data_fingerprint(sc.ids):
-            warnings.append(
-                f"ALARM: thresholds were tuned on this very data ({tuned.get('embeddings')}, {tuned.get('images')} images): "
-                "these figures are optimistic; tune on validation data and report on a separate test set"
-            )
+        src = _model_source(model_path, embeddings, labels, read, o, warnings)
+    sc = src.sc
+    th = _final_thresholds(src, threshold, warnings)
     warnings.extend(sc.notes)
     groups = np.asarray(sc.groups) if sc.groups is not None else None
     report = evaluate(sc.y, sc.scores, th, sc.names, mask=sc.mask, bootstrap=bootstrap, seed=seed, groups=groups)
     if scores_file is None:
-
-        sc.ood = evaluate_split(model, sc, th, ood_threshold, bootstrap=bootstrap, seed=seed)
-
-    evaluation_extras(report, sc, th, warnings, source_meta, extras, bootstrap=bootstrap, seed=seed)
+        sc.ood = evaluate_split(src.model, sc, th, ood_threshold, bootstrap=bootstrap, seed=seed)
+    evaluation_extras(report, sc, th, warnings, src.meta, extras, bootstrap=bootstrap, seed=seed)
     if plot:
-
         plot_report(Path(plot), sc.y, sc.scores, th, sc.names, mask=sc.mask)
     return report, warnings, sc
+
+
+def _scores_source(scores_file: str, labels: str, read: LabelOptions, warnings: list[str]) -> _Source:
+    """``--scores``: saved scores joined to the labels by image id."""
+
+    ss = load_score_set(scores_file, allow_model=False)  # a `predict --out` file or a CSV from another tool
+    sf = ss.as_file()
+    names = sf.labels()
+    table = read_labels(labels, uncertain=read.uncertain, label_map=read.renames)
+    renames = known_renames(names, table.names)
+    if renames:
+        table = rename(table, renames)
+        warnings.append(rename_note(renames, labels))
+    missing = [n for n in names if n not in table.names]
+    if missing and ss.source == "csv" and len(missing) < len(names):
+        warnings.append(f"{scores_file}: column(s) {', '.join(missing)} are not labels of {labels}; left out")
+        names = [n for n in names if n in table.names]
+    elif missing:
+        raise MavlError(f"{labels}: label(s) {', '.join(map(repr, missing))} of {scores_file} are not in this label file")
+    cols = [sf.labels().index(n) for n in names]
+    table = table.select(names).align(sf.ids())
+    sc = Scored(table.ids, names, sf.tensors["scores"][:, cols].astype(np.float32), table.y, table.mask, table.groups)
+    th = np.asarray(sf.tensors["thresholds"], np.float32)[cols]
+    tuned = (sf.meta.get("threshold") or {}).get("tuned_on")
+    warnings.extend(trust_warnings(sf))
+    return _Source(sc, th, tuned, sf.meta)
+
+
+def _model_source(model_path: str | None, embeddings: str | None, labels: str, read: LabelOptions, o: EvalOptions,
+                  warnings: list[str]) -> _Source:
+    """MODEL and EMBEDDINGS (or an image folder): the labelled images scored by the model."""
+
+    if model_path is None or embeddings is None:
+        raise MavlError("evaluate needs MODEL and EMBEDDINGS, or --scores FILE")
+    check_percentile(o.ood_threshold)
+    model, sc = score_labelled(model_path, embeddings, labels, read.uncertain, read.renames)
+    th = model.thresholds
+    warnings.extend(trust_warnings(model))
+    tuned = (model.meta.get("threshold") or {}).get("tuned_on")
+    if (model.meta.get("threshold") or {}).get("method", "default") == "default" and o.threshold is None:
+        warnings.append(f"thresholds are the untuned default {DEFAULT_THRESHOLD}; run `mavl tune-threshold` on validation data first")
+    return _Source(sc, th, tuned, model.meta, model)
+
+
+def _final_thresholds(src: _Source, threshold: float | None, warnings: list[str]) -> np.ndarray:
+    """``--threshold`` for every label, else the source's; alarms when they were tuned on this very data."""
+
+    if threshold is not None:
+        return np.full(len(src.sc.names), threshold, np.float32)
+    tuned = src.tuned
+    if tuned and tuned.get("fingerprint") == data_fingerprint(src.sc.ids):
+        warnings.append(
+            f"ALARM: thresholds were tuned on this very data ({tuned.get('embeddings')}, {tuned.get('images')} images): "
+            "these figures are optimistic; tune on validation data and report on a separate test set"
+        )
+    return src.thresholds
 
 
 def trust_warnings(model: Any) -> list[str]:

@@ -44,45 +44,57 @@ def finetune_stage(
     patients is held out). ``encoder``: an EncoderSpec; ``tune``/``run``:
     :class:`~mavl_cli.core.options.FinetuneOptions` / :class:`~mavl_cli.core.options.RunOptions`.
     """
-
-
     config = config or LRFConfig()
     spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.parse(encoder)
     read, v = label_opts or LabelOptions(), validation or Validation()
     tune, run = tune or FinetuneOptions(), run or RunOptions()
-    images_root, labels, path_column = images.root, images.labels, images.path_column
-    only, uncertain, label_map = read.names, read.uncertain, read.renames
-    val_labels, val_split = v.labels, v.split
-    weights, device, skip_bad = spec.weights, run.device, run.skip_bad
-    check_output_path(output, [labels, *([val_labels] if val_labels else []), weights, *model_inputs(weights)])
-    check_backbone_out(Path(backbone_out))
-    if Path(backbone_out).is_dir():  # the folder's files are outputs too: never the starting weights or the labels
-        starting = [weights] if not (weights and Path(weights).is_dir()) else [p for p in Path(weights).iterdir()]
-        check_outputs({"-o": output, **{f"--backbone-out {n}": Path(backbone_out) / n for n in ("model.safetensors", "config.json")}},
-                               [labels, val_labels, *starting])
-    tr_items, tr_table = labelled_items(images_root, labels, only, uncertain, label_map, path_column, skip_bad)
-    val = None
-    if val_labels:
-        v_items, v_table = labelled_items(images_root, val_labels, tr_table.names, uncertain, label_map, path_column, skip_bad)
-        val = (v_items, v_table.y, v_table.mask)
-
-    dist = distributed.setup(device)
+    _check_stage_outputs(output, backbone_out, images.labels, v.labels, spec.weights)
+    tr_items, tr_table, val = _stage_labels(images, read, v.labels, run.skip_bad)
+    dist = distributed.setup(run.device)
     if dist.active and not dist.main:
         progress = None  # one progress bar per job, on rank 0
     with (progress("train-lrf --finetune", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
         res = finetune_lrf(tr_items, tr_table.y, tr_table.mask, tr_table.names, spec, config, groups=tr_table.groups,
-                           val=val, val_split=val_split, tune=tune, run=run, advance=advance)
+                           val=val, val_split=v.split, tune=tune, run=run, advance=advance)
     error = None
     if dist.main:  # rank 0 alone writes the head and the backbone
         try:
-            save_finetuned(res, output, Path(backbone_out), {"uncertain": uncertain, "train_labels": str(labels),
-                                                              "train_images_root": str(images_root),
+            save_finetuned(res, output, Path(backbone_out), {"uncertain": read.uncertain, "train_labels": str(images.labels),
+                                                              "train_images_root": str(images.root),
                                                               **({"ranks": dist.world} if dist.active else {})})
         except MavlError as exc:
             if not dist.active:
                 raise
             error = f"rank 0: {exc}"
     distributed.agree(dist, error)
+    return _stage_result(res, output, backbone_out, config, tune)
+
+
+def _check_stage_outputs(output: str, backbone_out: str, labels: str, val_labels: str | None, weights: str | None) -> None:
+    """Refuse, before any training, outputs that cannot be written or that would overwrite an input."""
+    check_output_path(output, [labels, *([val_labels] if val_labels else []), weights, *model_inputs(weights)])
+    check_backbone_out(Path(backbone_out))
+    if Path(backbone_out).is_dir():  # the folder's files are outputs too: never the starting weights or the labels
+        starting = [weights] if not (weights and Path(weights).is_dir()) else [p for p in Path(weights).iterdir()]
+        check_outputs({"-o": output, **{f"--backbone-out {n}": Path(backbone_out) / n for n in ("model.safetensors", "config.json")}},
+                               [labels, val_labels, *starting])
+
+
+def _stage_labels(images: Any, read: Any, val_labels: str | None, skip_bad: bool) -> tuple[list[Any], Any, Any]:
+    """The training images and LabelTable, and the validation set (items, y, mask) when ``val_labels`` is given."""
+    images_root, path_column = images.root, images.path_column
+    tr_items, tr_table = labelled_items(images_root, images.labels, read.names, read.uncertain, read.renames, path_column,
+                                        skip_bad)
+    val = None
+    if val_labels:
+        v_items, v_table = labelled_items(images_root, val_labels, tr_table.names, read.uncertain, read.renames,
+                                          path_column, skip_bad)
+        val = (v_items, v_table.y, v_table.mask)
+    return tr_items, tr_table, val
+
+
+def _stage_result(res: Any, output: str, backbone_out: str, config: Any, tune: Any) -> Any:
+    """The stage's summary, its epoch table and the ``embed-images`` options that use the new backbone."""
     if res.encoder is None:
         notes = [f"embed images with: mavl embed-images ... --backbone {res.info.name} --weights {backbone_out}"]
     else:

@@ -1,4 +1,4 @@
-"""mavl_cli.stages.maps."""
+"""The ``evaluate-maps`` stage: how well explanation maps point at the drawn findings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mavl_cli.stages.merge."""
+"""The ``merge`` stage: shards of one embed-images or predict run joined into the unsharded file."""
 
 from __future__ import annotations
 

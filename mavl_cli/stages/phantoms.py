@@ -1,4 +1,4 @@
-"""mavl_cli.stages.phantoms."""
+"""The ``phantoms`` stage: a folder of synthetic chest films with labels (and masks) on disk."""
 
 from __future__ import annotations
 

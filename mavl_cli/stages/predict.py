@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from mavl_cli.core.defaults import DEFAULT_THRESHOLD
 from mavl_cli.core.errors import MavlError
@@ -52,6 +53,33 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """The model and the images a predict run scores, once every input and output path has been checked."""
+
+    part: Any  # the parsed --shard, None without one
+    model_file: Any
+    model: Any
+    backbone_weights: Any  # --weights, else what the model records
+    items: list[Any]  # this shard's images (all of them without --shard)
+    all_items: list[Any]
+    lo: int
+    hi: int
+    batch_size: int | None
+
+
+@dataclass(frozen=True)
+class _LabelSet:
+    """What a predict run scores: the model's labels, plus any added from ``--descriptions``."""
+
+    module: Any
+    label_text: Any  # ``mavlmodel.LabelText`` with the added labels; None without --descriptions
+    new: list[str]
+    names: list[str]
+    thresholds: np.ndarray
+    mask: Any  # aspect mask [L, A]
+
+
 def predict_stage(
     images: list[str], model_path: str | None = None, opts: PredictOptions | None = None, run: RunOptions | None = None,
     progress: Callable[[str, int, str], Any] | None = None,
@@ -60,82 +88,127 @@ def predict_stage(
 
     ``opts.heatmap``: a :class:`mavl_cli.explain.heatmaps.HeatmapOptions` to also write explanation maps."""
     o, r = opts or PredictOptions(), run or RunOptions()
-    weights, threshold, descriptions, explain = o.weights, o.threshold, o.descriptions, o.explain
-    scores_out, json_out, heatmap, shard, ood_threshold = o.scores_out, o.json_out, o.heatmap, o.shard, o.ood_threshold
-    device, batch_size, skip_bad = r.device, r.batch_size, r.skip_bad
+    sel = _select(images, model_path, o, r)
+    model = sel.model
+    labs = _label_set(sel, o, r.device)
+    res = _score(sel, labs, r, progress)
+    aspects = list(model.meta.get("aspects") or [])
+    cos = _aspect_cosines(labs.module, res.head_inputs) if o.explain and res.ids else None
+    pred = Prediction(res.ids, labs.names, res.probabilities, labs.thresholds, aspects, cos,
+                      np.asarray(labs.mask).astype(bool), labs.new)
+    pred.model_info = provenance.model_provenance(model, sel.model_file, provenance.model_choice(model_path))
+    pred.ood = ood.assess_model(model, res.head_inputs, o.ood_threshold)
+    pred.warnings = trust_warnings(model)
+    if o.heatmap is not None:
+        pred.peaks = _heatmaps(sel, labs, res, o, r.device, progress)
+    if o.scores_out:
+        _write_scores(o.scores_out, sel, labs, res)
+    return pred, res.skipped
 
-    part = parse_shard(shard)
+
+def _select(images: list[str], model_path: str | None, o: PredictOptions, r: RunOptions) -> _Selection:
+    """Check the options, the model and the output paths; collect the images (this shard's with ``--shard``)."""
+
+    part = parse_shard(o.shard)
+    ood.check_percentile(o.ood_threshold)
+    model_file, model, w = _open_model(model_path, o)
+    if o.heatmap is not None:
+        o.heatmap.check(list(model.labels) if not o.descriptions else None)  # labels added from text: checked later
+    items, _ = collect_inputs(images)
+    if o.scores_out:
+        check_output_path(o.scores_out, [it.path for it in items])  # `--out a.png` must not replace the image
+    all_items, lo, hi = items, 0, len(items)
+    batch_size = r.batch_size
+    if part is not None:  # whole batches of the list, as embed-images --shard does
+        batch_size = batch_size or default_batch_size(resolve_device(r.device).type)
+        lo, hi = shard_range(len(items), batch_size, part)
+        items = items[lo:hi]
+    return _Selection(part, model_file, model, w, items, all_items, lo, hi, batch_size)
 
 
-    ood.check_percentile(ood_threshold)
+def _open_model(model_path: str | None, o: PredictOptions) -> tuple[Any, Any, Any]:
+    """Find and load the model, check the outputs against it and its backbone weights.
+
+    Returns (model file, model, backbone weights: ``--weights`` or the path the model records)."""
+
+    weights = o.weights
     model_file = find_model(model_path)
-    check_outputs({"--json": json_out, "--out": scores_out}, [model_file, weights, descriptions])
+    check_outputs({"--json": o.json_out, "--out": o.scores_out}, [model_file, weights, o.descriptions])
     model = load_model(model_file)
     meta = model.meta
     w = weights or meta.get("backbone_weights")
-    if scores_out:  # never the encoder's own files (a --weights folder, or the one the model records)
-        check_output_path(scores_out, model_inputs(w, (meta.get("encoder") or {}).get("id")
-                                                                     if isinstance(meta.get("encoder"), dict) else None))
+    if o.scores_out:  # never the encoder's own files (a --weights folder, or the one the model records)
+        check_output_path(o.scores_out, model_inputs(w, (meta.get("encoder") or {}).get("id")
+                                                     if isinstance(meta.get("encoder"), dict) else None))
     carried = weights is None and (meta.get("encoder_weights") or {}).get("embedded")  # in the model file itself
     if w not in ("hub", "random", None) and not carried and not Path(w).exists():
         raise MavlError(f"{model.file.path}: its backbone weights {w} are not on this machine; pass --weights FILE_OR_FOLDER")
-    if heatmap is not None:
-        heatmap.check(list(model.labels) if not descriptions else None)  # labels added from text: checked below
-    items, _ = collect_inputs(images)
-    if scores_out:
-        check_output_path(scores_out, [it.path for it in items])  # `--out a.png` must not replace the image
-    all_items, lo, hi = items, 0, len(items)
-    if part is not None:  # whole batches of the list, as embed-images --shard does
+    return model_file, model, w
 
-        batch_size = batch_size or default_batch_size(resolve_device(device).type)
-        lo, hi = shard_range(len(items), batch_size, part)
-        items = items[lo:hi]
+
+def _label_set(sel: _Selection, o: PredictOptions, device: str) -> _LabelSet:
+    """The model's labels plus those ``--descriptions`` adds, with their thresholds; checks the heatmap outputs."""
+
+    model = sel.model
     label_text, new = None, []
-    aspects = list(meta.get("aspects") or [])
-    if descriptions:
-        label_text, new = _extend_labels(model, descriptions, device, threshold)
-    module = model.module(weights, label_text=label_text)
+    if o.descriptions:
+        label_text, new = _extend_labels(model, o.descriptions, device, o.threshold)
+    module = model.module(o.weights, label_text=label_text)
     names = list(module.labels)
-    th = module.thresholds.numpy() if threshold is None else np.full(len(names), threshold, np.float32)
-    if heatmap is not None:  # before any image is scored: overlays never replace an input
-        heatmap.check(names)
-        heatmap.check_outputs([it.path for it in items], names,
-                              [model_file, descriptions, *[it.path for it in all_items],
-                               *model_inputs(w, weights)])
-    if items or part is None:
-        with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
-            res = score_images(module, items, device=device, batch_size=batch_size, skip_bad=skip_bad, advance=advance)
-    else:  # an empty shard (more shards than batches)
-
-        res = ImageScores([], np.zeros((0, len(names)), np.float32), np.zeros((0, 0), np.float32), [])
+    th = module.thresholds.numpy() if o.threshold is None else np.full(len(names), o.threshold, np.float32)
+    if o.heatmap is not None:  # before any image is scored: overlays never replace an input
+        o.heatmap.check(names)
+        o.heatmap.check_outputs([it.path for it in sel.items], names,
+                                [sel.model_file, o.descriptions, *[it.path for it in sel.all_items],
+                                 *model_inputs(sel.backbone_weights, o.weights)])
     mask = label_text.mask if label_text is not None else model.file.tensors["text.mask"]
-    cos = None
-    if explain and res.ids:
-        import torch
+    return _LabelSet(module, label_text, new, names, th, mask)
 
-        with torch.no_grad():
-            cos = module.head.cpu().aspect_cosines(torch.from_numpy(res.head_inputs)).numpy()
-    pred = Prediction(res.ids, names, res.probabilities, th, aspects, cos, np.asarray(mask).astype(bool), new)
-    pred.model_info = provenance.model_provenance(model, model_file, provenance.model_choice(model_path))
-    pred.ood = ood.assess_model(model, res.head_inputs, ood_threshold)
-    pred.warnings = trust_warnings(model)
-    if heatmap is not None:
 
-        where = {it.id: it.path for it in items}
-        text = label_text.text if label_text is not None else model.file.tensors["text.embeddings"]
-        with (progress("heatmaps", len(res.ids), "img") if progress and len(res.ids) > 2 else nullcontext(None)) as advance:
-            pred.peaks = predict_heatmaps(model, [where[i] for i in res.ids], res.ids, res.probabilities, th, names, text, mask,
-                                          heatmap, weights, device, advance, label_text=label_text)
-    if scores_out:
-        smeta = {"ids": res.ids, "labels": names, "model": str(model.file.path), "threshold": meta.get("threshold"),
-                 "synthetic_training_data": bool(meta.get("synthetic_training_data")),
-                 "calibration": meta.get("calibration")}
-        if part is not None:
+def _score(sel: _Selection, labs: _LabelSet, r: RunOptions, progress: Callable[[str, int, str], Any] | None) -> ImageScores:
+    """Score the selected images through the whole model (no images for an empty shard)."""
 
-            fp = inputs_fingerprint(all_items, {"model": meta.get("fingerprint") or str(model.file.path), "batch_size": batch_size})
-            smeta["shard"] = shard_meta(part, lo, hi, len(all_items), fp, len(res.skipped), command_args())
-        write_file(scores_out, "scores", {"scores": res.probabilities, "thresholds": th}, smeta)
-    return pred, res.skipped
+    items = sel.items
+    if items or sel.part is None:
+        with (progress("predict", len(items), "img") if progress and len(items) > 8 else nullcontext(None)) as advance:
+            return score_images(labs.module, items, device=r.device, batch_size=sel.batch_size, skip_bad=r.skip_bad,
+                                advance=advance)
+    # an empty shard (more shards than batches)
+    return ImageScores([], np.zeros((0, len(labs.names)), np.float32), np.zeros((0, 0), np.float32), [])
+
+
+def _aspect_cosines(module: Any, head_inputs: np.ndarray) -> np.ndarray:
+    """``--explain``: each image's cosine to each label's aspect texts, [N, L, A]."""
+
+
+    with torch.no_grad():
+        return module.head.cpu().aspect_cosines(torch.from_numpy(head_inputs)).numpy()
+
+
+def _heatmaps(sel: _Selection, labs: _LabelSet, res: ImageScores, o: PredictOptions, device: str,
+              progress: Callable[[str, int, str], Any] | None) -> dict[str, dict[str, tuple[int, int]]]:
+    """``--heatmap``: write the explanation maps of the scored images; returns their peaks."""
+
+    model = sel.model
+    where = {it.id: it.path for it in sel.items}
+    text = labs.label_text.text if labs.label_text is not None else model.file.tensors["text.embeddings"]
+    with (progress("heatmaps", len(res.ids), "img") if progress and len(res.ids) > 2 else nullcontext(None)) as advance:
+        return predict_heatmaps(model, [where[i] for i in res.ids], res.ids, res.probabilities, labs.thresholds, labs.names,
+                                text, labs.mask, o.heatmap, o.weights, device, advance, label_text=labs.label_text)
+
+
+def _write_scores(path: str, sel: _Selection, labs: _LabelSet, res: ImageScores) -> None:
+    """``--out``: the scores and thresholds, for `mavl evaluate --scores` (and `mavl merge` with ``--shard``)."""
+
+    model, meta = sel.model, sel.model.meta
+    smeta = {"ids": res.ids, "labels": labs.names, "model": str(model.file.path), "threshold": meta.get("threshold"),
+             "synthetic_training_data": bool(meta.get("synthetic_training_data")),
+             "calibration": meta.get("calibration")}
+    if sel.part is not None:
+        fp = inputs_fingerprint(sel.all_items, {"model": meta.get("fingerprint") or str(model.file.path),
+                                                "batch_size": sel.batch_size})
+        smeta["shard"] = shard_meta(sel.part, sel.lo, sel.hi, len(sel.all_items), fp, len(res.skipped), command_args())
+    write_file(path, "scores", {"scores": res.probabilities, "thresholds": labs.thresholds}, smeta)
 
 
 def _extend_labels(model: Any, descriptions: str, device: str, threshold: float | None = None) -> tuple[Any, list[str]]:

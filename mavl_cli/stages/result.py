@@ -1,4 +1,4 @@
-"""mavl_cli.stages.result."""
+"""What every stage returns: its output path, a summary for scripts, a table for people, and notes."""
 
 from __future__ import annotations
 

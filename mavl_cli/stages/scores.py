@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mavl_cli.core.defaults import DEFAULT_THRESHOLD
 from mavl_cli.core.errors import MavlError
@@ -60,7 +61,6 @@ def _looks_safetensors(head: bytes) -> bool:
 
 
 def read_scores_csv(path: str) -> ScoreSet:
-    import pandas as pd
 
 
     p = Path(path)

@@ -1,4 +1,4 @@
-"""mavl_cli.stages.text."""
+"""The ``embed-text`` stage: label descriptions (one or many aspects) through a text encoder."""
 
 from __future__ import annotations
 

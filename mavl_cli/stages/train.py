@@ -8,7 +8,7 @@ shapes, label names) before doing any work and writes atomically.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -52,26 +52,9 @@ def train_lrf_stage(
 
     config = config or LRFConfig()
     read, v = label_opts or LabelOptions(), validation or Validation()
-    only, uncertain, label_map = read.names, read.uncertain, read.renames
-    val, val_labels, val_split = v.embeddings, v.labels, v.split
-    rank, keep, seed = config.rank, config.keep, config.seed
-    check_outputs({"-o": output, "--embed-out": embed_out}, [embeddings, labels, val, val_labels])
-    emb = read_file(embeddings, expect="image-embeddings")
-    if emb.meta.get("space") == "lrf":
-        raise MavlError(f"{embeddings}: these embeddings are already LRF-projected; train-lrf needs backbone features")
-    d = emb.tensors["features"].shape[1]
-    check_rank_keep(rank, keep, d, str(embeddings))
-    data = load_labelled(emb, labels, names=only, uncertain=uncertain, label_map=label_map)
-    choice = choose_validation(len(data.ids), str(val) if val is not None else None, val_split, seed, data.groups)
-    val_desc = choice.description
-    if val is not None:
-        vemb = read_file(val, expect="image-embeddings")
-        _same_backbone(emb, vemb)
-        tr, va = data, load_labelled(vemb, val_labels or labels, names=data.names, uncertain=uncertain, label_map=label_map)
-    elif choice.val is not None:
-        tr, va = data.subset(choice.train), data.subset(choice.val)
-    else:
-        tr, va = data, None
+    val = v.embeddings
+    check_outputs({"-o": output, "--embed-out": embed_out}, [embeddings, labels, val, v.labels])
+    emb, data, tr, va, val_desc = _lrf_data(embeddings, labels, config, read, v)
     with (progress("train-lrf", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
         res = train_lrf(tr.split(), va.split() if va else None, config, advance=advance)
     tensors = {k: v.numpy() for k, v in res.state.items()}
@@ -81,7 +64,7 @@ def train_lrf_stage(
         **asdict(config),
         "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
         "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc, "validation": val_desc,
-        "uncertain": uncertain, "fingerprint": fp, "in_dim": int(d),
+        "uncertain": read.uncertain, "fingerprint": fp, "in_dim": int(emb.tensors["features"].shape[1]),
         **{k: emb.meta.get(k) for k in ("backbone", "backbone_weights", "backbone_args", "preprocessing", "precision")},
         **({"encoder": emb.meta["encoder"]} if emb.meta.get("encoder") else {}),
         "train_embeddings": str(embeddings), "train_labels": str(labels),
@@ -89,18 +72,49 @@ def train_lrf_stage(
     }
     write_file(output, "lrf-head", tensors, meta)
     if embed_out is not None:
-
-        z = lrf_embed(tensors, emb.tensors["features"].astype(np.float32))
-        zmeta = {k: v for k, v in emb.meta.items() if not k.startswith("mavl_") and k != "command"}
-        zmeta.update(space="lrf", feature_dim=int(z.shape[1]), lrf_fingerprint=fp)
-        write_file(embed_out, "image-embeddings", {"features": z}, zmeta)
+        _write_lrf_embeddings(embed_out, tensors, emb, fp)
     return StageResult(
         output=output,
-        summary={"images": len(tr.ids), "validation": val_desc, "labels": len(data.names), "rank": rank, "keep": keep,
-                 "eta": config.eta, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_macro_auroc": res.val_auroc},
+        summary={"images": len(tr.ids), "validation": val_desc, "labels": len(data.names), "rank": config.rank,
+                 "keep": config.keep, "eta": config.eta, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+                 "val_macro_auroc": res.val_auroc},
         table=res.history,
         notes=[*data.notes, *(va.notes if val is not None else [])],
     )
+
+
+def _lrf_data(embeddings: str, labels: str, config: Any, read: LabelOptions, v: Validation) -> tuple[Any, ...]:
+    """Read and check the training embeddings and labels, and choose the validation data.
+
+    Returns (embeddings file, labelled data, training part, validation part or None, validation description)."""
+
+    uncertain, label_map = read.uncertain, read.renames
+    val, val_labels = v.embeddings, v.labels
+    emb = read_file(embeddings, expect="image-embeddings")
+    if emb.meta.get("space") == "lrf":
+        raise MavlError(f"{embeddings}: these embeddings are already LRF-projected; train-lrf needs backbone features")
+    d = emb.tensors["features"].shape[1]
+    check_rank_keep(config.rank, config.keep, d, str(embeddings))
+    data = load_labelled(emb, labels, names=read.names, uncertain=uncertain, label_map=label_map)
+    choice = choose_validation(len(data.ids), str(val) if val is not None else None, v.split, config.seed, data.groups)
+    if val is not None:
+        vemb = read_file(val, expect="image-embeddings")
+        _same_backbone(emb, vemb)
+        tr, va = data, load_labelled(vemb, val_labels or labels, names=data.names, uncertain=uncertain, label_map=label_map)
+    elif choice.val is not None:
+        tr, va = data.subset(choice.train), data.subset(choice.val)
+    else:
+        tr, va = data, None
+    return emb, data, tr, va, choice.description
+
+
+def _write_lrf_embeddings(path: str, tensors: dict[str, np.ndarray], emb: MavlFile, fp: str) -> None:
+    """``--embed-out``: the training embeddings projected by the new LRF head."""
+
+    z = lrf_embed(tensors, emb.tensors["features"].astype(np.float32))
+    zmeta = {k: v for k, v in emb.meta.items() if not k.startswith("mavl_") and k != "command"}
+    zmeta.update(space="lrf", feature_dim=int(z.shape[1]), lrf_fingerprint=fp)
+    write_file(path, "image-embeddings", {"features": z}, zmeta)
 
 
 def _same_backbone(a: MavlFile, b: MavlFile) -> None:
@@ -112,6 +126,18 @@ def _same_backbone(a: MavlFile, b: MavlFile) -> None:
             f"{b.path}: embedded with {b.meta.get('backbone')} ({b.meta.get('space', 'backbone')} space), "
             f"but {a.path} with {a.meta.get('backbone')} ({a.meta.get('space', 'backbone')} space)"
         )
+
+
+@dataclass(frozen=True)
+class _FuseData:
+    """The checked inputs of `fuse`: files read, fusion features and labels joined."""
+
+    emb: MavlFile
+    txt: MavlFile
+    head: MavlFile | None  # --lrf
+    x: np.ndarray  # the fusion input of the training images
+    data: Any  # the labelled training data
+    vdata: Any  # the labelled --val data, None without it
 
 
 def fuse_stage(
@@ -131,14 +157,48 @@ def fuse_stage(
 
     config = config or FusionConfig()
     read, v = label_opts or LabelOptions(), validation or Validation()
+    uncertain, val = read.uncertain, v.embeddings
+    aggregate = config.aggregate
+    fd = _fuse_data(embeddings, text, labels, output, aggregate, lrf, v, read, set_default)
+    emb, head, data, vdata = fd.emb, fd.head, fd.data, fd.vdata
+    t_emb = fd.txt.tensors["embeddings"].astype(np.float32)
+    t_mask = fd.txt.tensors["mask"].astype(bool)
+    with (progress("fuse", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
+        res = train_fusion(data.split(), t_emb, t_mask, vdata.split() if vdata else None, config, advance=advance)
+    cfg = {"img_dim": int(fd.x.shape[1]), "txt_dim": int(t_emb.shape[2]), "dim": config.dim, "aggregate": aggregate,
+           "n_aspects": int(t_emb.shape[1])}
+    image_meta = dict(emb.meta)
+    if head is not None and image_meta.get("space") != "lrf":
+        image_meta["feature_dim"] = int(emb.tensors["features"].shape[1])
+    extra = {"seed": config.seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
+             "images": len(data.ids), "fingerprint": data_fingerprint(data.ids), **asdict(config), "best_epoch": res.best_epoch,
+             "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
+    extra.update(_trust_meta(data, labels, embeddings, emb, head))
+    tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, fd.txt, image_meta, head, extra)
+
+    ood_tensors, meta["ood"] = ood.fit(data.x, vdata.x if vdata is not None else None, seed=config.seed)
+    tensors.update(ood_tensors)
+    blob = to_bytes("model", tensors, meta)
+    atomic_write_bytes(output, blob)
+    notes = [*data.notes, *(vdata.notes if vdata else [])]
+    if set_default:
+        notes.append(f"installed as the default model: {install_default(blob)}")
+    last = res.history[-1] if res.history else {}
+    return StageResult(output, {"images": len(data.ids), "labels": len(fd.txt.labels()), "aspects": int(t_emb.shape[1]),
+                                "aggregate": aggregate, "best_epoch": res.best_epoch, "final_bce": last.get("bce"),
+                                "scale": last.get("scale"), "val_macro_auroc": res.val_auroc}, res.history, notes)
+
+
+def _fuse_data(embeddings: str, text: str, labels: str, output: str, aggregate: str, lrf: str | None, v: Validation,
+               read: LabelOptions, set_default: bool) -> _FuseData:
+    """Check `fuse`'s options and output path, read its files and join the labels (training and ``--val``)."""
+
     uncertain, label_map = read.uncertain, read.renames
     val, val_labels = v.embeddings, v.labels
-    aggregate = config.aggregate
     if aggregate not in AGGREGATES:
         raise MavlError(f"unknown --aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
     check_output_path(output, [embeddings, text, labels, lrf, val, val_labels])
     if set_default:
-
         check_install_default([embeddings, text, labels, lrf, val, val_labels, output])
     emb = read_file(embeddings, expect="image-embeddings")
     txt = read_file(text, expect="text-embeddings")
@@ -152,32 +212,7 @@ def fuse_stage(
         _same_backbone(emb, vemb)
         vdata = load_labelled(vemb, val_labels or labels, names=names, uncertain=uncertain, label_map=label_map,
                               x=_fusion_features(vemb, head))
-    t_emb = txt.tensors["embeddings"].astype(np.float32)
-    t_mask = txt.tensors["mask"].astype(bool)
-    with (progress("fuse", config.epochs, "epoch") if progress else nullcontext(None)) as advance:
-        res = train_fusion(data.split(), t_emb, t_mask, vdata.split() if vdata else None, config, advance=advance)
-    cfg = {"img_dim": int(x.shape[1]), "txt_dim": int(t_emb.shape[2]), "dim": config.dim, "aggregate": aggregate,
-           "n_aspects": int(t_emb.shape[1])}
-    image_meta = dict(emb.meta)
-    if head is not None and image_meta.get("space") != "lrf":
-        image_meta["feature_dim"] = int(emb.tensors["features"].shape[1])
-    extra = {"seed": config.seed, "uncertain": uncertain, "train": {"embeddings": str(embeddings), "labels": str(labels),
-             "images": len(data.ids), "fingerprint": data_fingerprint(data.ids), **asdict(config), "best_epoch": res.best_epoch,
-             "val": str(val) if val else None, "val_auroc": None if np.isnan(res.val_auroc) else res.val_auroc}}
-    extra.update(_trust_meta(data, labels, embeddings, emb, head))
-    tensors, meta = build_model({k: v.numpy() for k, v in res.state.items()}, cfg, txt, image_meta, head, extra)
-
-    ood_tensors, meta["ood"] = ood.fit(data.x, vdata.x if vdata is not None else None, seed=config.seed)
-    tensors.update(ood_tensors)
-    blob = to_bytes("model", tensors, meta)
-    atomic_write_bytes(output, blob)
-    notes = [*data.notes, *(vdata.notes if vdata else [])]
-    if set_default:
-        notes.append(f"installed as the default model: {install_default(blob)}")
-    last = res.history[-1] if res.history else {}
-    return StageResult(output, {"images": len(data.ids), "labels": len(names), "aspects": int(t_emb.shape[1]),
-                                "aggregate": aggregate, "best_epoch": res.best_epoch, "final_bce": last.get("bce"),
-                                "scale": last.get("scale"), "val_macro_auroc": res.val_auroc}, res.history, notes)
+    return _FuseData(emb, txt, head, x, data, vdata)
 
 
 def _synthetic(labels: str, *upstream: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mavl_cli.datasets import chexpert
 from mavl_cli.synthetic.phantoms import UNCERTAIN_BELOW, draw_findings, render_phantom
@@ -45,7 +46,6 @@ def _film(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, fl
 
 
 def _save(path: Path, arr: np.ndarray, uid: str | None = None) -> Path:
-    from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".dcm", ".dicom") or uid is not None:

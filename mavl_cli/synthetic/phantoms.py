@@ -248,6 +248,457 @@ def _work_size(size: int) -> int:
     return size if size <= 160 else max(128, size // 2)
 
 
+@dataclass(frozen=True)
+class _Study:
+    """One study's draws from ``rng``: pose, breath, exposure, film noise and each finding's own choices."""
+
+    tx: float
+    ty: float
+    rot: float
+    zoom: float
+    breath: float
+    black: float
+    white: float
+    gamma: float
+    noise_sd: float
+    blur: float
+    noise_seed: int
+    frng: dict[str, np.random.Generator]  # one generator per finding, for its own later draws
+    eff_side: float  # -1 or +1: one side; 0: both sides
+    ptx_side: float
+    con_side: float
+    atl_side: float
+    atl_wedge: bool  # lobar collapse (wedge) rather than a plate-like band
+
+
+def _draw_study(rng: np.random.Generator, anat: dict) -> _Study:
+    """Study-level draws, always in the same order and whatever the findings."""
+    tx, ty = (float(v) for v in rng.normal(0.0, 0.025, 2))
+    rot = float(np.clip(rng.normal(0.0, 0.025), -0.06, 0.06))
+    zoom = anat["scale"] * rng.uniform(0.97, 1.03)
+    breath = rng.normal(0.0, 0.015)
+    black, white = rng.uniform(0.02, 0.10), rng.uniform(0.92, 1.05)
+    gamma = rng.uniform(0.8, 1.2)
+    noise_sd = rng.uniform(0.012, 0.03)
+    blur = rng.uniform(0.5, 0.9)
+    noise_seed, *fseeds = (int(s) for s in rng.integers(0, 2**31 - 1, 1 + len(FINDINGS)))
+    frng = {f: np.random.default_rng(s) for f, s in zip(FINDINGS, fseeds)}
+    # Each finding's own choices, drawn even when the finding is absent.
+    eff_side = float(frng["Pleural Effusion"].choice([-1.0, 1.0, 0.0], p=[0.4, 0.4, 0.2]))
+    ptx_side = float(frng["Pneumothorax"].choice(_SIDES))
+    con_side = float(frng["Consolidation"].choice(_SIDES))
+    atl_side = float(frng["Atelectasis"].choice(_SIDES))
+    atl_wedge = bool(frng["Atelectasis"].random() < 0.5)
+    return _Study(tx, ty, rot, zoom, breath, black, white, gamma, noise_sd, blur, noise_seed, frng,
+                  eff_side, ptx_side, con_side, atl_side, atl_wedge)
+
+
+@dataclass(frozen=True)
+class _Heart:
+    """The heart's size and place (canonical units) and its soft 0..1 silhouette at work size."""
+
+    ctr: float
+    thorax_w: float
+    heart_w: float
+    h_left: float
+    h_right: float
+    hcx: float
+    hcy: float
+    hb: float
+    field: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Thorax:
+    """One study's normal chest at work size: landmarks and the layers the findings draw over."""
+
+    cv: _Canvas
+    x: np.ndarray
+    y: np.ndarray
+    soft: float  # edge width of the anatomy, 1.5 work pixels
+    air: float
+    apex: float
+    cp: float  # costophrenic level after the breath
+    hyl: float
+    xc: float  # midline after any mediastinal shift
+    hx: list[float]  # hila
+    dome_raise: dict[float, float]
+    shapes: list[tuple[float, float, float, float]]  # each lung's superellipse
+    lungs: list[np.ndarray]  # each lung below its apex and above its dome
+    lung: np.ndarray  # both lungs, less the mediastinum and heart
+    notc: np.ndarray  # 1 - central
+    central: np.ndarray  # mediastinum or heart
+    medias: np.ndarray
+    trachea: np.ndarray
+    body: np.ndarray
+    below: np.ndarray  # abdomen below the domes
+    ribs: np.ndarray
+    clav: np.ndarray
+    spine: np.ndarray
+    stomach: np.ndarray
+    tex: np.ndarray
+    fine: np.ndarray
+    heart: _Heart
+
+
+@dataclass
+class _Signs:
+    """What the findings change on the normal film, at work size (updated in place, finding by finding)."""
+
+    extra: np.ndarray  # density added (or removed)
+    markings: np.ndarray  # lung markings, faded where a finding hides them
+    masks: bool
+    fields: dict[str, np.ndarray]  # finding -> soft 0..1 region of its sign (only with masks)
+
+
+def _atelectasis_volume_loss(xc0: float, s: float, side: float) -> tuple[float, dict[float, float]]:
+    """Volume loss from atelectasis pulls the mediastinum across (the new midline) and raises a dome."""
+    xc = xc0 + (side * (0.02 + 0.06 * s) if s > 0 else 0.0)
+    dome_raise = {sd: 0.0 for sd in _SIDES}
+    if s > 0:
+        dome_raise[side] = 0.07 + 0.15 * s
+    return xc, dome_raise
+
+
+def _body(anat: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Torso widening into shoulders above the lung apices."""
+    w, apex = anat["w"], anat["apex"]
+    bm = anat["body_margin"]
+    yb = y - 0.1
+    half_w = (w + bm) * (1.0 - 0.08 * yb * yb) + 0.4 * np.clip((apex + 0.15 - y) * 1.6, 0.0, 1.0) ** 2
+    return _ramp(np.abs(x - anat["xc"]) - half_w, 0.02)
+
+
+def _lungs(anat: dict, x: np.ndarray, y: np.ndarray, cp: float, xc: float, dome_raise: dict[float, float],
+           soft: float) -> tuple[np.ndarray, list[np.ndarray], list[tuple[float, float, float, float]]]:
+    """Lungs cut by the diaphragm domes; returns the abdomen below the domes, each lung and its shape."""
+    below = np.zeros_like(x)
+    lungs, shapes = [], []
+    for sd in _SIDES:
+        cx, cy, a, b = _lung_shape(anat, sd)
+        h = anat["dome_r"] if sd < 0 else anat["dome_l"]
+        q = (x - (cx - sd * 0.05)) * (1.0 / (a * 1.05))
+        dome_y = cp + 0.03 - h * np.clip(1.0 - q * q, 0.0, 1.0) - dome_raise[sd]
+        half = (x - xc) * sd > 0
+        below = np.where(half, _ramp(dome_y - y, soft), below)
+        dist = _lung_dist(x, y, cx, cy, a, b)
+        lungs.append(_ramp(dist, soft) * _ramp(y - dome_y, soft))
+        shapes.append((cx, cy, a, b))
+    return below, lungs, shapes
+
+
+def _mediastinum(anat: dict, x: np.ndarray, y: np.ndarray, xc: float, soft: float) -> tuple[np.ndarray, np.ndarray]:
+    """Upper mediastinum with the aortic knob, and the trachea down to the carina."""
+    med = anat["med"]
+    knob = anat["knob"] * np.exp(((y + 0.3) * (1.0 / 0.07)) ** 2 * -1.0)
+    medias = _ramp(np.abs(x - xc) - (knob * (x > xc) + np.float32(med)), soft) * _ramp(anat["apex"] + 0.05 - y, 0.08)
+    carina = anat["hilum_y"] - 0.08
+    trachea = _ramp(np.abs(x - xc) - 0.03, soft) * _ramp(y - carina, 0.05)
+    return medias, trachea
+
+
+def _heart(anat: dict, x: np.ndarray, y: np.ndarray, xc: float, cp: float, soft: float, s_cm: float) -> _Heart:
+    """A tilted heart sitting on the diaphragm; cardiomegaly (``s_cm`` > 0) widens and heightens it."""
+    ctr = anat["ctr"]
+    if s_cm > 0:
+        ctr = 0.505 + 0.2 * s_cm
+    thorax_w = 2.0 * anat["w"]
+    heart_w = ctr * thorax_w
+    h_left, h_right = xc - 0.36 * heart_w, xc + 0.64 * heart_w
+    hcx = 0.5 * (h_left + h_right)
+    hb = anat["heart_h"] * (1.0 + 0.25 * s_cm)
+    tilt = anat["heart_tilt"]
+    ct, st = float(np.cos(tilt)), float(np.sin(tilt))
+    ha = float(np.sqrt(max((0.5 * heart_w) ** 2 - (hb * st) ** 2, 1e-4)) / ct)
+    hcy = cp - 0.13 - 0.5 * hb
+    hu = (x - hcx) * ct + (y - hcy) * st
+    hv = (y - hcy) * ct - (x - hcx) * st
+    heart_e = (hu * (1.0 / ha)) ** 2 + (hv * (1.0 / hb)) ** 2
+    field = _ramp((heart_e - 1.0) * (0.5 * min(ha, hb)), soft)
+    return _Heart(ctr, thorax_w, heart_w, h_left, h_right, hcx, hcy, hb, field)
+
+
+def _ribs(anat: dict, x: np.ndarray, y: np.ndarray, below: np.ndarray, central: np.ndarray) -> np.ndarray:
+    """Ribs: posterior arcs as a periodic band in a curved coordinate, anterior ends fainter."""
+    w, apex = anat["w"], anat["apex"]
+    lat = np.abs(x - anat["xc"]) * (1.0 / w)
+    t = (y - apex - anat["rib_curve"] * lat * lat + 0.1 * lat) * (1.0 / anat["rib_spacing"]) + anat["rib_phase"]
+    wave = 0.5 + 0.5 * np.cos(t * (2.0 * np.pi))
+    cage = _ramp(lat - 1.03, 0.04) * (lat > 0.12)
+    ribs = wave * wave * wave * cage * (t > 0.2) * (t < 10.5)
+    t2 = (y - apex - 0.12 + 0.3 * lat) * (1.0 / (anat["rib_spacing"] * 1.3))
+    wave2 = 0.5 + 0.5 * np.cos(t2 * (2.0 * np.pi))
+    ribs += 0.25 * wave2 * wave2 * cage * (t2 > 0.3) * (t2 < 5.5) * (lat > 0.3)
+    ribs *= (1.0 - 0.6 * below) * (1.0 - 0.6 * central)
+    return ribs
+
+
+def _clavicles(anat: dict, cv: _Canvas) -> np.ndarray:
+    """Both clavicles as three tapering segments each."""
+    xc0, w, apex = anat["xc"], anat["w"], anat["apex"]
+    cl = []
+    for sd in _SIDES:
+        p0 = (xc0 + sd * 0.08, apex + 0.2)
+        p1 = (xc0 + sd * 0.35 * w, apex + 0.15)
+        p2 = (xc0 + sd * 0.75 * w, apex + 0.07)
+        p3 = (xc0 + sd * 1.05 * w, apex + 0.02)
+        cl += [(*p0, *p1, 0.055), (*p1, *p2, 0.05), (*p2, *p3, 0.045)]
+    return cv.lines(cl, blur=0.8)
+
+
+def _spine_and_stomach(anat: dict, x: np.ndarray, y: np.ndarray, cp: float, soft: float, below: np.ndarray,
+                       notc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The spine behind the mediastinum and the gastric air bubble under the left dome."""
+    xc0, w = anat["xc"], anat["w"]
+    spine = _ramp(np.abs(x - xc0) - 0.07, soft) * (0.75 + 0.25 * np.cos((y - anat["apex"]) * 20.0))
+    sx0, sy0 = xc0 + 0.45 * w, cp - anat["dome_l"] + 0.12
+    stomach = _ramp(((x - sx0) * (1.0 / 0.12)) ** 2 + ((y - sy0) * (1.0 / 0.06)) ** 2 - 1.0, 0.3) * below * notc
+    return spine, stomach
+
+
+def _lung_markings(anat: dict, cv: _Canvas, lung: np.ndarray, hx: list[float], tex: np.ndarray,
+                   fine: np.ndarray) -> np.ndarray:
+    """Vessels, hila and parenchymal texture inside the lungs."""
+    x, y, hyl = cv.x, cv.y, anat["hilum_y"]
+    vessels = cv.lines(anat["vessels"][0] + anat["vessels"][1], blur=0.9)
+    hilum = sum(np.exp(((x - hxi) * (1.0 / 0.07)) ** 2 * -1.0 - ((y - hyl) * (1.0 / 0.11)) ** 2) for hxi in hx)
+    return lung * (0.9 * vessels + 0.3 * hilum + 0.06 * tex + 0.04 * fine)
+
+
+def _normal_thorax(anat: dict, cv: _Canvas, study: _Study, sev: dict[str, float]) -> tuple[_Thorax, np.ndarray]:
+    """The patient's chest for one study before the lung findings, and its lung markings.
+
+    Atelectatic volume loss (the shifted midline, a raised dome) and the heart's
+    size (cardiomegaly) are drawn here, since the rest of the anatomy follows them.
+    """
+    x, y = cv.x, cv.y
+    soft = 1.5 * cv.px
+    xc0 = anat["xc"]
+    cp = anat["cp"] + study.breath
+    texr = np.random.default_rng(anat["tex_seed"])
+    tex = _smooth_noise(texr, cv.size, 9)
+    fine = _smooth_noise(texr, cv.size, 36)
+    xc, dome_raise = _atelectasis_volume_loss(xc0, sev["Atelectasis"], study.atl_side)
+    body = _body(anat, x, y)
+    below, lungs, shapes = _lungs(anat, x, y, cp, xc, dome_raise, soft)
+    medias, trachea = _mediastinum(anat, x, y, xc, soft)
+    heart = _heart(anat, x, y, xc, cp, soft, sev["Cardiomegaly"])
+    central = np.maximum(medias, heart.field)
+    notc = 1.0 - central
+    lung = np.maximum(lungs[0], lungs[1]) * notc
+    ribs = _ribs(anat, x, y, below, central)
+    clav = _clavicles(anat, cv)
+    hx = [xc0 + sd * (anat["med"] + 0.05) for sd in _SIDES]
+    spine, stomach = _spine_and_stomach(anat, x, y, cp, soft, below, notc)
+    markings = _lung_markings(anat, cv, lung, hx, tex, fine)
+    thorax = _Thorax(
+        cv=cv, x=x, y=y, soft=soft, air=anat["air"], apex=anat["apex"], cp=cp, hyl=anat["hilum_y"], xc=xc, hx=hx,
+        dome_raise=dome_raise, shapes=shapes, lungs=lungs, lung=lung, notc=notc, central=central, medias=medias,
+        trachea=trachea, body=body, below=below, ribs=ribs, clav=clav, spine=spine, stomach=stomach, tex=tex,
+        fine=fine, heart=heart,
+    )
+    return thorax, markings
+
+
+# ----------------------------------------------------------------------- findings
+
+
+def _pneumothorax(th: _Thorax, sg: _Signs, s: float, k: np.random.Generator, side: float) -> dict:
+    """Pneumothorax: the lung falls towards the medial base, leaving a dark rim without markings and a pleural line."""
+    x, y = th.x, th.y
+    i = _SIDES.index(side)
+    cx, cy, a, b = th.shapes[i]
+    shrink = 0.8 - 0.3 * s + k.uniform(-0.03, 0.03)
+    ax_, ay_ = cx - side * a * 0.9, th.cp  # the lung falls towards the medial base
+    dist = _lung_dist(ax_ + (x - ax_) * (1.0 / shrink), ay_ + (y - ay_) * (1.0 / shrink), cx, cy, a, b) * shrink
+    inside = th.lungs[i] * th.notc * _ramp((ax_ - x) * side + 0.1 * a, 0.1)
+    collapsed = _ramp(dist, th.soft)
+    rim = inside * (1.0 - collapsed)
+    sg.markings *= 1.0 - rim
+    pleura = np.exp((dist * (1.0 / (1.1 * th.cv.px))) ** 2 * -1.0) * inside
+    sg.extra += -(0.1 + 0.08 * s) * rim + (0.14 + 0.1 * s) * pleura + 0.04 * s * collapsed * inside
+    if sg.masks:
+        sg.fields["Pneumothorax"] = np.maximum(rim, pleura)
+    return {"side": "left" if side < 0 else "right", "shrink": shrink}
+
+
+def _pleural_effusion(th: _Thorax, sg: _Signs, s: float, k: np.random.Generator, side: float) -> None:
+    """Pleural effusion: basal fluid with a meniscus rising laterally, on one ``side`` or both (``side`` 0)."""
+    x, y = th.x, th.y
+    for i, sd in enumerate(_SIDES):
+        if side != 0.0 and sd != side:
+            continue
+        cx, _, a, _ = th.shapes[i]
+        h = (0.07 + 0.33 * s) * (th.cp - th.apex) * k.uniform(0.85, 1.1)
+        latf = np.clip((x - cx) * (sd / a) + 0.6, 0.0, 1.6) * (1.0 / 1.6)
+        top = th.cp + 0.03 - h - 0.35 * h * latf * latf
+        fluid = _ramp(top - y, 0.04) * np.clip(0.75 + (y - top) * 2.5, 0.0, 1.0) * th.lungs[i] * th.notc
+        sg.extra += fluid * (th.air + 0.1)
+        sg.markings *= 1.0 - fluid
+        if sg.masks:
+            sg.fields["Pleural Effusion"] = np.maximum(sg.fields.get("Pleural Effusion", 0.0), fluid)
+
+
+def _air_bronchogram(k: np.random.Generator, side: float, x0: float, y0: float, ang0: float,
+                     ln0: float) -> list[tuple]:
+    """Air-filled bronchi branching twice from (x0, y0) into a consolidated patch, as line segments."""
+    segs: list[tuple] = []
+
+    def bronchus(px_: float, py_: float, ang: float, ln: float, depth: int) -> None:
+        x1, y1 = px_ + side * np.cos(ang) * ln, py_ + np.sin(ang) * ln
+        segs.append((px_, py_, x1, y1, 0.016 * (0.7 + 0.3 * depth)))
+        if depth:
+            for dang in (-0.45, 0.45):
+                bronchus(x1, y1, ang + dang + k.normal(0, 0.12), ln * 0.7, depth - 1)
+
+    bronchus(x0, y0, ang0, ln0, 2)
+    return segs
+
+
+def _consolidation(th: _Thorax, sg: _Signs, s: float, k: np.random.Generator, side: float) -> None:
+    """Consolidation: a mottled airspace patch with an air bronchogram, hiding the markings under it."""
+    x, y = th.x, th.y
+    i = _SIDES.index(side)
+    cx, cy, a, b = th.shapes[i]
+    bx = cx + side * k.uniform(0.0, 0.4) * a
+    by = cy + k.uniform(-0.2, 0.45) * b
+    r = 0.16 + 0.14 * s
+    d2 = ((x - bx) * (1.0 / (r * 1.2))) ** 2 + ((y - by) * (1.0 / r)) ** 2
+    patch = np.exp(-d2) * (1.0 + 0.8 * _smooth_noise(k, th.cv.size, 16))
+    opac = np.clip((patch - 0.3) * 3.0, 0.0, 1.0) * th.lungs[i] * th.notc
+    ang0 = float(np.arctan2(by - th.hyl, (bx - th.hx[i]) * side))
+    segs = _air_bronchogram(k, side, bx - side * np.cos(ang0) * r * 0.9, by - np.sin(ang0) * r * 0.9, ang0, r * 0.75)
+    bronch = th.cv.lines(segs, blur=0.4)
+    strength = 0.6 + 0.4 * s
+    sg.extra += strength * opac * ((th.air + 0.05) - 0.3 * bronch)
+    sg.markings *= 1.0 - 0.8 * opac
+    if sg.masks:
+        sg.fields["Consolidation"] = opac
+
+
+def _kerley_lines(shapes: list[tuple[float, float, float, float]], s: float, k: np.random.Generator) -> list[tuple]:
+    """Kerley B lines: short horizontal septal lines running in from each lung's lateral edge."""
+    kerley: list[tuple] = []
+    for i, sd in enumerate(_SIDES):
+        cx, cy, a, b = shapes[i]
+        for _ in range(int(6 + 10 * s)):
+            ly = cy + k.uniform(0.15, 0.7) * b
+            edge = cx + sd * a * max(1.0 - abs((ly - cy) / b) ** 3, 0.0) ** (1.0 / 3.0)
+            x0 = edge - sd * k.uniform(0.01, 0.03)
+            kerley.append((x0, ly, x0 - sd * k.uniform(0.05, 0.09), ly + k.normal(0, 0.006), 0.014))
+    return kerley
+
+
+def _edema(th: _Thorax, sg: _Signs, s: float, k: np.random.Generator) -> None:
+    """Edema: perihilar bat-wing haze over both lungs, plus Kerley B lines."""
+    x, y, hyl = th.x, th.y, th.hyl
+    strength = 0.4 + 0.6 * s
+    wing = sum(
+        np.exp(((x - hxi) * (1.0 / 0.3)) ** 2 * -1.0 - ((y - hyl - 0.05) * (1.0 / 0.33)) ** 2) for hxi in th.hx
+    )
+    haze = (0.7 * wing + 0.15 * (1.0 + 0.5 * th.tex)) * th.lung
+    kl = th.cv.lines(_kerley_lines(th.shapes, s, k)) * th.lung
+    sg.extra += strength * (th.air * 0.8 * haze + 0.3 * kl)
+    if sg.masks:  # the perihilar bat-wing haze, where the oedema is densest
+        sg.fields["Edema"] = np.clip(wing, 0.0, 1.0) * th.lung
+
+
+def _atelectasis(th: _Thorax, sg: _Signs, s: float, k: np.random.Generator, side: float, wedge: bool) -> None:
+    """Atelectasis opacity: a collapsed lower lobe (``wedge``) or a plate-like band (its volume loss is drawn earlier)."""
+    i = _SIDES.index(side)
+    cx, cy, a, b = th.shapes[i]
+    strength = 0.55 + 0.45 * s
+    if wedge:  # collapsed lower lobe: a triangle from the hilum down to the base
+        base_y = th.cp + 0.03 - th.dome_raise[side]
+        tip = (th.hx[i] + side * 0.04, th.hyl + 0.02)
+        inner = cx + side * a * k.uniform(-0.3, -0.1)
+        outer = cx + side * a * (0.35 + 0.45 * s)
+        layer = th.cv.polygon([tip, (inner, base_y), (outer, base_y)], blur=1.5)
+    else:  # plate-like (discoid) band in the lower zone
+        y0 = cy + k.uniform(0.25, 0.5) * b
+        p0 = (th.hx[i] + side * 0.05, y0 + k.uniform(-0.03, 0.03))
+        p1 = (cx + side * a * 0.85, y0 - k.uniform(0.02, 0.1))
+        layer = _segment_band(th.x, th.y, p0, p1, 0.025 + 0.03 * s)
+    opac = layer * th.lungs[i] * th.notc
+    sg.extra += strength * opac * (th.air + 0.05)
+    sg.markings *= 1.0 - 0.7 * opac
+    if sg.masks:
+        sg.fields["Atelectasis"] = opac
+
+
+def _draw_findings(th: _Thorax, sg: _Signs, study: _Study, sev: dict[str, float]) -> dict | None:
+    """Draw each present lung finding over the normal film; returns the pneumothorax facts (None without one)."""
+    k = study.frng
+    geo_ptx = None
+    if sev["Pneumothorax"] > 0:
+        geo_ptx = _pneumothorax(th, sg, sev["Pneumothorax"], k["Pneumothorax"], study.ptx_side)
+    if sev["Pleural Effusion"] > 0:
+        _pleural_effusion(th, sg, sev["Pleural Effusion"], k["Pleural Effusion"], study.eff_side)
+    if sev["Consolidation"] > 0:
+        _consolidation(th, sg, sev["Consolidation"], k["Consolidation"], study.con_side)
+    if sev["Edema"] > 0:
+        _edema(th, sg, sev["Edema"], k["Edema"])
+    if sev["Atelectasis"] > 0:
+        _atelectasis(th, sg, sev["Atelectasis"], k["Atelectasis"], study.atl_side, study.atl_wedge)
+    return geo_ptx
+
+
+# ------------------------------------------------------------------------- film
+
+
+def _expose(anat: dict, th: _Thorax, sg: _Signs, study: _Study, size: int) -> np.ndarray:
+    """Compose the density, expose it, blur, upsample to ``size`` and add quantum noise (uint8)."""
+    air = th.air
+    extra = np.minimum(sg.extra, air + 0.12)  # overlapping opacities cannot exceed solid tissue
+    dens = (
+        anat["soft"] * th.body
+        - air * th.lung
+        + 0.14 * th.central
+        - 0.16 * th.trachea * th.medias
+        + 0.08 * th.below * th.body * th.notc
+        - 0.12 * th.stomach
+        + 0.04 * th.spine * th.body
+        + 0.08 * th.ribs * th.body
+        + 0.16 * th.clav
+        + air * sg.markings
+        + extra
+        + 0.015 * th.fine
+    )
+    black, white = study.black, study.white
+    img = np.clip((dens - black) * (1.0 / (white - black)), 0.0, 1.0) ** study.gamma
+    work = th.cv.size
+    pil = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8), mode="L")
+    pil = pil.filter(ImageFilter.GaussianBlur(study.blur * work / 256.0))
+    if work != size:
+        pil = pil.resize((size, size), Image.Resampling.BILINEAR)
+    return _add_grain(np.asarray(pil), np.random.default_rng(study.noise_seed), study.noise_sd)
+
+
+def _geometry(size: int, study: _Study, th: _Thorax, geo_ptx: dict | None) -> dict:
+    """Geometry facts in output pixels: heart and thorax widths, heart place, midline, lung boxes."""
+    out = _Canvas(size, study.tx, study.ty, study.rot, study.zoom, grids=False)
+    pxu = size * study.zoom * 0.5
+    h = th.heart
+    geom = {
+        "size": size,
+        "ctr": h.ctr,
+        "heart_width": h.heart_w * pxu,
+        "thorax_width": h.thorax_w * pxu,
+        "heart_left": out.to_px(h.h_left, h.hcy)[0],
+        "heart_right": out.to_px(h.h_right, h.hcy)[0],
+        "heart_row": out.to_px(h.hcx, h.hcy)[1],
+        "heart_height": 2.0 * h.hb * pxu,
+        "midline_x": out.to_px(th.xc, h.hcy)[0],
+        "lungs": [],
+        "pneumothorax": geo_ptx,
+        "rotation": study.rot,
+    }
+    for cx, cy, a, b in th.shapes:
+        (l, t_), (r, bt) = out.to_px(cx - a, cy - b), out.to_px(cx + a, th.cp + 0.03)
+        geom["lungs"].append((min(l, r), t_, max(l, r), bt))
+    return geom
+
+
 def render_phantom(
     rng: np.random.Generator,
     findings: dict[str, float],
@@ -271,280 +722,17 @@ def render_phantom(
         raise ValueError(f"unknown findings: {sorted(unknown)}")
     sev = {f: float(np.clip(findings.get(f, 0.0), 0.0, 1.0)) for f in FINDINGS}
     anat = sample_anatomy(rng) if anatomy is None else anatomy
-
-    # Study-level draws, always in the same order.
-    tx, ty = (float(v) for v in rng.normal(0.0, 0.025, 2))
-    rot = float(np.clip(rng.normal(0.0, 0.025), -0.06, 0.06))
-    zoom = anat["scale"] * rng.uniform(0.97, 1.03)
-    breath = rng.normal(0.0, 0.015)
-    black, white = rng.uniform(0.02, 0.10), rng.uniform(0.92, 1.05)
-    gamma = rng.uniform(0.8, 1.2)
-    noise_sd = rng.uniform(0.012, 0.03)
-    blur = rng.uniform(0.5, 0.9)
-    noise_seed, *fseeds = (int(s) for s in rng.integers(0, 2**31 - 1, 1 + len(FINDINGS)))
-    frng = {f: np.random.default_rng(s) for f, s in zip(FINDINGS, fseeds)}
-    # Each finding's own choices, drawn even when the finding is absent.
-    eff_side = float(frng["Pleural Effusion"].choice([-1.0, 1.0, 0.0], p=[0.4, 0.4, 0.2]))
-    ptx_side = float(frng["Pneumothorax"].choice(_SIDES))
-    con_side = float(frng["Consolidation"].choice(_SIDES))
-    atl_side = float(frng["Atelectasis"].choice(_SIDES))
-    atl_wedge = bool(frng["Atelectasis"].random() < 0.5)
-
-    work = _work_size(size)
-    cv = _Canvas(work, tx, ty, rot, zoom)
-    x, y = cv.x, cv.y
-    soft = 1.5 * cv.px
-    w, xc0, apex, air = anat["w"], anat["xc"], anat["apex"], anat["air"]
-    cp = anat["cp"] + breath
-    hyl = anat["hilum_y"]
-    texr = np.random.default_rng(anat["tex_seed"])
-    tex = _smooth_noise(texr, work, 9)
-    fine = _smooth_noise(texr, work, 36)
-
-    # Volume loss from atelectasis pulls the mediastinum across and raises a dome.
-    s_atl = sev["Atelectasis"]
-    xc = xc0 + (atl_side * (0.02 + 0.06 * s_atl) if s_atl > 0 else 0.0)
-    dome_raise = {sd: 0.0 for sd in _SIDES}
-    if s_atl > 0:
-        dome_raise[atl_side] = 0.07 + 0.15 * s_atl
-
-    # Body: torso widening into shoulders above the lung apices.
-    bm = anat["body_margin"]
-    yb = y - 0.1
-    half_w = (w + bm) * (1.0 - 0.08 * yb * yb) + 0.4 * np.clip((apex + 0.15 - y) * 1.6, 0.0, 1.0) ** 2
-    body = _ramp(np.abs(x - xc0) - half_w, 0.02)
-
-    # Lungs cut by the diaphragm domes; below the domes is abdomen.
-    below = np.zeros_like(x)
-    lungs, shapes, dists = [], [], []
-    for sd in _SIDES:
-        cx, cy, a, b = _lung_shape(anat, sd)
-        h = anat["dome_r"] if sd < 0 else anat["dome_l"]
-        q = (x - (cx - sd * 0.05)) * (1.0 / (a * 1.05))
-        dome_y = cp + 0.03 - h * np.clip(1.0 - q * q, 0.0, 1.0) - dome_raise[sd]
-        half = (x - xc) * sd > 0
-        below = np.where(half, _ramp(dome_y - y, soft), below)
-        dist = _lung_dist(x, y, cx, cy, a, b)
-        lungs.append(_ramp(dist, soft) * _ramp(y - dome_y, soft))
-        dists.append(dist)
-        shapes.append((cx, cy, a, b))
-
-    # Mediastinum with aortic knob and trachea, and a tilted heart on the diaphragm.
-    med = anat["med"]
-    knob = anat["knob"] * np.exp(((y + 0.3) * (1.0 / 0.07)) ** 2 * -1.0)
-    medias = _ramp(np.abs(x - xc) - (knob * (x > xc) + np.float32(med)), soft) * _ramp(apex + 0.05 - y, 0.08)
-    carina = hyl - 0.08
-    trachea = _ramp(np.abs(x - xc) - 0.03, soft) * _ramp(y - carina, 0.05)
-    ctr = anat["ctr"]
-    s_cm = sev["Cardiomegaly"]
-    if s_cm > 0:
-        ctr = 0.505 + 0.2 * s_cm
-    thorax_w = 2.0 * w
-    heart_w = ctr * thorax_w
-    h_left, h_right = xc - 0.36 * heart_w, xc + 0.64 * heart_w
-    hcx = 0.5 * (h_left + h_right)
-    hb = anat["heart_h"] * (1.0 + 0.25 * s_cm)
-    tilt = anat["heart_tilt"]
-    ct, st = float(np.cos(tilt)), float(np.sin(tilt))
-    ha = float(np.sqrt(max((0.5 * heart_w) ** 2 - (hb * st) ** 2, 1e-4)) / ct)
-    hcy = cp - 0.13 - 0.5 * hb
-    hu = (x - hcx) * ct + (y - hcy) * st
-    hv = (y - hcy) * ct - (x - hcx) * st
-    heart_e = (hu * (1.0 / ha)) ** 2 + (hv * (1.0 / hb)) ** 2
-    heart = _ramp((heart_e - 1.0) * (0.5 * min(ha, hb)), soft)
-    central = np.maximum(medias, heart)
-    notc = 1.0 - central
-    lung = np.maximum(lungs[0], lungs[1]) * notc
-
-    # Ribs: posterior arcs as a periodic band in a curved coordinate, anterior ends fainter.
-    lat = np.abs(x - xc0) * (1.0 / w)
-    t = (y - apex - anat["rib_curve"] * lat * lat + 0.1 * lat) * (1.0 / anat["rib_spacing"]) + anat["rib_phase"]
-    wave = 0.5 + 0.5 * np.cos(t * (2.0 * np.pi))
-    cage = _ramp(lat - 1.03, 0.04) * (lat > 0.12)
-    ribs = wave * wave * wave * cage * (t > 0.2) * (t < 10.5)
-    t2 = (y - apex - 0.12 + 0.3 * lat) * (1.0 / (anat["rib_spacing"] * 1.3))
-    wave2 = 0.5 + 0.5 * np.cos(t2 * (2.0 * np.pi))
-    ribs += 0.25 * wave2 * wave2 * cage * (t2 > 0.3) * (t2 < 5.5) * (lat > 0.3)
-    ribs *= (1.0 - 0.6 * below) * (1.0 - 0.6 * central)
-
-    # Clavicles, vessels and hila.
-    cl = []
-    for sd in _SIDES:
-        p0 = (xc0 + sd * 0.08, apex + 0.2)
-        p1 = (xc0 + sd * 0.35 * w, apex + 0.15)
-        p2 = (xc0 + sd * 0.75 * w, apex + 0.07)
-        p3 = (xc0 + sd * 1.05 * w, apex + 0.02)
-        cl += [(*p0, *p1, 0.055), (*p1, *p2, 0.05), (*p2, *p3, 0.045)]
-    clav = cv.lines(cl, blur=0.8)
-    vessels = cv.lines(anat["vessels"][0] + anat["vessels"][1], blur=0.9)
-    hx = [xc0 + sd * (med + 0.05) for sd in _SIDES]
-    hilum = sum(np.exp(((x - hxi) * (1.0 / 0.07)) ** 2 * -1.0 - ((y - hyl) * (1.0 / 0.11)) ** 2) for hxi in hx)
-
-    spine = _ramp(np.abs(x - xc0) - 0.07, soft) * (0.75 + 0.25 * np.cos((y - apex) * 20.0))
-    sx0, sy0 = xc0 + 0.45 * w, cp - anat["dome_l"] + 0.12
-    stomach = _ramp(((x - sx0) * (1.0 / 0.12)) ** 2 + ((y - sy0) * (1.0 / 0.06)) ** 2 - 1.0, 0.3) * below * notc
-
-    markings = lung * (0.9 * vessels + 0.3 * hilum + 0.06 * tex + 0.04 * fine)
-
-    # ---- findings, as density changes on top of the normal film
-    extra = np.zeros_like(x)
-    geo_ptx = None
-    fields: dict[str, np.ndarray] = {}  # finding -> soft 0..1 region of its sign, at work size
-
-    s = sev["Pneumothorax"]
-    if s > 0:
-        k = frng["Pneumothorax"]
-        i = _SIDES.index(ptx_side)
-        cx, cy, a, b = shapes[i]
-        shrink = 0.8 - 0.3 * s + k.uniform(-0.03, 0.03)
-        ax_, ay_ = cx - ptx_side * a * 0.9, cp  # the lung falls towards the medial base
-        dist = _lung_dist(ax_ + (x - ax_) * (1.0 / shrink), ay_ + (y - ay_) * (1.0 / shrink), cx, cy, a, b) * shrink
-        inside = lungs[i] * notc * _ramp((ax_ - x) * ptx_side + 0.1 * a, 0.1)
-        collapsed = _ramp(dist, soft)
-        rim = inside * (1.0 - collapsed)
-        markings *= 1.0 - rim
-        pleura = np.exp((dist * (1.0 / (1.1 * cv.px))) ** 2 * -1.0) * inside
-        extra += -(0.1 + 0.08 * s) * rim + (0.14 + 0.1 * s) * pleura + 0.04 * s * collapsed * inside
-        if masks:
-            fields["Pneumothorax"] = np.maximum(rim, pleura)
-        geo_ptx = {"side": "left" if ptx_side < 0 else "right", "shrink": shrink}
-
-    s = sev["Pleural Effusion"]
-    if s > 0:
-        k = frng["Pleural Effusion"]
-        for i, sd in enumerate(_SIDES):
-            if eff_side != 0.0 and sd != eff_side:
-                continue
-            cx, cy, a, b = shapes[i]
-            h = (0.07 + 0.33 * s) * (cp - apex) * k.uniform(0.85, 1.1)
-            latf = np.clip((x - cx) * (sd / a) + 0.6, 0.0, 1.6) * (1.0 / 1.6)
-            top = cp + 0.03 - h - 0.35 * h * latf * latf
-            fluid = _ramp(top - y, 0.04) * np.clip(0.75 + (y - top) * 2.5, 0.0, 1.0) * lungs[i] * notc
-            extra += fluid * (air + 0.1)
-            markings *= 1.0 - fluid
-            if masks:
-                fields["Pleural Effusion"] = np.maximum(fields.get("Pleural Effusion", 0.0), fluid)
-
-    s = sev["Consolidation"]
-    if s > 0:
-        k = frng["Consolidation"]
-        i = _SIDES.index(con_side)
-        cx, cy, a, b = shapes[i]
-        bx = cx + con_side * k.uniform(0.0, 0.4) * a
-        by = cy + k.uniform(-0.2, 0.45) * b
-        r = 0.16 + 0.14 * s
-        d2 = ((x - bx) * (1.0 / (r * 1.2))) ** 2 + ((y - by) * (1.0 / r)) ** 2
-        patch = np.exp(-d2) * (1.0 + 0.8 * _smooth_noise(k, work, 16))
-        opac = np.clip((patch - 0.3) * 3.0, 0.0, 1.0) * lungs[i] * notc
-        segs: list[tuple] = []
-        ang0 = float(np.arctan2(by - hyl, (bx - hx[i]) * con_side))
-
-        def bronchus(px_: float, py_: float, ang: float, ln: float, depth: int) -> None:
-            x1, y1 = px_ + con_side * np.cos(ang) * ln, py_ + np.sin(ang) * ln
-            segs.append((px_, py_, x1, y1, 0.016 * (0.7 + 0.3 * depth)))
-            if depth:
-                for dang in (-0.45, 0.45):
-                    bronchus(x1, y1, ang + dang + k.normal(0, 0.12), ln * 0.7, depth - 1)
-
-        bronchus(bx - con_side * np.cos(ang0) * r * 0.9, by - np.sin(ang0) * r * 0.9, ang0, r * 0.75, 2)
-        bronch = cv.lines(segs, blur=0.4)
-        strength = 0.6 + 0.4 * s
-        extra += strength * opac * ((air + 0.05) - 0.3 * bronch)
-        markings *= 1.0 - 0.8 * opac
-        if masks:
-            fields["Consolidation"] = opac
-
-    s = sev["Edema"]
-    if s > 0:
-        k = frng["Edema"]
-        strength = 0.4 + 0.6 * s
-        wing = sum(
-            np.exp(((x - hxi) * (1.0 / 0.3)) ** 2 * -1.0 - ((y - hyl - 0.05) * (1.0 / 0.33)) ** 2) for hxi in hx
-        )
-        haze = (0.7 * wing + 0.15 * (1.0 + 0.5 * tex)) * lung
-        kerley: list[tuple] = []
-        for i, sd in enumerate(_SIDES):
-            cx, cy, a, b = shapes[i]
-            for _ in range(int(6 + 10 * s)):
-                ly = cy + k.uniform(0.15, 0.7) * b
-                edge = cx + sd * a * max(1.0 - abs((ly - cy) / b) ** 3, 0.0) ** (1.0 / 3.0)
-                x0 = edge - sd * k.uniform(0.01, 0.03)
-                kerley.append((x0, ly, x0 - sd * k.uniform(0.05, 0.09), ly + k.normal(0, 0.006), 0.014))
-        kl = cv.lines(kerley) * lung
-        extra += strength * (air * 0.8 * haze + 0.3 * kl)
-        if masks:  # the perihilar bat-wing haze, where the oedema is densest
-            fields["Edema"] = np.clip(wing, 0.0, 1.0) * lung
-
-    if s_atl > 0:
-        k = frng["Atelectasis"]
-        i = _SIDES.index(atl_side)
-        cx, cy, a, b = shapes[i]
-        strength = 0.55 + 0.45 * s_atl
-        if atl_wedge:  # collapsed lower lobe: a triangle from the hilum down to the base
-            base_y = cp + 0.03 - dome_raise[atl_side]
-            tip = (hx[i] + atl_side * 0.04, hyl + 0.02)
-            inner = cx + atl_side * a * k.uniform(-0.3, -0.1)
-            outer = cx + atl_side * a * (0.35 + 0.45 * s_atl)
-            layer = cv.polygon([tip, (inner, base_y), (outer, base_y)], blur=1.5)
-        else:  # plate-like (discoid) band in the lower zone
-            y0 = cy + k.uniform(0.25, 0.5) * b
-            p0 = (hx[i] + atl_side * 0.05, y0 + k.uniform(-0.03, 0.03))
-            p1 = (cx + atl_side * a * 0.85, y0 - k.uniform(0.02, 0.1))
-            layer = _segment_band(x, y, p0, p1, 0.025 + 0.03 * s_atl)
-        opac = layer * lungs[i] * notc
-        extra += strength * opac * (air + 0.05)
-        markings *= 1.0 - 0.7 * opac
-        if masks:
-            fields["Atelectasis"] = opac
-
-    # ---- compose density, expose, upsample, add quantum noise, blur
-    extra = np.minimum(extra, air + 0.12)  # overlapping opacities cannot exceed solid tissue
-    dens = (
-        anat["soft"] * body
-        - air * lung
-        + 0.14 * central
-        - 0.16 * trachea * medias
-        + 0.08 * below * body * notc
-        - 0.12 * stomach
-        + 0.04 * spine * body
-        + 0.08 * ribs * body
-        + 0.16 * clav
-        + air * markings
-        + extra
-        + 0.015 * fine
-    )
-    img = np.clip((dens - black) * (1.0 / (white - black)), 0.0, 1.0) ** gamma
-    pil = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8), mode="L")
-    pil = pil.filter(ImageFilter.GaussianBlur(blur * work / 256.0))
-    if work != size:
-        pil = pil.resize((size, size), Image.Resampling.BILINEAR)
-    arr = _add_grain(np.asarray(pil), np.random.default_rng(noise_seed), noise_sd)
-
-    if masks and s_cm > 0:
-        fields["Cardiomegaly"] = heart  # the enlarged heart's silhouette
-
-    # ---- geometry facts in output pixels
-    out = _Canvas(size, tx, ty, rot, zoom, grids=False)
-    pxu = size * zoom * 0.5
-    geom = {
-        "size": size,
-        "ctr": ctr,
-        "heart_width": heart_w * pxu,
-        "thorax_width": thorax_w * pxu,
-        "heart_left": out.to_px(h_left, hcy)[0],
-        "heart_right": out.to_px(h_right, hcy)[0],
-        "heart_row": out.to_px(hcx, hcy)[1],
-        "heart_height": 2.0 * hb * pxu,
-        "midline_x": out.to_px(xc, hcy)[0],
-        "lungs": [],
-        "pneumothorax": geo_ptx,
-        "rotation": rot,
-    }
-    for cx, cy, a, b in shapes:
-        (l, t_), (r, bt) = out.to_px(cx - a, cy - b), out.to_px(cx + a, cp + 0.03)
-        geom["lungs"].append((min(l, r), t_, max(l, r), bt))
+    study = _draw_study(rng, anat)
+    cv = _Canvas(_work_size(size), study.tx, study.ty, study.rot, study.zoom)
+    th, markings = _normal_thorax(anat, cv, study, sev)
+    sg = _Signs(extra=np.zeros_like(cv.x), markings=markings, masks=masks, fields={})
+    geo_ptx = _draw_findings(th, sg, study, sev)
+    arr = _expose(anat, th, sg, study, size)
+    if masks and sev["Cardiomegaly"] > 0:
+        sg.fields["Cardiomegaly"] = th.heart.field  # the enlarged heart's silhouette
+    geom = _geometry(size, study, th, geo_ptx)
     if masks:
-        geom["masks"] = {f: _binary_mask(fields[f], size) for f in FINDINGS if f in fields}
+        geom["masks"] = {f: _binary_mask(sg.fields[f], size) for f in FINDINGS if f in sg.fields}
     return arr, geom
 
 

@@ -19,6 +19,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from mavl_cli.core.errors import MavlError
 
 
@@ -72,8 +75,6 @@ def setup(device: str = "auto") -> Dist:
         return Dist()
     import datetime
 
-    import torch
-    import torch.distributed as dist
 
     rank, world, local = found
     want = (device or "auto").lower()
@@ -120,7 +121,6 @@ def all_gather_object(d: Dist, obj: Any, what: str = "while exchanging results")
     """Every rank's ``obj`` (pickled), in rank order; a lost rank becomes a MavlError."""
     if not d.active:
         return [obj]
-    import torch.distributed as dist
 
     out: list[Any] = [None] * d.world
     try:
@@ -134,7 +134,6 @@ def gather_to_main(d: Dist, obj: Any, what: str = "while gathering the parts") -
     """Every rank's ``obj`` on rank 0 (None elsewhere)."""
     if not d.active:
         return [obj]
-    import torch.distributed as dist
 
     out: list[Any] | None = [None] * d.world if d.main else None
     try:
@@ -147,7 +146,6 @@ def gather_to_main(d: Dist, obj: Any, what: str = "while gathering the parts") -
 def barrier(d: Dist, what: str = "at a barrier") -> None:
     if not d.active:
         return
-    import torch.distributed as dist
 
     try:
         dist.barrier()
@@ -170,7 +168,6 @@ def agree(d: Dist, error: str | None) -> None:
 def all_reduce_sum(d: Dist, tensor: Any) -> Any:
     """In-place sum over ranks (a no-op in one process)."""
     if d.active:
-        import torch.distributed as dist
 
         try:
             dist.all_reduce(tensor)
@@ -181,7 +178,6 @@ def all_reduce_sum(d: Dist, tensor: Any) -> Any:
 
 def exchange_counts(d: Dist, values: list[int], device: Any = "cpu") -> list[list[int]]:
     """Every rank's small list of integers (e.g. readable images in this step), in rank order."""
-    import torch
 
     if not d.active:
         return [list(values)]
@@ -200,7 +196,6 @@ def gather_rows_with_grad(d: Dist, z: Any, counts: list[int]) -> Any:
     parameter gradients divides it back, so the penalty trains exactly as in
     one process holding the whole batch.
     """
-    import torch
 
     if not d.active:
         return z
@@ -211,8 +206,6 @@ def gather_rows_with_grad(d: Dist, z: Any, counts: list[int]) -> Any:
 
 
 def _gather_rows_class() -> Any:
-    import torch
-    import torch.distributed as dist
 
     class GatherRows(torch.autograd.Function):
         @staticmethod

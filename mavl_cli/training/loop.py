@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from mavl_cli.core.errors import MavlError
 
@@ -180,7 +181,6 @@ class Amp:
     """Autocast for the forward pass (fp16/bf16 on CUDA) and, for fp16, a GradScaler."""
 
     def __init__(self, precision: str, device_type: str) -> None:
-        import torch
 
         check_train_precision(precision, device_type)
         self.precision, self.device_type = precision, device_type
@@ -192,7 +192,6 @@ class Amp:
         return self.dtype is not None
 
     def autocast(self) -> Any:
-        import torch
 
         return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype is not None else nullcontext()
 

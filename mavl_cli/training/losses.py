@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 
 def truncated_nuclear_norm(features: Any, keep: int) -> Any:
     """Sum of the singular values of ``features`` beyond the largest ``keep``.
@@ -17,7 +20,6 @@ def truncated_nuclear_norm(features: Any, keep: int) -> Any:
 
     ``features``: ``[batch, dim]``; returns a scalar tensor.
     """
-    import torch
 
     if features.ndim != 2:
         raise ValueError("truncated_nuclear_norm expects a [batch, dim] matrix")
@@ -33,7 +35,6 @@ def masked_bce_with_logits(logits: Any, targets: Any, mask: Any | None = None) -
     Uncertain labels under ``--uncertain ignore`` are masked out: they neither
     push a score up nor down, and do not dilute the mean.
     """
-    import torch.nn.functional as F
 
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     if mask is None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from mavl_cli.core.runtime import set_seed
 from mavl_cli.datasets.join import Split
@@ -73,14 +74,12 @@ def masked_macro_auroc(y: np.ndarray, s: np.ndarray, mask: np.ndarray | None = N
 
 
 def _batches(n: int, batch: int, gen: Any) -> list[Any]:
-    import torch
 
     perm = torch.randperm(n, generator=gen)
     return [perm[i : i + batch] for i in range(0, n, batch)]
 
 
 def _predict(fn: Callable[[Any], Any], x: np.ndarray, batch: int = 4096) -> np.ndarray:
-    import torch
 
     out = []
     with torch.no_grad():
@@ -109,7 +108,6 @@ def train_lrf(
     alive), after which the penalty is inactive; its pull relative to the
     mean BCE grows with the batch size (a sum of singular values).
     """
-    import torch
 
 
     c = config
@@ -164,7 +162,6 @@ def train_fusion(
     similarity rather than base rates. With ``val``, the epoch with the best
     validation macro AUROC is kept.
     """
-    import torch
 
 
     c = config

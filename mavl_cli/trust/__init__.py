@@ -1,1 +1,3 @@
-"""mavl_cli.trust."""
+"""Trust at the point of use: provenance of a model file, and out-of-distribution flags for films
+unlike the training data.
+"""

@@ -26,6 +26,7 @@ def test_mavlmodel_on_images_equals_embed_then_score(chain):
     """The whole nn.Module on images gives the probabilities of embed-images -> score on the file."""
     import mavl_cli as mavl
     from mavl_cli.datasets.inputs import collect_inputs
+    from mavl_cli.encoders.spec import EncoderSpec
     from mavl_cli.models.embed import embed_images
     from mavl_cli.models.modelfile import load_model
 
@@ -34,7 +35,7 @@ def test_mavlmodel_on_images_equals_embed_then_score(chain):
     loaded = load_model(model_path)
     items, _ = collect_inputs([str(p) for p in paths])
     meta = loaded.meta
-    res = embed_images(items, meta["backbone"], weights=meta["backbone_weights"], model_args=meta.get("backbone_args") or {})
+    res = embed_images(items, EncoderSpec.parse(meta["backbone"], meta["backbone_weights"], options=meta.get("backbone_args") or {}))
     emb = MavlFile("image-embeddings", {"features": res.features}, {"ids": res.ids, "space": "backbone"}, "x")
     want = loaded.score(loaded.to_fusion_input(emb))
 

@@ -15,7 +15,7 @@ from mavl_cli.synthetic.phantoms import FINDINGS
 
 def test_help_lists_every_command_without_importing_torch():
     code = (
-        "import sys\nfrom typer.testing import CliRunner\nfrom mavl_cli.cli import app\n"
+        "import sys\nfrom typer.testing import CliRunner\nfrom mavl_cli.cli.app import app\n"
         "r = CliRunner().invoke(app, ['--help'])\nprint(r.stdout)\n"
         "print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH')\n"
         "print('NUMPY_LOADED' if 'numpy' in sys.modules else 'NO_NUMPY')\n"

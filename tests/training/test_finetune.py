@@ -115,7 +115,7 @@ def test_eta_changes_the_loss_history(data, tiny_vit):
     on = _run(data, tiny_vit, backbone_lr=1e-3, config=_config(eta=0.5))
     assert all(r["tnn"] == 0.0 for r in off.history)
     # The penalty is active from the first epoch and shrinks the tail; it may reach exactly 0 once the
-    # tail's ReLU units are switched off (see the README's LRFL measurements), so only the start is > 0.
+    # tail's ReLU units are switched off (see docs/results/lrfl.md), so only the start is > 0.
     assert on.history[0]["tnn"] > 0.0
     assert on.history[-1]["tnn"] <= on.history[0]["tnn"]
     assert [r["bce"] for r in off.history] != [r["bce"] for r in on.history]
