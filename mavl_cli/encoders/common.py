@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.io.files import check_input_file
@@ -31,9 +35,6 @@ def looks_local(ident: str) -> bool:
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
     """Read a weights file without unpickling arbitrary objects."""
-    import torch
-
-
     p = Path(path)
     if not p.exists() and not p.is_symlink():
         raise MavlError(f"{p}: weights file not found", path=p)
@@ -43,8 +44,6 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     torch_file = head.startswith((b"PK\x03\x04", b"\x80"))  # torch's zip checkpoint, or a pickle (protocol >= 2)
     try:
         if p.suffix == ".safetensors" or not torch_file:  # a safetensors file under another name loads too
-            from safetensors.torch import load_file
-
             try:
                 sd = load_file(str(p))
             except Exception:  # noqa: BLE001 - neither format: say so, not "pickled objects"
@@ -97,10 +96,6 @@ def load_exact(model: Any, state: dict[str, Any], source: str, what: str, ignore
 
 def quantize_int8(model: Any) -> Any:
     """Dynamic int8 quantisation of Linear layers (CPU): ~1.5x faster ViTs, cosine ~0.997 to fp32."""
-    import warnings
-
-    import torch
-
     try:
         from torch.ao.quantization import quantize_dynamic
     except ImportError:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mavl_cli.core.console import fmt_num, table
 from mavl_cli.core.errors import MavlError
@@ -115,7 +116,6 @@ def _mask_regions(folder: Path, stems: set[str], labels: list[str]) -> tuple[dic
 
 
 def _read_mask(p: Path, shape: tuple[int, int], map_name: str) -> np.ndarray:
-    from PIL import Image
 
     try:
         with Image.open(p) as im:

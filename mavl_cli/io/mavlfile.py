@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.core.invocation import command_line
@@ -174,7 +175,6 @@ def parse_header(data: bytes, name: str) -> dict[str, Any]:
 
 def loads(data: bytes, name: str = "-", expect: str | tuple[str, ...] | None = None) -> MavlFile:
     """Decode and validate mavl file bytes; ``expect`` restricts the kind."""
-    from safetensors.numpy import load
 
     header = parse_header(data, name)
     raw_meta = header.get("__metadata__") or {}
