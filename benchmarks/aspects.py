@@ -20,7 +20,7 @@ CIs (1000 resamples) for seed 0; with several ``--seeds`` also mean +- sd.
 
 ``--zero-shot``: leave-one-label-out on the phantoms. For each finding, the LRF
 head and the fusion are trained on the other five only; the held-out finding
-is then scored from its description alone (``stages._extend_labels``, i.e.
+is then scored from its description alone (``mavl_cli.models.zeroshot.extend_labels``, i.e.
 ``mavl predict --descriptions``) and compared with its supervised AUROC.
 
     python benchmarks/aspects.py [--nih DATA] [--work DIR] [--seeds 0,1,2] [--zero-shot]

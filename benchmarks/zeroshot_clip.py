@@ -28,7 +28,7 @@ would type them, on held-out patients:
     mavl evaluate zs_tuned.safetensors PHANTOMS --labels test.csv --bootstrap 1000 --json
 
 No supervised fusion is trained: the label scores are softmaxes over each
-label's positive and negative prompts (mavl's own, see mavl_cli/zeroshot.py),
+label's positive and negative prompts (mavl's own, see mavl_cli/models/zeroshot.py),
 which were not used as training captions.
 
     python benchmarks/zeroshot_clip.py [--work DIR] [--n 1500] [--epochs 40] [--threads 1]

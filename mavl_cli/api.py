@@ -84,7 +84,6 @@ class Model:
 
         items = _as_list(images)
         if all(isinstance(x, (str, Path)) for x in items):
-
             found, _ = collect_inputs([str(x) for x in items])
             res = score_images(self.module, found, device=self.device, batch_size=batch_size)
             return (res.ids, res.probabilities, res.head_inputs) if with_inputs else (res.ids, res.probabilities)

@@ -161,7 +161,7 @@ def embed_images_cmd(
     path_column: Optional[str] = typer.Option(None, "--path-column", help="Name of the CSV's image path column (auto-detected)."),
     backbone: str = typer.Option(DEFAULT_IMAGE_ENCODER, "--backbone", "-b", help=BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Local weights: a .safetensors/.pth file or a hub-layout folder (default: the hub)."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="Feature pooling: default (the family's own), cls or mean (ViT/DINOv2 patch tokens), max; see the README's encoder table."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Feature pooling: default (the family's own), cls or mean (ViT/DINOv2 patch tokens), max; see docs/encoders.md."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="hf: allow models whose config needs their own Python code (runs that code)."),
     random_init: bool = typer.Option(False, "--random-init", help="Untrained backbone (for tests and ablations)."),
     model_args: Optional[str] = typer.Option(None, "--model-args", help='Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 384}\'.'),

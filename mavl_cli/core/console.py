@@ -7,6 +7,7 @@ tables go to stdout unless a command has claimed stdout for data.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -42,7 +43,6 @@ class SafeConsole(Console):
 
 def _console(stderr: bool) -> Console:
     """A console; when output is a file or pipe (logs, CI) use a wide fixed width, not 80 columns."""
-    import os
 
     c = SafeConsole(stderr=stderr, soft_wrap=True)
     if not c.is_terminal and "COLUMNS" not in os.environ:

@@ -6,6 +6,7 @@ its arguments before parsing without paying for numpy on ``mavl --help``.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ _COMMAND: dict[str, Any] = {"line": None, "args": None}
 
 def set_command(args: list[str]) -> None:
     """Record the mavl invocation being run (the CLI calls this; in-process runs too)."""
-    import shlex
 
     _COMMAND["args"] = [str(a) for a in args]
     _COMMAND["line"] = "mavl " + " ".join(shlex.quote(str(a)) for a in args)

@@ -8,6 +8,7 @@ CheXpert release folder) are stripped here using the rule each adapter owns.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -81,7 +82,6 @@ def rel_id(path: Path, base: Path | None) -> str:
 
 def data_fingerprint(ids: list[str]) -> str:
     """Identity of an evaluation set: its sorted image ids (order and label policy do not matter)."""
-    import hashlib
 
     h = hashlib.sha256()
     for i in sorted(ids):

@@ -8,8 +8,11 @@ passed in as ``plan``.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
+import os
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -92,7 +95,6 @@ MAX_LABEL_ROWS = 10_000_000
 
 def label_limits() -> tuple[int, int]:
     """(bytes, rows) a label file may hold; ``MAVL_MAX_LABEL_MB`` / ``MAVL_MAX_LABEL_ROWS`` raise them."""
-    import os
 
     out = []
     for var, default, scale in (("MAVL_MAX_LABEL_MB", MAX_LABEL_MB, 1 << 20), ("MAVL_MAX_LABEL_ROWS", MAX_LABEL_ROWS, 1)):
@@ -129,8 +131,6 @@ class _Capped(io.RawIOBase):
 
 
 def _open_capped(path: Path, compression: str, limit: int, what: str) -> io.BufferedReader:
-    import bz2
-    import lzma
 
     suffix = path.suffix.lower()
     opener = (gzip.open if compression == "gzip" or suffix == ".gz" else bz2.open if suffix == ".bz2"

@@ -30,6 +30,7 @@ levels (tested: feature cosine >= 0.999).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -170,7 +171,6 @@ def resize_crop(img: Any, data_config: dict[str, Any]) -> Any:
     rounding differ slightly).
     """
 
-
     scale, h, w = target_geometry(data_config)
     single = img.ndim == 3
     x = img.float().unsqueeze(0) if single else img.float()
@@ -211,7 +211,6 @@ def device_batches(
 ) -> Iterator[tuple[list[Any], Any, list[int], list[dict[str, str]]]]:
     """Yield ``(chunk, x, ok, bad)`` with ``x`` the normalised float batch ``[len(ok), 3, H, W]`` on ``dev``."""
 
-
     read_bytes = pipeline.resize == "device"
     loader = DataLoader(_Chunks(chunks, data_config, read_bytes), batch_size=None, shuffle=False,
                         num_workers=max(0, workers), collate_fn=_identity, pin_memory=dev.type == "cuda",
@@ -234,7 +233,6 @@ def device_batches(
                     try:
                         images[i] = normalize_batch(load_and_prepare(it.path, data_config)[None], data_config, dev)[0]
                     except MavlError as exc:
-
                         bad.append({"id": it.id, "path": str(it.path), "reason": strip_path(str(exc), it.path)})
                     continue
                 same_size.setdefault(tuple(img.shape), []).append((i, img))
@@ -254,7 +252,6 @@ def device_batches(
 
 def _decode_jpegs(blobs: list[Any], dev: Any, pipeline: Pipeline) -> list[Any]:
     """Decode on ``dev`` (nvJPEG) or on the CPU with torchvision; None for each image it refuses."""
-    import warnings
 
     from torchvision.io import ImageReadMode, decode_jpeg
 

@@ -43,7 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.image_utils import get_image_size_for_max_height_width
+from transformers.utils import logging as hf_logging
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.encoders.base import ImageEncoder, grid_from_tokens, tokens_to_map
@@ -151,7 +157,6 @@ class HFEncoder(ImageEncoder):
 
 
 def _quiet() -> None:
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -203,7 +208,6 @@ def _hub_error(ident: str, what: str, exc: Exception) -> MavlError:
 
 
 def load_image(spec: EncoderSpec) -> HFEncoder:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     _quiet()
     ident, extra = _source(spec)
@@ -274,8 +278,6 @@ def _processor(cfg: dict[str, Any]) -> Any:
     with _LOCK:
         proc = _PROCESSORS.get(key)
         if proc is None:
-            import transformers
-
             _quiet()
             cls = getattr(transformers, str(cfg.get("processor_class")), None)
             if cls is None:
@@ -291,8 +293,6 @@ def _sized(size: Any, key: str) -> int | None:
 
 def _resized(size: Any, h: int, w: int) -> tuple[int, int]:
     """The (height, width) transformers' backends resize an ``h x w`` image to (their ``resize`` rules)."""
-    from transformers.image_transforms import get_size_with_aspect_ratio
-    from transformers.image_utils import get_image_size_for_max_height_width
 
     short, long_ = _sized(size, "shortest_edge"), _sized(size, "longest_edge")
     if short and long_:
@@ -311,8 +311,6 @@ def _resized(size: Any, h: int, w: int) -> tuple[int, int]:
 def geometry(cfg: dict[str, Any], iw: int, ih: int) -> Any:
     """Where an ``iw x ih`` image lands in the model input, read off the same image processor
     :func:`prepare` runs (its class's resize and centre-crop rules, its saved settings)."""
-    from transformers.image_processing_backends import PilBackend, TorchvisionBackend
-
 
     proc = _processor(cfg)
     cls = type(proc)

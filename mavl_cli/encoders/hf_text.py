@@ -6,12 +6,15 @@ offline demo uses MiniLM). Sentences are pooled over real tokens only.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from mavl_cli.core.errors import MavlError
 
@@ -30,8 +33,6 @@ def load_text_encoder(name_or_path: str, trust_remote_code: bool = False) -> tup
     Models whose config asks for their own Python code (``auto_map``) are
     refused unless ``trust_remote_code``.
     """
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # mavl draws its own progress; no second bar per model load
@@ -43,7 +44,6 @@ def load_text_encoder(name_or_path: str, trust_remote_code: bool = False) -> tup
             raise MavlError(f"{local}: not a Hugging Face model folder (no config.json)", path=local)
         if not any((local / f).exists() for f in TOKENIZER_FILES):
             raise MavlError(f"{local}: model folder has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}...)", path=local)
-        import json
 
         try:
             auto_map = json.loads((local / "config.json").read_text()).get("auto_map")

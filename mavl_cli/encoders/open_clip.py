@@ -39,7 +39,10 @@ text tower with open_clip's own tokenizer.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -277,12 +280,10 @@ class _no_weights_warning:
         return "No pretrained weights loaded" not in str(record.getMessage())
 
     def __enter__(self) -> None:
-        import logging
 
         logging.getLogger().addFilter(self.filter)
 
     def __exit__(self, *exc: Any) -> None:
-        import logging
 
         logging.getLogger().removeFilter(self.filter)
 
@@ -290,7 +291,6 @@ class _no_weights_warning:
 def _load_clip_state(clip: Any, file: Path) -> None:
     """An OpenAI-style (or open_clip) CLIP state dict, via open_clip's own key conversions."""
     from open_clip.factory import convert_state_dict, resize_pos_embed
-
 
     state = {k: v for k, v in load_state_dict(file).items() if k not in DROP_KEYS}
     state = convert_state_dict(clip, state)
@@ -306,7 +306,6 @@ def transform_record(clip: Any) -> dict[str, Any]:
     cfg = dict(getattr(clip.visual, "preprocess_cfg", None) or {})
     if not cfg:
         size = clip.visual.image_size
-        from dataclasses import asdict
 
         from open_clip.transform import PreprocessCfg
 
@@ -318,7 +317,6 @@ def transform_record(clip: Any) -> dict[str, Any]:
 
 
 def _transform(cfg: dict[str, Any]) -> Any:
-    import json
 
     key = json.dumps(cfg["preprocess_cfg"], sort_keys=True)
     with _LOCK:

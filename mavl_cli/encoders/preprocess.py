@@ -115,7 +115,6 @@ def center_crop(img: Any, h: int, w: int) -> Any:
     """torchvision's CenterCrop on a PIL image (offsets rounded, zero padding when too small)."""
     iw, ih = img.size
     if w > iw or h > ih:
-
         padded = Image.new(img.mode, (max(w, iw), max(h, ih)), 0)
         padded.paste(img, ((w - iw) // 2 if w > iw else 0, (h - ih) // 2 if h > ih else 0))
         img, (iw, ih) = padded, padded.size

@@ -219,7 +219,6 @@ def load_text(text: str, pooling: str | None = None, trust_remote_code: bool = F
     if pooling == "folder":  # recorded for a sentence-transformers folder's own pooling
         pooling = None
     if spec.family == "open_clip":
-
         if pooling not in (None, "open_clip"):
             raise MavlError("--pooling does not apply to open_clip text towers (they pool as they were trained)")
         enc = build_image_encoder(f"open_clip:{spec.id}")

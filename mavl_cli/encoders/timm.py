@@ -25,8 +25,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors.torch import save
+from timm.data import resolve_model_data_config
 
 from mavl_cli.core.defaults import DEFAULT_IMAGE_ENCODER
 from mavl_cli.core.errors import MavlError
@@ -112,7 +114,6 @@ def _read_folder(folder: Path) -> tuple[str | None, dict[str, Any], Path]:
     arch, args = None, {}
     cfg_path = folder / "config.json"
     if cfg_path.exists():
-
         try:
             text = cfg_path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
@@ -134,7 +135,6 @@ _FILE_ARGS = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "ca
 
 
 def _check_name(name: str) -> None:
-    import timm
 
     if name.startswith("hf-hub:"):
         return
@@ -148,14 +148,12 @@ def _check_size(name: str, args: dict[str, Any]) -> None:
     """--model-args must not make timm allocate gigabytes: a bounded input side, and a parameter count
     measured on the meta device (no memory) before the real build."""
 
-
     size = args.get("img_size")
     if size is not None:
         sides = list(size) if isinstance(size, (list, tuple)) else [size]
         if not sides or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_INPUT_SIDE for v in sides):
             raise MavlError(f"cannot build {name!r}: --model-args img_size must be a whole number (or two) in "
                             f"1..{MAX_INPUT_SIDE}, got {size!r}")
-    import timm
 
     try:
         with torch.device("meta"):
@@ -170,7 +168,6 @@ def _check_size(name: str, args: dict[str, Any]) -> None:
 
 def load_image(spec: EncoderSpec) -> TimmEncoder:
     """Build the encoder a ``timm`` spec names (classifier removed: pooled features out)."""
-    import timm
 
     name, weights, args = spec.id, spec.weights, dict(spec.options)
     reading = sorted(k for k in args if k in _FILE_ARGS)
@@ -221,7 +218,6 @@ def load_image(spec: EncoderSpec) -> TimmEncoder:
 
 def data_config(model: Any, args: dict[str, Any] | None = None) -> dict[str, Any]:
     """timm's own eval data config for ``model``, as mavl's preprocessing record."""
-    from timm.data import resolve_model_data_config
 
     cfg = dict(resolve_model_data_config(model))
     args = args or {}
@@ -253,7 +249,6 @@ def create_backbone(
 
 
 def _create_pretrained(name: str, args: dict[str, Any]) -> Any:
-    import timm
 
     try:
         return timm.create_model(name, pretrained=True, num_classes=0, **args)
@@ -267,7 +262,6 @@ def _create_pretrained(name: str, args: dict[str, Any]) -> Any:
 
 def save_local_backbone(model: Any, name: str, folder: Path, model_args: dict[str, Any] | None = None) -> Path:
     """Save a timm model in the hub's folder layout (config.json + model.safetensors)."""
-
 
     folder = Path(folder)
     try:

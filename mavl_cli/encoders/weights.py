@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import timm
+
 from mavl_cli.core.errors import MavlError
 from mavl_cli.core.home import mavl_home
 from mavl_cli.encoders.common import load_state_dict
@@ -42,13 +44,10 @@ def import_weights(source: str, output: Path | None = None, backbone: str = "tf_
     checking every shape; this is how the EfficientNet-Lite0 package's
     differently named keys map onto timm's ``tf_efficientnet_lite0``.
     """
-    import timm
-
 
     if source == "efficientnet-lite0":
         backbone = "tf_efficientnet_lite0"
     if output is None:
-
         output = mavl_home() / "weights" / backbone
     output = Path(output)
     check_folder(output, create=True, what="weights folder")  # before any work

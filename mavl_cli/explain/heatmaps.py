@@ -42,6 +42,7 @@ against the package on a timm CNN, where the package does apply cleanly.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_model_data_config
 
 from mavl_cli.core.errors import MavlError
 from mavl_cli.core.runtime import resolve_device
@@ -163,7 +165,6 @@ class SpatialAdapter:
             return "vit"
         if not hasattr(m, "forward_features") or not hasattr(m, "forward_head"):
             raise MavlError(f"backbone {self.name!r} has no spatial feature map mavl can read; heatmaps need a CNN or a ViT")
-        from timm.data import resolve_model_data_config
 
         size = self.input_size or tuple(resolve_model_data_config(m)["input_size"])
         try:
@@ -498,7 +499,6 @@ def build_map_model(model: Any, encoder: Any, data_config: dict[str, Any], text:
     """A :class:`MapModel` from a loaded model file and its image encoder (a registry encoder or a timm model);
     a :class:`ZeroShotMapModel` for zero-shot files (``negative``: their negative prompts, when replaced)."""
 
-
     if model.meta.get("scorer") == "zeroshot" and hasattr(encoder, "preprocessing"):
         return _zero_shot_map_model(model, encoder, data_config, text, mask, negative, device)
     if (model.meta.get("scorer") or "fusion") != "fusion":
@@ -559,8 +559,6 @@ def maps_for_image(mm: MapModel, path: str | Path, method: str, labels: list[int
 def write_image_maps(folder: Path, stem: str, names: list[str], maps: np.ndarray, film: Any, method: str,
                      image: str, extra: dict[str, Any]) -> list[tuple[int, int]]:
     """Overlays ``<stem>.<label>.png`` and ``<stem>.maps.safetensors``; returns the peaks."""
-    import io
-
 
     peaks = [peak(m) for m in maps]
     for name, m in zip(names, maps):
@@ -579,7 +577,6 @@ def predict_heatmaps(model: Any, paths: list[Path], ids: list[str], scores: np.n
                      weights: str | None = None, device: str = "auto", advance: Callable[..., None] | None = None,
                      label_text: Any = None) -> dict[str, dict[str, tuple[int, int]]]:
     """Write overlays and a maps file per image; ``{image id: {label: (x, y) peak}}``."""
-
 
     wanted = opts.check(names)
     stems = [Path(p).stem for p in paths]

@@ -16,6 +16,7 @@ get the map's minimum, so a peak always lies inside the seen area.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,6 @@ def crop_geometry(orig_size: tuple[int, int], decoded_size: tuple[int, int], dat
     (:func:`mavl_cli.encoders.preprocess.input_geometry`); a family that cannot is one
     clear error.
     """
-    from dataclasses import replace
-
 
     g = input_geometry(data_config, (int(decoded_size[0]), int(decoded_size[1])))
     return replace(g, orig_w=int(orig_size[0]), orig_h=int(orig_size[1]))

@@ -17,6 +17,8 @@ renamed over the target, so an interrupted run never leaves a truncated file.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -24,6 +26,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +138,6 @@ def clean_stale_temps(target: Path, min_age: float = 2.0) -> list[Path]:
     older than ``min_age`` seconds; a concurrent writer's file is never touched.
     """
     import fcntl
-    import time
 
     folder = target.parent if str(target.parent) else Path(".")
     pat = temp_pattern(target)
@@ -217,9 +219,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def csv_text(rows: list[dict[str, Any]] | list[list[Any]], header: list[str] | None = None, lineterminator: str = "\r\n") -> str:
     """CSV for spreadsheets: text cells that would run as formulas get a leading ``'``
     (:func:`mavl_cli.core.sanitize.csv_cell`), the header included."""
-    import csv
-    import io
-
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator=lineterminator)
@@ -313,7 +312,6 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 def _default_model() -> Path | None:
     try:
-
         return default_model_path()
     except Exception:  # noqa: BLE001 - no home folder at all: nothing to protect
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,6 @@ def embedded_weights_file(tensors: dict[str, Any], meta: dict[str, Any]) -> str 
     fp = tensor_fingerprint(state)
     if fp != rec.get("fingerprint"):
         raise MavlError(f"the model file's encoder weights do not match their recorded fingerprint ({fp} != {rec.get('fingerprint')})")
-    import tempfile
-
 
     for folder in (mavl_home() / "cache" / "encoders", Path(tempfile.gettempdir()) / "mavl-encoders"):
         dest = folder / f"{fp}.safetensors"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,6 @@ def head_from_tensors(tensors: dict[str, Any], dropout: float = 0.0) -> LRFHead:
 def lrf_embed(tensors: dict[str, np.ndarray], x: np.ndarray, batch: int = 4096) -> np.ndarray:
     """Apply a trained LRF head (eval mode) to backbone features -> ``[N, r]``."""
 
-
     head = head_from_tensors(tensors)
     out = []
     with torch.no_grad():
@@ -66,7 +66,6 @@ def lrf_features(emb: Any, head: dict[str, np.ndarray], head_meta: dict[str, Any
     size, another backbone, and a fine-tuned head given the original
     backbone's features. ``fuse`` (head file) and the model file share this.
     """
-    from pathlib import Path
 
     x = emb.tensors["features"].astype(np.float32)
     if emb.meta.get("space") == "lrf":

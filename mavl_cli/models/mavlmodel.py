@@ -87,7 +87,6 @@ class MavlModel(nn.Module):
         if not self.preprocessing:
             raise MavlError("this model records no image preprocessing")
         if isinstance(image, (str, Path)):
-
             arr = load_and_prepare(Path(image), self.preprocessing)
         else:  # the same decoding rules as a file's (16-bit windowing, alpha, palette, EXIF)
 
@@ -148,7 +147,6 @@ def image_encoder(meta: dict[str, Any], weights: str | None = None,
     fine-tuned encoder carried in the file (``encoder.*``) is rebuilt from them (``weights`` overrides)."""
 
     if weights is None and tensors is not None:
-
         weights = embedded_weights_file(tensors, meta)
     enc = encoder_from_meta(meta, weights)
     return enc, dict(enc.preprocessing)

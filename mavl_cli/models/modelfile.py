@@ -156,7 +156,6 @@ class LoadedModel:
         if lrf is None:
             x = emb.tensors["features"].astype(np.float32)
         else:
-
             head_meta = {**(self.meta.get("lrf") or {}), "backbone": self.meta.get("backbone")}
             x = lrf_features(emb, lrf, head_meta, f"the LRF head in {self.file.path}")
         if x.shape[1] != self.input_dim():

@@ -80,7 +80,6 @@ def evaluate(report: Any, warnings: list[str], sc: Any, *, as_json: bool = False
     for t in report_tables(report, f"{len(sc.ids)} images, {len(sc.names)} labels"):
         render.show(t)
     if sc.ood is not None:
-
         t = ood_eval_table(sc.ood, report)
         render.show(t) if t is not None else render.info(sc.ood.note or "")
     for t in subgroup_tables(report.subgroups):
@@ -95,7 +94,6 @@ def evaluate(report: Any, warnings: list[str], sc: Any, *, as_json: bool = False
 
 def compare(res: dict[str, Any], notes: list[str], as_json: bool = False) -> None:
     if as_json:
-
         render.claim_stdout()
         sys.stdout.write(json.dumps(clean_tree(res), indent=2, allow_nan=False) + "\n")
     else:
@@ -110,10 +108,8 @@ def prediction(pred: Any, skipped: list[dict[str, str]], *, as_json: bool = Fals
 
     trust_view.show_trust_warnings(pred.warnings)
     if pred.ood is None:
-
         render.info(OLD_MODEL_NOTE)
     if as_json:
-
         render.claim_stdout()
         write_stdout(json.dumps(trust_view.prediction_document(pred, prediction_json(pred)), indent=2) + "\n", "--json")
     else:

@@ -5,6 +5,7 @@ People judge a classifier faster by looking at cases than at tables.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -16,9 +17,6 @@ from mavl_cli.stages.predict import predict_stage
 
 def contact_sheet(model_path: str | Path, labels_csv: str | Path, root: str | Path, out: str | Path, n: int = 8, tile: int = 256) -> Path:
     """Predict ``n`` images listed in ``labels_csv`` and draw them in a grid with truth vs prediction."""
-    import io
-
-
 
     table = read_labels(labels_csv, uncertain="ones")
     k = min(n, len(table.ids))

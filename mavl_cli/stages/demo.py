@@ -9,8 +9,10 @@ text. Real deployments keep mavl's defaults (:mod:`mavl_cli.core.defaults`)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -148,8 +150,6 @@ def predict_step(image: Path, model: Path) -> Step:
 
 def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, install: bool = True, size: int = 256) -> Path:
     """Generate phantoms, run every stage, write a contact sheet; returns the tuned model path."""
-    import time
-
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
@@ -168,8 +168,6 @@ def run_demo(workdir: Path, n: int = 600, epochs: int = 100, seed: int = 0, inst
         run_step(step)
     model = work / "model_tuned.safetensors"
     ph = work / "phantoms"
-    import csv
-
 
     with open(ph / "test.csv") as fh:  # an image with findings, so --explain has something to show
         rows = list(csv.DictReader(fh))

@@ -212,7 +212,6 @@ def evaluation_extras(report: Any, sc: Any, th: np.ndarray, warnings: list[str],
     report.data = {"labels": extras.labels_file, "embeddings": extras.embeddings, "scores": extras.scores,
                    "model": extras.model, "images": len(sc.ids), "fingerprint": data_fingerprint(sc.ids)}
     if extras.by:
-
         report.subgroups = subgroup_report(extras.by, sc.ids, sc.groups, extras.labels_file, extras.metadata,
                                            y, s, m, t, sc.names, bootstrap, seed)
         if not bootstrap:

@@ -180,7 +180,6 @@ def _score(sel: _Selection, labs: _LabelSet, r: RunOptions, progress: Callable[[
 def _aspect_cosines(module: Any, head_inputs: np.ndarray) -> np.ndarray:
     """``--explain``: each image's cosine to each label's aspect texts, [N, L, A]."""
 
-
     with torch.no_grad():
         return module.head.cpu().aspect_cosines(torch.from_numpy(head_inputs)).numpy()
 
@@ -230,7 +229,6 @@ def _extend_labels(model: Any, descriptions: str, device: str, threshold: float 
         raise MavlError(f"{descriptions}: every label in it is already one of the model's labels")
     th = np.concatenate([model.thresholds, np.full(len(new), DEFAULT_THRESHOLD if threshold is None else threshold, np.float32)])
     if meta.get("scorer") == "zeroshot":
-
         return extend_labels(model, desc.subset(new), th), new
     te = embed_descriptions(desc.subset(new), meta["text_model"], pooling=meta.get("pooling"), device=device)
     aspects = list(meta.get("aspects") or [])

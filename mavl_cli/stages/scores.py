@@ -10,6 +10,7 @@ the model's, else 0.5.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,6 @@ def is_csv(path: str) -> bool:
 
 
 def _looks_safetensors(head: bytes) -> bool:
-    import struct
 
     if len(head) < 8:
         return False

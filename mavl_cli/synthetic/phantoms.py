@@ -827,7 +827,6 @@ def generate_phantoms(
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     if size > MAX_PHANTOM_SIZE:
-
         raise MavlError(f"--size {size}: at most {MAX_PHANTOM_SIZE} pixels (drawing one film needs ~25 floats per pixel)")
     out_dir = Path(out_dir)
     img_dir = out_dir / "images"
@@ -838,7 +837,6 @@ def generate_phantoms(
     try:
         img_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-
         raise MavlError(f"{out_dir}: cannot create folder ({exc.strerror or exc})", path=out_dir) from None
     try:
         return _generate(out_dir, n, seed, size, split, progress, written, masks)
@@ -865,7 +863,6 @@ def _generate(out_dir: Path, n: int, seed: int, size: int, split: tuple[float, f
               progress: Callable[[int], None] | None, written: list[Path], masks: bool = False) -> PhantomSet:
     mask_dir = out_dir / "masks"
     if masks:
-
         mask_dir.mkdir(exist_ok=True)
     master = np.random.default_rng(seed)
     rows: list[list[str]] = []

@@ -15,6 +15,7 @@ Used by ``embed-images`` (each rank embeds its shard, rank 0 merges) and by
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -73,8 +74,6 @@ def setup(device: str = "auto") -> Dist:
     found = launch_env()
     if found is None:
         return Dist()
-    import datetime
-
 
     rank, world, local = found
     want = (device or "auto").lower()
@@ -168,7 +167,6 @@ def agree(d: Dist, error: str | None) -> None:
 def all_reduce_sum(d: Dist, tensor: Any) -> Any:
     """In-place sum over ranks (a no-op in one process)."""
     if d.active:
-
         try:
             dist.all_reduce(tensor)
         except Exception as exc:

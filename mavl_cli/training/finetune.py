@@ -29,12 +29,15 @@ memory stays bounded by a few batches whatever the data set size.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -147,7 +150,6 @@ def _decode_error(bad: list[dict[str, str]]) -> MavlError:
 def _score(backbone: Any, head: Any, items: list[Any], dc: dict[str, Any], dev: Any, batch_size: int, workers: int,
            autocast: Any, skip_bad: bool) -> tuple[np.ndarray, list[int]]:
     """Probabilities ``[n_ok, L]`` for ``items`` (eval mode) and the positions of the readable ones."""
-
 
     out, rows = [], []
     with torch.inference_mode():
@@ -314,7 +316,6 @@ def _prepare_trainer(c: Any, t: Any, r: Any, model: Any, head: Any, spec: Any, i
     amp = Amp(r.precision, dev.type)
     net = _net(model, head, train_backbone, amp.half)
     if dist.active:
-
         # rank 0's weights are broadcast by DDP; dropout draws its own masks on each rank from here on
         net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
         torch.manual_seed(c.seed + 7919 * dist.rank)
@@ -520,8 +521,6 @@ def encoder_weights(encoder: Any) -> dict[str, Any]:
 
 def cli_encoder_args(spec: Any) -> str:
     """The ``--backbone ... --weights ...`` options that rebuild ``spec`` on the command line."""
-    import json
-    import shlex
 
     args = ["--backbone", spec.name]
     if spec.weights:
@@ -559,7 +558,6 @@ def save_finetuned(result: FinetuneResult, lrf_out: str, backbone_out_dir: Path,
 
 def _write_backbone(result: FinetuneResult, out_dir: Path, parent: Path) -> None:
     """The backbone's files, written in a temporary folder under ``parent`` and renamed into ``out_dir``."""
-    from types import SimpleNamespace
 
     info, enc = result.info, result.encoder
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
@@ -569,7 +567,6 @@ def _write_backbone(result: FinetuneResult, out_dir: Path, parent: Path) -> None
             save_local_backbone(SimpleNamespace(state_dict=lambda: result.backbone_state), info.name, tmp, info.model_args)
             names = ("model.safetensors", "config.json")
         else:
-
             save_file(encoder_weights(enc), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             names = ("model.safetensors",)
         out_dir.mkdir(exist_ok=True)
@@ -584,7 +581,6 @@ def _write_backbone(result: FinetuneResult, out_dir: Path, parent: Path) -> None
 def _weights_file_fingerprint(path: Path) -> str | None:
     """What the weights file holds, exactly: `fuse` checks it before carrying the weights into the model file."""
     try:
-
         return tensor_fingerprint(load_file(str(path)))
     except Exception:  # e.g. bf16 tensors numpy cannot hold: fuse then takes the file as it is
         return None

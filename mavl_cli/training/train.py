@@ -109,7 +109,6 @@ def train_lrf(
     mean BCE grows with the batch size (a sum of singular values).
     """
 
-
     c = config
     rank, keep, eta, seed = c.rank, c.keep, c.eta, c.seed
     n, d = train.x.shape
@@ -162,7 +161,6 @@ def train_fusion(
     similarity rather than base rates. With ``val``, the epoch with the best
     validation macro AUROC is kept.
     """
-
 
     c = config
     gen = set_seed(c.seed)
