@@ -1,4 +1,5 @@
-"""The ground floor: errors, defaults, limits, option specs, terminal output, threads, version.
+"""The ground floor: errors, defaults, limits, option specs, terminal output, devices, threads, version.
 
-Imports nothing else from mavl, and nothing heavy (no torch, numpy or pandas).
+Imports nothing else from mavl. The modules the command line loads at start (errors, defaults,
+limits, options, console, sanitize, version) import nothing heavy: no torch, numpy or pandas.
 """
